@@ -1,0 +1,217 @@
+r"""Solver interfaces and the one loop that drives every fixed-grid solver.
+
+Time convention: samplers integrate forward time $t$ *downwards*, from ``T`` to ``eps``; every
+step has $t_1 < t_0$ and a signed $\Delta t = t_1 - t_0 < 0$. Brownian increments ``dw`` for a
+step have variance $|\Delta t|$ and are drawn by the loop (or supplied by a test that refines one
+path), never by the solver.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor
+
+from .._utils import append_dims
+from ..sdes import SDE, AffineSDE
+
+__all__ = [
+    "SampleResult",
+    "NonFiniteError",
+    "StepSizeError",
+    "CountingScore",
+    "Dynamics",
+    "AbstractFixedGridSolver",
+    "integrate_fixed_grid",
+]
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    """What every sampler returns.
+
+    Attributes:
+        samples: ``(B, *D)`` final samples.
+        nfe: number of score-function evaluations actually made (counted by a wrapper).
+        trajectory: ``[(t, x), ...]`` snapshots (``x`` detached copies), or ``None``.
+        times: 1-D float64 CPU tensor of the times visited (the grid, or accepted steps).
+        stats: solver statistics, e.g. ``{"accepted": 31, "rejected": 2}`` for adaptive solvers.
+    """
+
+    samples: Tensor
+    nfe: int
+    trajectory: list[tuple[float, Tensor]] | None = None
+    times: Tensor | None = None
+    stats: dict = field(default_factory=dict)
+
+
+class NonFiniteError(FloatingPointError):
+    """The state became NaN/inf. ``step`` and ``t`` name the first bad step; ``x`` is the last good state."""
+
+    def __init__(self, message: str, *, step: int | None = None, t: float | None = None, x: Tensor | None = None):
+        super().__init__(message)
+        self.step, self.t, self.x = step, t, x
+
+
+class StepSizeError(RuntimeError):
+    """An adaptive solver's step size underflowed or it exceeded ``max_steps``; the state is kept."""
+
+    def __init__(self, message: str, *, t: Any = None, dt: Any = None, x: Tensor | None = None, steps: int | None = None):
+        super().__init__(message)
+        self.t, self.dt, self.x, self.steps = t, dt, x, steps
+
+
+class CountingScore:
+    r"""Wrap a score function: count evaluations, bind ``model_kwargs``, check the output shape.
+
+    The count is a Python int incremented per call (no device sync). ``nfe`` is what
+    :class:`SampleResult` reports.
+
+    Args:
+        score_fn: ``score_fn(x, t, **model_kwargs)``.
+        model_kwargs: extra keyword arguments passed to every call unchanged (e.g. labels).
+    """
+
+    def __init__(self, score_fn: Callable[..., Tensor], model_kwargs: dict | None = None):
+        if not callable(score_fn):
+            raise TypeError(f"score_fn must be callable, got {type(score_fn).__name__}")
+        self.score_fn = score_fn
+        self.model_kwargs = dict(model_kwargs or {})
+        self.nfe = 0
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        self.nfe += 1
+        out = self.score_fn(x, t, **self.model_kwargs)
+        if not isinstance(out, Tensor) or out.shape != x.shape:
+            raise ValueError(f"score_fn must return a tensor shaped like x {tuple(x.shape)}, "
+                             f"got {tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
+        return out
+
+
+@dataclass(frozen=True)
+class Dynamics:
+    r"""The SDE and the (counted) score, with the drifts solvers need.
+
+    ``reverse_drift``: $f - g^2 s$ (reverse SDE); ``ode_drift``: $f - \tfrac12 g^2 s$ (probability flow).
+    """
+
+    sde: SDE
+    score_fn: Callable[[Tensor, Tensor], Tensor]
+
+    def score(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.score_fn(x, t)
+
+    def reverse_drift(self, x: Tensor, t: Tensor, score: Tensor | None = None) -> Tensor:
+        if score is None:
+            score = self.score_fn(x, t)
+        g2 = append_dims(self.sde.diffusion(t).square(), x.ndim)
+        return self.sde.drift(x, t) - g2 * score
+
+    def ode_drift(self, x: Tensor, t: Tensor, score: Tensor | None = None) -> Tensor:
+        if score is None:
+            score = self.score_fn(x, t)
+        g2 = append_dims(self.sde.diffusion(t).square(), x.ndim)
+        return self.sde.drift(x, t) - 0.5 * g2 * score
+
+    def diffusion(self, t: Tensor) -> Tensor:
+        return self.sde.diffusion(t)
+
+    @property
+    def affine(self) -> AffineSDE:
+        if not isinstance(self.sde, AffineSDE):
+            raise TypeError(f"this solver needs an AffineSDE (a Gaussian kernel), got {type(self.sde).__name__}")
+        return self.sde
+
+
+class AbstractFixedGridSolver(abc.ABC):
+    """A step rule on a given time grid. Subclasses are frozen dataclasses holding options only.
+
+    Class attributes:
+        order: strong order for SDE solvers (additive noise), order for ODE solvers.
+        stochastic: whether ``step`` consumes ``dw``.
+        evals_per_step: score evaluations per step (for the expected-NFE contract test).
+    """
+
+    order: ClassVar[float]
+    stochastic: ClassVar[bool]
+    evals_per_step: ClassVar[int] = 1
+
+    def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
+        """Initial solver state (multistep history). Default: ``None``."""
+        return None
+
+    @abc.abstractmethod
+    def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None) -> tuple[Tensor, Any]:
+        """Advance ``x`` from ``t0`` to ``t1 < t0`` (each ``(B,)``). ``dw``: Brownian increment with
+        variance ``|t1 - t0|`` per entry (``None`` for deterministic solvers). Returns ``(x, state)``."""
+
+
+def integrate_fixed_grid(
+    solver: AbstractFixedGridSolver,
+    dyn: Dynamics,
+    x: Tensor,
+    times: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+    progress: bool = False,
+    record_every: int | None = None,
+    check_every: int = 16,
+    desc: str | None = None,
+) -> tuple[Tensor, list[tuple[float, Tensor]] | None, Any]:
+    r"""Run ``solver`` over the decreasing grid ``times`` (``(n+1,)``, ``times[0]`` = start).
+
+    Owns the Brownian path: step $i$ gets $dw_i = \sqrt{|t_{i+1} - t_i|}\,z_i$, $z_i \sim \mathcal N(0, I)$
+    from ``generator``; or ``noise[i]`` (shape ``(n, *x.shape)``, unit-variance draws) when given, so a
+    test can sum a fine path's draws to refine it. Non-finite states are detected with one on-device
+    flag per step and checked every ``check_every`` steps (one host sync per block, not per step);
+    the error names the first bad step and its time.
+
+    Returns:
+        ``(x, trajectory or None, final solver state)``.
+    """
+    times_cpu = times.detach().to("cpu", torch.float64)
+    n = times_cpu.numel() - 1
+    B = x.shape[0]
+    tdev = times.to(device=x.device, dtype=x.dtype)
+    if noise is not None and (noise.shape[0] != n or noise.shape[1:] != x.shape):
+        raise ValueError(f"noise must have shape ({n}, {', '.join(map(str, x.shape))}), got {tuple(noise.shape)}")
+    traj = [(float(times_cpu[0]), x.detach().clone())] if record_every else None
+    flags = torch.ones(n, dtype=torch.bool, device=x.device)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc=desc or type(solver).__name__, leave=False)
+    state = solver.init_state(dyn, x, tdev[0].expand(B))
+    last_good, last_checked = x, 0
+    for i in range(n):
+        t0 = tdev[i].expand(B)
+        t1 = tdev[i + 1].expand(B)
+        dw = None
+        if solver.stochastic:
+            scale = math.sqrt(abs(float(times_cpu[i + 1] - times_cpu[i])))
+            z = noise[i] if noise is not None else torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            dw = z * scale
+        x, state = solver.step(dyn, x, t0, t1, state, dw)
+        flags[i] = torch.isfinite(x).all()
+        if (i + 1) % check_every == 0 or i == n - 1:
+            if not bool(flags[last_checked:i + 1].all()):
+                bad = last_checked + int(torch.nonzero(~flags[last_checked:i + 1])[0])
+                raise NonFiniteError(
+                    f"sampling state became non-finite at step {bad} (t={float(times_cpu[bad]):.6g} -> "
+                    f"{float(times_cpu[bad + 1]):.6g}); the score function likely returned NaN/inf there",
+                    step=bad, t=float(times_cpu[bad]), x=last_good)
+            last_good, last_checked = x, i + 1
+        if traj is not None and ((i + 1) % record_every == 0 or i == n - 1):
+            traj.append((float(times_cpu[i + 1]), x.detach().clone()))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(t=f"{float(times_cpu[i + 1]):.4f}", refresh=False)
+    if bar is not None:
+        bar.close()
+    return x, traj, state
