@@ -157,7 +157,7 @@ def integrate_fixed_grid(
     times: Tensor,
     *,
     generator: torch.Generator | None = None,
-    noise: Tensor | None = None,
+    noise: Tensor | Callable[[int], Tensor] | None = None,
     progress: bool = False,
     record_every: int | None = None,
     check_every: int = 16,
@@ -178,7 +178,7 @@ def integrate_fixed_grid(
     n = times_cpu.numel() - 1
     B = x.shape[0]
     tdev = times.to(device=x.device, dtype=x.dtype)
-    if noise is not None and (noise.shape[0] != n or noise.shape[1:] != x.shape):
+    if isinstance(noise, Tensor) and (noise.shape[0] != n or noise.shape[1:] != x.shape):
         raise ValueError(f"noise must have shape ({n}, {', '.join(map(str, x.shape))}), got {tuple(noise.shape)}")
     traj = [(float(times_cpu[0]), x.detach().clone())] if record_every else None
     flags = torch.ones(n, dtype=torch.bool, device=x.device)
@@ -195,7 +195,10 @@ def integrate_fixed_grid(
         dw = None
         if solver.stochastic:
             scale = math.sqrt(abs(float(times_cpu[i + 1] - times_cpu[i])))
-            z = noise[i] if noise is not None else torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            if noise is None:
+                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            else:
+                z = noise(i) if callable(noise) else noise[i]
             dw = z * scale
         x, state = solver.step(dyn, x, t0, t1, state, dw)
         flags[i] = torch.isfinite(x).all()

@@ -1,0 +1,1 @@
+"""Benchmarks (front end; nothing in the library imports this package)."""
