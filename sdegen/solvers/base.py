@@ -167,7 +167,8 @@ def integrate_fixed_grid(
 
     Owns the Brownian path: step $i$ gets $dw_i = \sqrt{|t_{i+1} - t_i|}\,z_i$, $z_i \sim \mathcal N(0, I)$
     from ``generator``; or ``noise[i]`` (shape ``(n, *x.shape)``, unit-variance draws) when given, so a
-    test can sum a fine path's draws to refine it. Non-finite states are detected with one on-device
+    test can sum a fine path's draws to refine it; or ``noise(i)`` when ``noise`` is a callable
+    (per-sample seeded noise that does not depend on batch-mates). Non-finite states are detected with one on-device
     flag per step and checked every ``check_every`` steps (one host sync per block, not per step);
     the error names the first bad step and its time.
 
