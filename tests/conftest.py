@@ -1,7 +1,13 @@
 """Shared fixtures: a seeded generator, float64 by default for numerics, and the cuda marker."""
 
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each xdist worker gets one intra-op thread so that workers do not oversubscribe the cores.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
