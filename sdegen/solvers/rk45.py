@@ -1,0 +1,487 @@
+r"""Adaptive Dormand–Prince 5(4) in torch: a Butcher tableau (data) plus a separate step-size controller.
+
+One step of an explicit Runge–Kutta method with $s$ stages and step $h$ (signed; $h < 0$ when
+integrating forward time downwards, from ``T`` to ``eps``) is
+
+$$k_i = f\Big(y_n + h \sum_{j<i} a_{ij} k_j,\ t_n + c_i h\Big), \qquad
+  y_{n+1} = y_n + h \sum_i b_i k_i, \qquad
+  \mathrm{err} = h \sum_i (b_i - \hat b_i)\, k_i,$$
+
+where $\hat b$ is the embedded 4th-order solution. Dormand–Prince (Dormand & Prince 1980; Hairer,
+Nørsett & Wanner, "Solving ODEs I", Table II.5.2) has 7 stages, propagates the 5th-order solution
+(local extrapolation) and is FSAL: $k_7 = f(y_{n+1}, t_{n+1})$ is the next step's $k_1$, so an
+attempted step costs 6 evaluations. The error is measured in the RMS norm
+
+$$\|e\| = \sqrt{\tfrac1N \sum_i \Big(\frac{e_i}{\mathrm{atol} + \mathrm{rtol}\max(|y_{n,i}|, |y_{n+1,i}|)}\Big)^2}$$
+
+(Hairer–Nørsett–Wanner eq. II.4.11) and a step is accepted when $\|e\| \le 1$. The next step is
+$h \cdot \mathrm{clip}(\text{safety}\cdot\|e_n\|^{-\alpha}\|e_{n-1}\|^{\beta}, \text{min\_factor}, \text{max\_factor})$
+(an I controller for $\beta = 0$; the PI controller of Hairer–Wanner, "Solving ODEs II", eq. IV.2.43c
+otherwise, with $\alpha = 1/q - 0.75\beta$, $q = 5$).
+
+Device discipline: the state, stages and (in ``per_sample`` mode) times and step sizes live on
+``y0``'s device. Each step makes exactly ONE device-to-host transfer: the accept/reject decision
+(batched mode: the error norm; per-sample mode: "is any sample still running / did anything go
+wrong"), which an adaptive loop cannot avoid because the number of further steps depends on it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .._utils import append_dims, check_floating, check_positive
+from .base import NonFiniteError, StepSizeError
+
+__all__ = ["ButcherTableau", "DOPRI5", "PIController", "rk45_integrate", "initial_step_size"]
+
+ODEFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class ButcherTableau:
+    r"""Coefficients of an explicit embedded Runge–Kutta pair (data only).
+
+    Attributes:
+        c: nodes $c_i$, ``(s,)``.
+        a: lower-triangular rows $a_{ij}$, ``a[i]`` has ``i`` entries (row 0 is empty).
+        b: weights of the propagated solution, ``(s,)``.
+        b_err: $b - \hat b$, weights of the error estimate, ``(s,)``.
+        order: order of the propagated solution.
+        error_order: order of the embedded solution (the controller uses ``error_order + 1``).
+        fsal: whether the last stage is $f(y_{n+1}, t_{n+1})$ (first same as last).
+    """
+
+    c: tuple[float, ...]
+    a: tuple[tuple[float, ...], ...]
+    b: tuple[float, ...]
+    b_err: tuple[float, ...]
+    order: int
+    error_order: int
+    fsal: bool
+
+    def __post_init__(self):
+        s = len(self.c)
+        if len(self.a) != s or any(len(row) != i for i, row in enumerate(self.a)):
+            raise ValueError("a must have s rows with row i holding i coefficients")
+        if len(self.b) != s or len(self.b_err) != s:
+            raise ValueError(f"b and b_err must have {s} entries")
+        for i, row in enumerate(self.a):
+            # Row sums equal the nodes: the consistency condition every RK method satisfies.
+            if abs(sum(row) - self.c[i]) > 1e-12:
+                raise ValueError(f"row {i} of a does not sum to c[{i}]")
+
+    @property
+    def stages(self) -> int:
+        return len(self.c)
+
+
+_B5 = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
+_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
+
+#: Dormand–Prince 5(4) (Dormand & Prince 1980, Table 2; Hairer–Nørsett–Wanner Table II.5.2).
+DOPRI5 = ButcherTableau(
+    c=(0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0),
+    a=(
+        (),
+        (1 / 5,),
+        (3 / 40, 9 / 40),
+        (44 / 45, -56 / 15, 32 / 9),
+        (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+        (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+        _B5[:6],
+    ),
+    b=_B5,
+    b_err=tuple(p - q for p, q in zip(_B5, _B4)),
+    order=5,
+    error_order=4,
+    fsal=True,
+)
+
+
+@dataclass(frozen=True)
+class PIController:
+    r"""Step-size controller $h_{n+1} = h_n \cdot \mathrm{clip}(\text{safety}\,\|e_n\|^{-\alpha}\|e_{n-1}\|^{\beta})$.
+
+    With ``beta = 0`` it is the classical I controller $(\text{safety}/\|e\|)^{1/q}$ (Hairer–Nørsett–
+    Wanner eq. II.4.13); ``beta = 0.04`` is the PI setting of Hairer's ``dopri5`` code (Hairer–Wanner
+    II, Sec. IV.2). After a rejected step the factor is capped at 1 (no growth right after a failure).
+    Works on Python floats (batched mode) and on ``(B,)`` tensors (per-sample mode) alike.
+
+    Attributes:
+        safety: safety factor (< 1).
+        min_factor, max_factor: bounds on the step ratio.
+        beta: PI exponent on the previous error (0: I controller).
+    """
+
+    safety: float = 0.9
+    min_factor: float = 0.2
+    max_factor: float = 10.0
+    beta: float = 0.04
+
+    def __post_init__(self):
+        if not 0 < self.safety <= 1:
+            raise ValueError(f"safety must lie in (0, 1], got {self.safety!r}")
+        if not 0 < self.min_factor < 1 < self.max_factor:
+            raise ValueError(f"need 0 < min_factor < 1 < max_factor, got {self.min_factor!r}, {self.max_factor!r}")
+        if not 0 <= self.beta < 0.2:
+            raise ValueError(f"beta must lie in [0, 0.2), got {self.beta!r}")
+
+    def factor(self, err, prev_err, q: int, accepted):
+        r"""Step ratio from the error norm ``err`` (float or ``(B,)``), ``q`` = error order + 1."""
+        alpha = 1.0 / q - 0.75 * self.beta
+        if isinstance(err, Tensor):
+            # err = 0 (an exactly integrated step) gives the largest allowed growth.
+            e = err.clamp_min(1e-10)
+            fac = self.safety * e.pow(-alpha) * prev_err.clamp_min(1e-4).pow(self.beta)
+            hi = torch.where(accepted, torch.full_like(fac, self.max_factor), torch.ones_like(fac))
+            fac = torch.where(torch.isfinite(fac), fac, torch.full_like(fac, self.min_factor))
+            return torch.minimum(fac.clamp_min(self.min_factor), hi)
+        if not math.isfinite(err):
+            return self.min_factor
+        fac = self.safety * max(err, 1e-10) ** (-alpha) * max(prev_err, 1e-4) ** self.beta
+        return min(max(fac, self.min_factor), self.max_factor if accepted else 1.0)
+
+
+def _rms(v: Tensor, per_sample: bool) -> Tensor:
+    if per_sample:
+        return v.reshape(v.shape[0], -1).square().mean(1).sqrt()
+    return v.square().mean().sqrt()
+
+
+def _scale(y0: Tensor, y1: Tensor, rtol: float, atol: float) -> Tensor:
+    return atol + rtol * torch.maximum(y0.abs(), y1.abs())
+
+
+def initial_step_size(fn: ODEFn, y0: Tensor, t0: Tensor, f0: Tensor, direction: float, order: int,
+                      rtol: float, atol: float, per_sample: bool) -> Tensor:
+    r"""Starting step $|h_0|$ by Hairer–Nørsett–Wanner's algorithm (Sec. II.4, "Starting step size").
+
+    $d_0 = \|y_0\|$, $d_1 = \|f_0\|$, $h_0 = 0.01\, d_0/d_1$; an explicit Euler step of $h_0$ gives
+    $d_2 = \|f(y_0 + h_0 f_0) - f_0\| / h_0$ and $h_1 = (0.01/\max(d_1, d_2))^{1/(p+1)}$; returns
+    $\min(100 h_0, h_1)$. Norms are the weighted RMS norms of the error test. Costs one evaluation.
+    Returns a positive tensor: 0-d (batched) or ``(B,)`` (``per_sample``).
+    """
+    sc = atol + rtol * y0.abs()
+    d0 = _rms(y0 / sc, per_sample)
+    d1 = _rms(f0 / sc, per_sample)
+    small = (d0 < 1e-5) | (d1 < 1e-5)
+    h0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp_min(1e-300))
+    h0b = append_dims(h0, y0.ndim) if per_sample else h0
+    f1 = fn(y0 + direction * h0b * f0, t0 + direction * h0)
+    d2 = _rms((f1 - f0) / sc, per_sample) / h0
+    dmax = torch.maximum(d1, d2)
+    h1 = torch.where(dmax <= 1e-15, torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
+                     (0.01 / dmax.clamp_min(1e-300)).pow(1.0 / (order + 1)))
+    return torch.minimum(100 * h0, h1)
+
+
+def _stage_input(y: Tensor, h, ks: list[Tensor], coefs: tuple[float, ...]) -> Tensor:
+    """``y + h * sum_j coefs[j] * ks[j]`` with in-place accumulation (few temporaries)."""
+    acc = None
+    for cj, kj in zip(coefs, ks):
+        if cj == 0.0:
+            continue
+        if acc is None:
+            acc = kj * cj
+        else:
+            acc.add_(kj, alpha=cj)
+    if acc is None:
+        return y
+    return y + h * acc
+
+
+def _check_args(y0, t0, t1, rtol, atol, max_steps, first_step):
+    check_floating(y0, "y0")
+    if y0.ndim < 1 or y0.shape[0] < 1:
+        raise ValueError(f"y0 must have shape (B, *D) with B >= 1, got {tuple(y0.shape)}")
+    for name, v in (("t0", t0), ("t1", t1)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise TypeError(f"{name} must be a finite Python float, got {v!r}")
+    check_positive(rtol, "rtol", allow_zero=True)
+    check_positive(atol, "atol", allow_zero=True)
+    if rtol == 0 and atol == 0:
+        raise ValueError("rtol and atol cannot both be 0")
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
+        raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
+    if first_step is not None:
+        check_positive(first_step, "first_step")
+
+
+def rk45_integrate(
+    fn: ODEFn,
+    y0: Tensor,
+    t0: float,
+    t1: float,
+    *,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    first_step: float | None = None,
+    max_steps: int = 100_000,
+    safety: float = 0.9,
+    per_sample: bool = False,
+    progress: bool = False,
+    record_every: int | None = None,
+    controller: PIController | None = None,
+    tableau: ButcherTableau = DOPRI5,
+) -> tuple[Tensor, dict, list[tuple[float, Tensor]] | None]:
+    r"""Integrate $dy/dt = f(y, t)$ from ``t0`` to ``t1`` with adaptive Dormand–Prince 5(4).
+
+    Order 5 (local extrapolation), embedded order-4 error estimate, FSAL, automatic first step,
+    PI step-size control (see the module docstring for the formulas). ``t1 < t0`` is the usual
+    sampling direction (forward time from ``T`` down to ``eps``); ``t1 > t0`` serves likelihoods.
+
+    Modes:
+        - ``per_sample=False`` (default): one step size for the whole batch; the error norm is the
+          RMS over every entry of the batch (as ``scipy.integrate.solve_ivp`` on the flattened state,
+          and torchdiffeq, do), so results at equal tolerance compare like for like.
+        - ``per_sample=True``: every batch element has its own time, step size, error norm and
+          controller history, so one stiff sample does not force small steps on the others;
+          finished (or rejected) samples do not change. ``fn`` is still called on the full batch,
+          with a ``(B,)`` tensor of the samples' own times.
+
+    Number of evaluations: ``1`` (initial derivative) ``+ 1`` (automatic first step, if
+    ``first_step`` is None) ``+ 6 * (accepted + rejected)`` steps (batched calls in per-sample mode).
+
+    Args:
+        fn: ``fn(y, t) -> dy/dt``, ``y`` shaped like ``y0`` ``(B, *D)``, ``t`` a ``(B,)`` tensor.
+        y0: initial state ``(B, *D)``; the result keeps its device and dtype.
+        t0, t1: start and end time (Python floats).
+        rtol, atol: relative and absolute tolerances of the error test.
+        first_step: initial ``|h|``; default: Hairer–Wanner's automatic choice.
+        max_steps: maximum number of attempted steps (accepted + rejected).
+        safety: controller safety factor (ignored when ``controller`` is given).
+        per_sample: per-sample times and step sizes (see Modes).
+        progress: show a tqdm bar with the current ``t`` and step size.
+        record_every: record ``(t, y)`` every this many accepted steps (batched mode; in per-sample
+            mode every this many loop iterations, with ``t`` the smallest progress in the batch).
+        controller: a :class:`PIController` (default ``PIController(safety=safety)``).
+        tableau: an embedded explicit RK pair (default :data:`DOPRI5`).
+
+    Returns:
+        ``(y1, stats, trajectory)``: ``y1`` ``(B, *D)`` at ``t1``; ``stats`` with ``accepted``,
+        ``rejected``, ``nfe`` (calls of ``fn``), ``first_step`` and, per sample, ``accepted_per_sample``
+        / ``rejected_per_sample`` (CPU int tensors) in per-sample mode; ``trajectory`` a list of
+        ``(t, y)`` (detached copies, first entry ``t0``, last ``t1``) or ``None``.
+
+    Raises:
+        StepSizeError: the step size underflowed (relative to ``t``) or ``max_steps`` was exceeded;
+            carries ``t``, ``dt``, the last accepted state ``x`` and ``steps``.
+        NonFiniteError: ``fn`` returned NaN/inf at an accepted state.
+    """
+    _check_args(y0, t0, t1, rtol, atol, max_steps, first_step)
+    t0, t1 = float(t0), float(t1)
+    if record_every is not None and (not isinstance(record_every, int) or record_every < 1):
+        raise ValueError(f"record_every must be a positive int or None, got {record_every!r}")
+    ctrl = controller if controller is not None else PIController(safety=safety)
+    stats = {"accepted": 0, "rejected": 0, "nfe": 0, "first_step": None}
+    traj = [(t0, y0.detach().clone())] if record_every else None
+    if t0 == t1:
+        return y0, stats, traj
+
+    calls = [0]
+
+    def f(y: Tensor, t: Tensor) -> Tensor:
+        calls[0] += 1
+        out = fn(y, t)
+        if not isinstance(out, Tensor) or out.shape != y.shape:
+            raise ValueError(f"fn(y, t) must return a tensor shaped like y {tuple(y.shape)}, "
+                             f"got {tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
+        return out
+
+    run = _integrate_per_sample if per_sample else _integrate_batched
+    y1 = run(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl, tableau, progress, record_every, stats, traj)
+    stats["nfe"] = calls[0]
+    return y1, stats, traj
+
+
+def _progress_bar(progress: bool, t0: float, t1: float):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=abs(t1 - t0), desc="rk45", leave=False,
+                bar_format="{l_bar}{bar}| {n:.4g}/{total:.4g} [{elapsed}<{remaining}{postfix}]")
+
+
+def _rk_step(f: ODEFn, tab: ButcherTableau, y: Tensor, k1: Tensor, t, h, hb):
+    """One attempted step: returns ``(y_new, err, k_last)``. ``t``/``h``: times as passed to ``f``;
+    ``hb``: ``h`` broadcastable against ``y``."""
+    ks = [k1]
+    y_new = y
+    for i in range(1, tab.stages):
+        yi = _stage_input(y, hb, ks, tab.a[i])
+        if tab.fsal and i == tab.stages - 1:
+            y_new = yi  # the last row of a equals b: this stage input is the solution
+        ks.append(f(yi, t + tab.c[i] * h))
+    if not tab.fsal:
+        y_new = _stage_input(y, hb, ks, tab.b)
+    err = _stage_input(torch.zeros_like(y), hb, ks, tab.b_err)
+    return y_new, err, ks[-1]
+
+
+def _integrate_batched(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl, tab, progress, record_every,
+                       stats, traj):
+    B = y0.shape[0]
+    direction = 1.0 if t1 > t0 else -1.0
+    span = abs(t1 - t0)
+    q = tab.error_order + 1
+    y = y0
+    t = t0
+
+    def tvec(v: float) -> Tensor:
+        return torch.full((B,), v, device=y0.device, dtype=y0.dtype)
+
+    k1 = f(y, tvec(t))
+    if first_step is None:
+        # One host read at start-up (not per step).
+        h = float(initial_step_size(f, y, tvec(t), k1, direction, tab.order, rtol, atol, per_sample=False))
+    else:
+        h = float(first_step)
+    h = min(h, span)
+    stats["first_step"] = h
+    prev_err = 1.0
+    bar = _progress_bar(progress, t0, t1)
+    attempts = 0
+    nonfinite_rejection = False
+    try:
+        while direction * (t1 - t) > 0:
+            if attempts >= max_steps:
+                raise StepSizeError(f"rk45: max_steps={max_steps} exceeded at t={t:.6g} with dt={direction * h:.3g}",
+                                    t=t, dt=direction * h, x=y, steps=attempts)
+            remaining = abs(t1 - t)
+            last = h >= remaining * (1 - 1e-12)
+            if last:
+                h = remaining
+            if h <= 16 * math.ulp(max(abs(t), abs(t1), 1e-300)):
+                if nonfinite_rejection:
+                    raise NonFiniteError(f"rk45: fn returned non-finite values just after t={t:.6g} (the step size "
+                                         f"shrank to {direction * h:.3g} without avoiding them)",
+                                         step=stats["accepted"], t=t, x=y)
+                raise StepSizeError(f"rk45: step size underflow at t={t:.6g} (dt={direction * h:.3g}); the ODE is too "
+                                    f"stiff for the tolerances rtol={rtol}, atol={atol}", t=t, dt=direction * h, x=y,
+                                    steps=attempts)
+            attempts += 1
+            dt = direction * h
+            y_new, err, k_last = _rk_step(f, tab, y, k1, tvec(t), dt, dt)
+            # The single device-to-host transfer of this step: the accept/reject decision needs the
+            # error norm on the host (it decides whether and how far the loop continues).
+            err_norm = float(_rms(err / _scale(y, y_new, rtol, atol), per_sample=False))
+            if not math.isfinite(err_norm) and not bool(torch.isfinite(k1).all()):
+                raise NonFiniteError(f"rk45: fn returned non-finite values at t={t:.6g}", step=stats["accepted"],
+                                     t=t, x=y)
+            accepted = err_norm <= 1.0
+            nonfinite_rejection = not math.isfinite(err_norm)
+            fac = ctrl.factor(err_norm, prev_err, q, accepted)
+            if accepted:
+                stats["accepted"] += 1
+                y = y_new
+                t = t1 if last else t + dt
+                k1 = k_last if tab.fsal else f(y, tvec(t))
+                prev_err = err_norm
+                if traj is not None and (stats["accepted"] % record_every == 0 or t == t1):
+                    traj.append((t, y.detach().clone()))
+                if bar is not None:
+                    bar.update(h)
+                    bar.set_postfix(t=f"{t:.4g}", dt=f"{dt:.2e}", refresh=False)
+            else:
+                stats["rejected"] += 1
+            h = h * fac
+    finally:
+        if bar is not None:
+            bar.close()
+    return y
+
+
+def _integrate_per_sample(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl, tab, progress, record_every,
+                          stats, traj):
+    B = y0.shape[0]
+    dev, dt_ = y0.device, y0.dtype
+    direction = 1.0 if t1 > t0 else -1.0
+    q = tab.error_order + 1
+    y = y0
+    t = torch.full((B,), t0, device=dev, dtype=dt_)
+    t_end = torch.full((B,), t1, device=dev, dtype=dt_)
+    k1 = f(y, t)
+    if first_step is None:
+        h = initial_step_size(f, y, t, k1, direction, tab.order, rtol, atol, per_sample=True)
+    else:
+        h = torch.full((B,), float(first_step), device=dev, dtype=dt_)
+    h = h.clamp_max(abs(t1 - t0))
+    stats["first_step"] = h.detach().to("cpu")
+    prev_err = torch.ones(B, device=dev, dtype=dt_)
+    n_acc = torch.zeros(B, device=dev, dtype=torch.long)
+    n_rej = torch.zeros(B, device=dev, dtype=torch.long)
+    active = torch.ones(B, device=dev, dtype=torch.bool)
+    nonfinite_rej = torch.zeros(B, device=dev, dtype=torch.bool)
+    tiny = 16 * torch.finfo(dt_).eps
+    bar = _progress_bar(progress, t0, t1)
+    done_span = 0.0
+    it = 0
+    try:
+        while True:
+            remaining = direction * (t_end - t)
+            last = h >= remaining * (1 - 1e-12)
+            h_step = torch.where(active, torch.where(last, remaining, h), torch.zeros_like(h))
+            underflow = active & (h_step <= tiny * torch.maximum(t.abs(), t_end.abs()).clamp_min(1.0))
+            dt = direction * h_step
+            y_new, err, k_last = _rk_step(f, tab, y, k1, t, dt, append_dims(dt, y.ndim))
+            err_norm = _rms(err / _scale(y, y_new, rtol, atol), per_sample=True)
+            finite_err = torch.isfinite(err_norm)
+            # Non-finite values at an accepted state, or a step size that shrank to nothing while
+            # the error estimate stayed non-finite: fn returns NaN/inf there, not a stiffness problem.
+            bad = active & ((~finite_err & ~torch.isfinite(k1.reshape(B, -1)).all(1)) | (underflow & nonfinite_rej))
+            nonfinite_rej = torch.where(active, ~finite_err, nonfinite_rej)
+            accept = active & (err_norm <= 1.0) & ~underflow
+            reject = active & ~accept
+            fac = ctrl.factor(err_norm, prev_err, q, accept)
+            ab = append_dims(accept, y.ndim)
+            y = torch.where(ab, y_new, y)
+            k1 = torch.where(ab, k_last, k1) if tab.fsal else torch.where(ab, f(y, t), k1)
+            t = torch.where(accept, torch.where(last, t_end, t + dt), t)
+            prev_err = torch.where(accept, err_norm, prev_err)
+            h = torch.where(active, h_step * fac, h)
+            n_acc += accept.long()
+            n_rej += reject.long()
+            active = active & ~(accept & last)
+            it += 1
+            # The single device-to-host transfer of this iteration: whether any sample is still
+            # running and whether an error must be raised (both decide the control flow), plus the
+            # progress figures, read in the same transfer.
+            covered = (direction * (t - t0)).min()
+            flags = torch.stack([active.any().to(dt_), underflow.any().to(dt_), bad.any().to(dt_), covered,
+                                 h.min()]).tolist()
+            if flags[2] or flags[1]:
+                i = int(torch.nonzero(bad if flags[2] else underflow)[0])  # error path only
+                ti, dti = float(t[i]), float(dt[i])
+                if flags[2]:
+                    raise NonFiniteError(f"rk45: fn returned non-finite values for sample {i} at t={ti:.6g}",
+                                         step=int(n_acc[i]), t=ti, x=y)
+                raise StepSizeError(f"rk45: step size underflow for sample {i} at t={ti:.6g} (dt={dti:.3g}); the "
+                                    f"ODE is too stiff for rtol={rtol}, atol={atol}", t=t.detach().clone(),
+                                    dt=dt.detach().clone(), x=y, steps=it)
+            t_min = t1 if not flags[0] else t0 + direction * flags[3]
+            if traj is not None and (it % record_every == 0 or not flags[0]):
+                traj.append((t_min, y.detach().clone()))
+            if bar is not None:
+                bar.update(flags[3] - done_span)
+                done_span = flags[3]
+                bar.set_postfix(t=f"{t_min:.4g}", dt=f"{flags[4]:.2e}", refresh=False)
+            if not flags[0]:
+                break
+            if it >= max_steps:
+                raise StepSizeError(f"rk45: max_steps={max_steps} exceeded; {int(active.sum())} samples unfinished",
+                                    t=t.detach().clone(), dt=(direction * h).detach().clone(), x=y, steps=it)
+    finally:
+        if bar is not None:
+            bar.close()
+    stats["accepted"] = int(n_acc.sum())
+    stats["rejected"] = int(n_rej.sum())
+    stats["steps"] = it
+    stats["accepted_per_sample"] = n_acc.to("cpu")
+    stats["rejected_per_sample"] = n_rej.to("cpu")
+    return y
