@@ -1,15 +1,141 @@
-"""Command line front end: ``sdegen <command>``. Nothing imports this module."""
+r"""Command line front end: ``sdegen <command>``. Nothing imports this module.
+
+Commands: ``demo`` (train on a built-in 2-D mixture, compare every sampler, table and figures),
+``train``, ``sample``, ``likelihood``, ``bench`` and ``info``. Every command takes ``--device`` and
+``--seed``. Errors print one line on stderr and exit with status 1 (argument errors: status 2);
+set ``SDEGEN_TRACEBACK=1`` to see the full traceback instead.
+
+Method options for ``sample`` are given as ``--opt key=value``; values are parsed as int, float,
+``true``/``false``/``none`` or else kept as strings. Nothing from the command line or from a file
+is ever evaluated as code.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+__all__ = ["main", "build_parser", "parse_option"]
 
+SDE_NAMES = ("vp", "subvp", "ve")
+BENCH_NAMES = ("samplers", "solvers", "likelihood")
+
+
+class CLIError(Exception):
+    """A user error reported as one line (no traceback)."""
+
+
+# ---------------------------------------------------------------------- small parsers
+def parse_option(text: str) -> tuple[str, object]:
+    """Parse ``key=value`` into ``(key, value)`` with value an int, float, bool, None or str.
+
+    No evaluation: only the literal forms below are recognised, anything else stays a string.
+
+    Raises:
+        CLIError: if ``text`` has no ``=`` or an empty or non-identifier key.
+    """
+    if "=" not in text:
+        raise CLIError(f"--opt expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key.isidentifier():
+        raise CLIError(f"--opt key must be a Python identifier, got {key!r} in {text!r}")
+    return key, _literal(raw.strip())
+
+
+def _literal(raw: str):
+    low = raw.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(raw)
+        except ValueError:
+            pass
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+        return raw[1:-1]
+    return raw
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise CLIError(f"--device must be cpu, cuda, cuda:N or auto, got {name!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name} requested but CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def _make_sde(name: str):
+    from .sdes import SubVPSDE, VESDE, VPSDE
+
+    table = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
+    if name not in table:
+        raise CLIError(f"--sde must be one of {', '.join(table)}, got {name!r}")
+    return table[name]()
+
+
+def _oracle(name: str, device):
+    import torch
+
+    from .oracle import MIXTURE_NAMES, named_mixture
+
+    if name not in MIXTURE_NAMES:
+        raise CLIError(f"--oracle must be one of {', '.join(MIXTURE_NAMES)}, got {name!r}")
+    return named_mixture(name, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+
+
+def _load_data(name: str, n: int, seed: int, device):
+    """Data by name: an oracle mixture, a built-in set from ``sdegen.data``, or an ``.npz`` file (key ``x``)."""
+    import torch
+
+    from .oracle import MIXTURE_NAMES, named_mixture
+
+    if name.endswith(".npz"):
+        import numpy as np
+
+        if not os.path.isfile(name):
+            raise CLIError(f"--data file {name!r} does not exist")
+        with np.load(name, allow_pickle=False) as f:  # never unpickle objects from a file
+            key = "x" if "x" in f.files else ("samples" if "samples" in f.files else None)
+            if key is None:
+                raise CLIError(f"--data {name!r} must hold an array named 'x' or 'samples', found {f.files}")
+            arr = f[key]
+        return torch.as_tensor(arr, dtype=torch.float32, device=device)[:n]
+    gen = torch.Generator().manual_seed(seed)
+    if name in MIXTURE_NAMES:
+        return named_mixture(name, dtype=torch.float32).sample(n, generator=gen).to(device)
+    from . import data as sdata
+
+    return sdata.load(name, n=n, generator=gen, device=device)
+
+
+def _dataset_names() -> list[str]:
+    from .oracle import MIXTURE_NAMES
+
+    names = list(MIXTURE_NAMES)
+    try:
+        from . import data as sdata
+
+        names += [n for n in getattr(sdata, "NAMES", ()) if n not in names]
+    except ImportError:
+        pass
+    return names
+
+
+# ---------------------------------------------------------------------- commands
 def _cmd_info(args) -> int:
     import torch
 
-    from . import SubVPSDE, VESDE, VPSDE
+    from .sdes import SubVPSDE, VESDE, VPSDE
 
     t = torch.linspace(0, 1, 6, dtype=torch.float64)
     for sde in (VPSDE(), SubVPSDE(), VESDE()):
@@ -22,23 +148,296 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    from .demo import DemoConfig, run_demo
+
+    over = {k: v for k, v in (("dataset", args.dataset), ("train_steps", args.train_steps),
+                              ("n_samples", args.n)) if v is not None}
+    cfg = DemoConfig.fast(**over) if args.fast else DemoConfig(**over)
+    run_demo(args.out, config=cfg, device=_device(args.device), seed=args.seed, progress=not args.quiet)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    import torch
+
+    from . import nn as snn
+    from .parameterization import ScoreModel
+    from .training import train
+
+    device = _device(args.device)
+    data = _load_data(args.data, args.n_data, args.seed, device)
+    sde = _make_sde(args.sde)
+    torch.manual_seed(args.seed)  # initial weights
+    if args.net == "mlp":
+        if data.ndim != 2:
+            raise CLIError(f"--net mlp needs vector data (N, d), got data of shape {tuple(data.shape)}; use --net unet")
+        net = snn.MLP(data.shape[1], hidden=args.hidden, depth=args.depth)
+    else:
+        if data.ndim != 4:
+            raise CLIError(f"--net unet needs image data (N, C, H, W), got data of shape {tuple(data.shape)}")
+        net = snn.UNet(data.shape[1])
+    model = ScoreModel(net, sde, parameterization=args.parameterization).to(device)
+    resumed = os.path.isdir(args.out) and any(f.endswith(".json") for f in os.listdir(args.out))
+    print(f"{'resuming' if resumed else 'training'} {args.net} on {args.data!r} ({tuple(data.shape)}), "
+          f"{args.sde} SDE, {args.steps} steps -> {args.out}")
+    out = train(model, data, steps=args.steps, batch_size=args.batch_size, lr=args.lr, checkpoint_dir=args.out,
+                generator=torch.Generator().manual_seed(args.seed), progress=not args.quiet)
+    hist = list(getattr(out, "history", []) or [])
+    if hist:
+        last = hist[-1]["loss"] if isinstance(hist[-1], dict) else float(hist[-1])
+        print(f"done: {len(hist)} steps logged, last loss {last:.4f}; checkpoint in {args.out}")
+    return 0
+
+
+def _score_source(args, device):
+    """``(sde, score_fn, shape_tail, oracle_or_None)`` from ``--checkpoint`` or ``--oracle``."""
+    if bool(args.checkpoint) == bool(args.oracle):
+        raise CLIError("give exactly one of --checkpoint DIR or --oracle NAME")
+    if args.oracle:
+        gm = _oracle(args.oracle, device)
+        sde = _make_sde(args.sde)
+        return sde, gm.score_fn(sde), (gm.dim,), gm
+    if not os.path.isdir(args.checkpoint):
+        raise CLIError(f"--checkpoint must be a checkpoint directory written by `sdegen train`, "
+                       f"got {args.checkpoint!r} (not a directory)")
+    from .training import load
+
+    model = load(args.checkpoint).to(device)
+    model.eval()
+    shape = getattr(model, "data_shape", None)
+    if shape is None:
+        raise CLIError(f"checkpoint {args.checkpoint!r} does not record the data shape; re-train with `sdegen train`")
+    return model.sde, model, tuple(shape), None
+
+
+def _cmd_sample(args) -> int:
+    import numpy as np
+    import torch
+
+    device = _device(args.device)
+    opts = dict(parse_option(o) for o in args.opt)
+    sde, score_fn, tail, _ = _score_source(args, device)
+    dtype = torch.float64 if args.float64 else torch.float32
+    shape = (args.n, *tail)
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        from .distributed import sample_distributed
+
+        res = sample_distributed(sde, score_fn, shape, method=args.method, steps=args.steps, seed=args.seed,
+                                 device=device, dtype=dtype, **opts)
+        if res is None:  # not rank 0: rank 0 writes the gathered result
+            return 0
+    else:
+        from .sampling import sample
+
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        with torch.no_grad():
+            res = sample(sde, score_fn, shape, method=args.method, steps=args.steps, generator=gen, device=device,
+                         dtype=dtype, progress=not args.quiet, **opts)
+    x = res.samples.detach().to("cpu")
+    _write_samples(args.out, x, args, res.nfe)
+    print(f"{args.n} samples, method {args.method}, NFE {res.nfe} -> {args.out}")
+    return 0
+
+
+def _write_samples(path: str, x, args, nfe: int) -> None:
+    import numpy as np
+
+    from . import plotting
+
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    if path.endswith(".npz"):
+        np.savez(path, samples=x.numpy(), nfe=np.array(nfe), method=np.array(args.method))
+    elif path.endswith(".png"):
+        if x.ndim == 2 and x.shape[1] == 2:
+            lp = None
+            if args.oracle:
+                from .oracle import named_mixture
+                lp = named_mixture(args.oracle).log_prob
+            fig = plotting.scatter_panels({f"{args.method} (NFE {nfe})": x}, log_prob=lp, max_points=x.shape[0])
+        elif x.ndim == 4:
+            fig = plotting.sample_grid(x[:64], title=f"{args.method} (NFE {nfe})")
+        else:
+            raise CLIError(f"--out .png needs 2-D points or images (N, C, H, W), got samples of shape "
+                           f"{tuple(x.shape)}; write .npz instead")
+        plotting.save(fig, path)
+    else:
+        raise CLIError(f"--out must end in .npz or .png, got {path!r}")
+
+
+def _cmd_likelihood(args) -> int:
+    import torch
+
+    from .likelihood import bits_per_dim, log_likelihood
+
+    device = _device(args.device)
+    sde, score_fn, tail, gm = _score_source(args, device)
+    dtype = torch.float64 if args.float64 else torch.float32
+    if args.data is None:
+        if gm is None:
+            raise CLIError("--data is required with --checkpoint (a data set name or an .npz file)")
+        x = gm.sample(args.n, generator=torch.Generator(device=device).manual_seed(args.seed))
+    else:
+        x = _load_data(args.data, args.n, args.seed, device)
+    x = x.to(device=device, dtype=dtype)
+    if tuple(x.shape[1:]) != tuple(tail):
+        raise CLIError(f"--data has samples of shape {tuple(x.shape[1:])} but the model expects {tuple(tail)}")
+    res = log_likelihood(sde, score_fn, x, divergence=args.divergence, rtol=args.tol, atol=args.tol,
+                         generator=torch.Generator(device=device).manual_seed(args.seed))
+    lp = res.log_prob.detach().to("cpu", torch.float64)
+    nll = float(-lp.mean())
+    se = float(lp.std() / len(lp) ** 0.5) if len(lp) > 1 else float("nan")
+    d = x[0].numel()
+    print(f"{len(lp)} points, d = {d}, divergence {args.divergence}, NFE {res.nfe}")
+    print(f"NLL       {nll:.4f} nats  (+- {se:.4f} standard error)")
+    print(f"NLL / dim {nll / d:.4f} nats = {nll / d / 0.6931471805599453:.4f} bits")
+    if gm is not None:
+        exact = float(-gm.log_prob(x.to(gm.dtype)).mean())
+        print(f"exact     {exact:.4f} nats  (the oracle's own log-density on the same points)")
+    if args.images:
+        bpd = bits_per_dim(res.log_prob, x)
+        print(f"bits/dim  {float(bpd.mean()):.4f}  (8-bit images in [-1, 1], dequantization offset included)")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    import importlib
+    import json
+
+    names = BENCH_NAMES if args.which == "all" else (args.which,)
+    os.makedirs(args.out, exist_ok=True)
+    summary = {}
+    for name in names:
+        try:
+            mod = importlib.import_module(f"sdegen.bench.{name}")
+        except ModuleNotFoundError as e:
+            raise CLIError(f"benchmark {name!r} is not available in this installation ({e})") from e
+        print(f"running benchmark {name!r}{' (quick)' if args.quick else ''} -> {args.out}")
+        summary[name] = mod.run(os.path.join(args.out, name) if len(names) > 1 else args.out, quick=args.quick)
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    print(f"wrote {os.path.join(args.out, 'summary.json')}")
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _score_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("score source (exactly one)")
+    src.add_argument("--checkpoint", metavar="DIR", help="a checkpoint directory written by `sdegen train`")
+    src.add_argument("--oracle", metavar="NAME", help="the exact score of a named mixture "
+                     "(8gaussians, anisotropic, gaussian, mixture16, mixture64)")
+    p.add_argument("--sde", default="vp", choices=SDE_NAMES, help="SDE for --oracle (default: vp)")
+    p.add_argument("--float64", action="store_true", help="compute in float64 (default: float32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``sdegen`` argument parser (one sub-parser per command)."""
     p = argparse.ArgumentParser(prog="sdegen", description="Score-based generative modelling with SDEs.")
-    sub = p.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="print the marginal statistics of the built-in SDEs")
-    info.set_defaults(func=_cmd_info)
-    demo = sub.add_parser("demo", help="the main job")
-    demo.set_defaults(func=_cmd_info)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="train a small model on 2-D data and compare every sampler (the main job)",
+                       description="Train an MLP score model on a built-in 2-D Gaussian mixture, sample it "
+                       "with DDPM ancestral, DDIM, Euler-Maruyama, PC and RK45 (and the exact score of the "
+                       "mixture side by side), print a table and write figures.")
+    d.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
+    d.add_argument("--fast", action="store_true", help="a tiny configuration that runs in seconds (for tests)")
+    d.add_argument("--dataset", choices=("8gaussians", "anisotropic", "gaussian"), help="2-D data set")
+    d.add_argument("--train-steps", type=int, help="training steps (default 4000; 60 with --fast)")
+    d.add_argument("--n", type=int, help="samples per method (default 2000; 200 with --fast)")
+    _common(d)
+    d.set_defaults(func=_cmd_demo)
+
+    t = sub.add_parser("train", help="train a score model; resumes if --out holds a checkpoint",
+                       description="Train a score model with denoising score matching. If --out already "
+                       "holds a checkpoint, training resumes from it.")
+    t.add_argument("--data", default="8gaussians",
+                   help="data set: an oracle mixture name, a built-in set of sdegen.data, or an .npz file "
+                        "with an array 'x' (default: 8gaussians)")
+    t.add_argument("--n-data", type=int, default=20000, help="training points drawn/used (default 20000)")
+    t.add_argument("--sde", default="vp", choices=SDE_NAMES, help="forward SDE (default: vp)")
+    t.add_argument("--net", default="mlp", choices=("mlp", "unet"), help="network (default: mlp)")
+    t.add_argument("--hidden", type=int, default=128, help="MLP width (default 128)")
+    t.add_argument("--depth", type=int, default=3, help="MLP residual blocks (default 3)")
+    t.add_argument("--parameterization", default="eps", choices=("score", "eps", "x0", "v"),
+                   help="what the network predicts (default: eps)")
+    t.add_argument("--steps", type=int, default=4000, help="training steps (default 4000)")
+    t.add_argument("--batch-size", type=int, default=512, help="batch size (default 512)")
+    t.add_argument("--lr", type=float, default=2e-3, help="learning rate (default 2e-3)")
+    t.add_argument("--out", required=True, help="checkpoint directory")
+    _common(t)
+    t.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("sample", help="sample a checkpoint or an oracle score with any method",
+                       description="Draw samples with any sdegen.sample method. Under torchrun the samples "
+                       "are split across ranks and gathered on rank 0.")
+    _score_args(s)
+    s.add_argument("--method", default="rk45", help="a sdegen.sample method (default: rk45)")
+    s.add_argument("--steps", type=int, default=None, help="steps for fixed-grid methods")
+    s.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, e.g. --opt rtol=1e-4 --opt corrector=langevin (repeatable)")
+    s.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
+    s.add_argument("--out", default="outputs/samples.npz", help=".npz (arrays) or .png (figure)")
+    _common(s)
+    s.set_defaults(func=_cmd_sample)
+
+    lk = sub.add_parser("likelihood", help="exact log-likelihood (NLL, bits/dim) by the probability-flow ODE",
+                        description="Negative log-likelihood of data under a checkpoint or an oracle score, "
+                        "by the probability-flow ODE and the instantaneous change of variables.")
+    _score_args(lk)
+    lk.add_argument("--data", default=None, help="data set name or .npz (default with --oracle: its own samples)")
+    lk.add_argument("--n", type=int, default=256, help="number of data points (default 256)")
+    lk.add_argument("--divergence", default="exact", choices=("exact", "hutchinson"), help="divergence estimator")
+    lk.add_argument("--tol", type=float, default=1e-5, help="rtol = atol of the ODE solver (default 1e-5)")
+    lk.add_argument("--images", action="store_true", help="also report bits/dim for 8-bit images in [-1, 1]")
+    _common(lk)
+    lk.set_defaults(func=_cmd_likelihood)
+
+    b = sub.add_parser("bench", help="run the benchmarks (JSON + plots)",
+                       description="Run the sampler, solver and likelihood benchmarks; results are JSON files "
+                       "and PNG plots in --out.")
+    b.add_argument("which", nargs="?", default="all", choices=(*BENCH_NAMES, "all"), help="which benchmark")
+    b.add_argument("--out", default="bench_results", help="output folder (default: bench_results)")
+    b.add_argument("--quick", action="store_true", help="a reduced grid for smoke runs")
+    _common(b)
+    b.set_defaults(func=_cmd_bench)
+
+    i = sub.add_parser("info", help="print the marginal statistics of the built-in SDEs")
+    _common(i)
+    i.set_defaults(func=_cmd_info)
     return p
 
 
+def _check_positive_ints(args) -> None:
+    for name in ("n", "steps", "train_steps", "n_data", "batch_size", "hidden", "depth"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+
+
 def main(argv=None) -> int:
+    """Entry point of the ``sdegen`` console script. Returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
+        _check_positive_ints(args)
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
-        print(f"sdegen: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("sdegen: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one clear line for users; SDEGEN_TRACEBACK=1 for developers
+        if os.environ.get("SDEGEN_TRACEBACK"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        kind = "" if isinstance(e, CLIError) else f"{type(e).__name__}: "
+        print(f"sdegen: error: {kind}{msg}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,308 @@
+r"""Figures in one consistent style: samples over density contours, sample grids, trajectories, error vs NFE.
+
+Every function draws with matplotlib's non-interactive ``Agg`` backend (selected on import here,
+so figures work on headless machines), takes tensors or arrays on any device (copied to the host
+once, at the end of the work), and returns the ``matplotlib.figure.Figure`` it made; :func:`save`
+writes it as PNG and closes it. Nothing here is imported by the library core (front ends only).
+
+Time convention in trajectory plots: forward time $t \in [0, T]$ with data at $t = 0$; a reverse
+trajectory starts at $t = T$ (noise) and ends near $t = \varepsilon$ (data).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless and deterministic; front ends never need a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+__all__ = [
+    "STYLE",
+    "to_numpy",
+    "density_grid",
+    "plot_density",
+    "scatter_panels",
+    "trajectory_panels",
+    "loss_curve",
+    "sample_grid",
+    "error_vs_nfe",
+    "save",
+]
+
+#: Shared matplotlib settings: every sdegen figure is drawn inside ``plt.rc_context(STYLE)``.
+STYLE = {
+    "figure.dpi": 110,
+    "savefig.dpi": 110,
+    "savefig.bbox": "tight",
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "axes.grid": False,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "image.cmap": "Blues",
+}
+
+_SAMPLE_COLOR = "#d62728"  # red points on blue contours stay readable in greyscale prints too
+_DATA_COLOR = "#1f77b4"
+
+
+def to_numpy(x) -> np.ndarray:
+    """A float64 NumPy copy of a tensor (any device) or array-like."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def density_grid(log_prob: Callable[[torch.Tensor], torch.Tensor], lim: float, n: int = 120):
+    r"""Evaluate $p(x) = \exp \log p(x)$ on an ``n`` x ``n`` grid over $[-\text{lim}, \text{lim}]^2$.
+
+    Args:
+        log_prob: ``(B, 2) -> (B,)`` log-density (e.g. ``GaussianMixture.log_prob``), called once
+            on float64 CPU points.
+        lim: half-width of the square window.
+        n: grid points per axis.
+
+    Returns:
+        ``(X, Y, P)`` arrays of shape ``(n, n)`` for ``contour``/``contourf``.
+    """
+    xs = torch.linspace(-lim, lim, n, dtype=torch.float64)
+    X, Y = torch.meshgrid(xs, xs, indexing="xy")
+    pts = torch.stack([X.reshape(-1), Y.reshape(-1)], 1)
+    with torch.no_grad():
+        P = log_prob(pts).exp().reshape(n, n)
+    return to_numpy(X), to_numpy(Y), to_numpy(P)
+
+
+def plot_density(ax, grid, *, filled: bool = True) -> None:
+    """Draw the target density from :func:`density_grid` as shaded contours (the background)."""
+    X, Y, P = grid
+    levels = np.linspace(0.0, P.max(), 8)[1:]  # skip level 0: it would shade the whole panel
+    if filled:
+        ax.contourf(X, Y, P, levels=np.concatenate([levels, [P.max() * 1.01]]), cmap="Blues", alpha=0.55)
+    ax.contour(X, Y, P, levels=levels, colors=_DATA_COLOR, linewidths=0.5, alpha=0.8)
+
+
+def _square(ax, lim: float) -> None:
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    ax.set_xticks([-math.floor(lim), 0, math.floor(lim)])
+    ax.set_yticks([-math.floor(lim), 0, math.floor(lim)])
+
+
+def scatter_panels(panels: Mapping[str, object], *, log_prob=None, lim: float = 3.0, ncols: int | None = None,
+                   max_points: int = 2000, title: str | None = None, row_labels: Sequence[str] | None = None):
+    r"""One 2-D scatter panel per entry, each over the target density's contours.
+
+    Args:
+        panels: ``{panel title: samples (N, 2)}`` in display order (a ``None`` value leaves the
+            panel blank, e.g. a method that does not apply).
+        log_prob: optional target log-density ``(B, 2) -> (B,)`` drawn as contours behind every panel.
+        lim: half-width of each square panel.
+        ncols: panels per row (default: all in one row).
+        max_points: at most this many points per panel (the first ones), so panels stay comparable.
+        title: figure title.
+        row_labels: optional label per row, written left of the row's first panel.
+
+    Returns:
+        The figure.
+    """
+    names = list(panels)
+    if not names:
+        raise ValueError("panels must name at least one set of samples, got an empty mapping")
+    ncols = ncols or len(names)
+    nrows = math.ceil(len(names) / ncols)
+    grid = density_grid(log_prob, lim) if log_prob is not None else None
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(nrows, ncols, figsize=(2.3 * ncols, 2.4 * nrows), squeeze=False)
+        for ax in axes.flat:
+            ax.set_visible(False)
+        for k, name in enumerate(names):
+            ax = axes.flat[k]
+            ax.set_visible(True)
+            if grid is not None:
+                plot_density(ax, grid)
+            pts = panels[name]
+            if pts is not None:
+                pts = to_numpy(pts)[:max_points]
+                ax.scatter(pts[:, 0], pts[:, 1], s=2.0, c=_SAMPLE_COLOR, alpha=0.6, linewidths=0)
+            else:
+                ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes, color="0.4")
+            ax.set_title(name)
+            _square(ax, lim)
+        if row_labels is not None:
+            for r, label in enumerate(row_labels[:nrows]):
+                axes[r, 0].set_ylabel(label, fontsize=10, fontweight="bold")
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+    return fig
+
+
+def trajectory_panels(trajectories: Mapping[str, Sequence[tuple[float, object]]], *, log_prob=None,
+                      lim: float = 3.0, n_paths: int = 24, title: str | None = None):
+    r"""Reverse-time trajectories in 2-D: one row per sampler, the paths in the plane (left) and the
+    first coordinate against time (right).
+
+    Args:
+        trajectories: ``{row title: [(t, x), ...]}``, snapshots with ``x`` of shape ``(B, 2)`` as in
+            ``SampleResult.trajectory``, ordered from $t = T$ (noise) to $t \approx 0$ (data).
+        log_prob: optional data log-density drawn as contours behind the paths.
+        lim: half-width of the 2-D window.
+        n_paths: number of paths drawn per row (the first ones).
+        title: figure title.
+
+    Returns:
+        The figure.
+    """
+    if not trajectories:
+        raise ValueError("trajectories must name at least one trajectory, got an empty mapping")
+    grid = density_grid(log_prob, lim) if log_prob is not None else None
+    rows = list(trajectories.items())
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(len(rows), 2, figsize=(8.0, 3.3 * len(rows)), squeeze=False,
+                                 gridspec_kw={"width_ratios": [1, 1.4]})
+        for (name, traj), (a0, a1) in zip(rows, axes):
+            if len(traj) < 2:
+                raise ValueError(f"trajectory {name!r} must hold at least 2 snapshots, got {len(traj)}")
+            ts = np.array([float(t) for t, _ in traj])
+            xs = np.stack([to_numpy(x)[:n_paths] for _, x in traj])  # (S, P, 2)
+            colors = plt.get_cmap("viridis")(np.linspace(0, 1, xs.shape[1]))
+            if grid is not None:
+                plot_density(a0, grid, filled=False)
+            for p in range(xs.shape[1]):
+                a0.plot(xs[:, p, 0], xs[:, p, 1], lw=0.6, color=colors[p], alpha=0.8)
+                a1.plot(ts, xs[:, p, 0], lw=0.6, color=colors[p], alpha=0.8)
+            a0.scatter(xs[0, :, 0], xs[0, :, 1], s=9, marker="o", facecolors="none", edgecolors="0.35",
+                       linewidths=0.7, label=f"start: noise, t = {ts[0]:.2g}", zorder=3)
+            a0.scatter(xs[-1, :, 0], xs[-1, :, 1], s=10, c=_SAMPLE_COLOR, label=f"end: sample, t = {ts[-1]:.2g}",
+                       zorder=3)
+            a0.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False, fontsize=7)
+            _square(a0, lim)
+            a0.set_title(name)
+            a1.set_xlim(ts.max(), ts.min())  # sampling runs from T (left) to eps (right)
+            a1.set_xlabel("forward time t (sampling runs from left to right)")
+            a1.set_ylabel("first coordinate $x_1$")
+            a1.set_title(f"{name}: $x_1$ against t")
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+    return fig
+
+
+def loss_curve(losses: Sequence[float], *, title: str | None = None, smooth: int = 50):
+    """Training loss per step (light) and its running mean over ``smooth`` steps (dark).
+
+    Returns:
+        The figure.
+    """
+    y = np.asarray(losses, dtype=np.float64)
+    if y.ndim != 1 or y.size == 0:
+        raise ValueError(f"losses must be a non-empty 1-D sequence, got shape {y.shape}")
+    k = max(1, min(smooth, y.size))
+    run = np.convolve(y, np.ones(k) / k, mode="valid")
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5.0, 3.0))
+        ax.plot(np.arange(1, y.size + 1), y, lw=0.5, color=_DATA_COLOR, alpha=0.35, label="per step")
+        ax.plot(np.arange(k, y.size + 1), run, lw=1.4, color=_DATA_COLOR, label=f"mean of {k} steps")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("loss")
+        if np.all(y > 0):
+            ax.set_yscale("log")
+        ax.legend(frameon=False)
+        if title:
+            ax.set_title(title)
+        fig.tight_layout()
+    return fig
+
+
+def sample_grid(images, *, nrow: int | None = None, value_range: tuple[float, float] = (-1.0, 1.0),
+                title: str | None = None, cmap: str = "gray"):
+    r"""A grid of images ``(N, C, H, W)`` (C = 1 or 3), scaled from ``value_range`` to [0, 1].
+
+    Returns:
+        The figure.
+    """
+    arr = to_numpy(images)
+    if arr.ndim != 4 or arr.shape[1] not in (1, 3):
+        raise ValueError(f"images must have shape (N, C, H, W) with C in (1, 3), got {arr.shape}")
+    lo, hi = value_range
+    arr = np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
+    n = arr.shape[0]
+    nrow = nrow or math.ceil(math.sqrt(n))
+    ncol = math.ceil(n / nrow)
+    _, c, h, w = arr.shape
+    pad = 1
+    canvas = np.ones((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c))
+    for k in range(n):
+        r, q = divmod(k, ncol)
+        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = \
+            arr[k].transpose(1, 2, 0)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(0.45 * ncol + 0.4, 0.45 * nrow + 0.4))
+        ax.imshow(canvas[..., 0] if c == 1 else canvas, cmap=cmap if c == 1 else None, vmin=0, vmax=1,
+                  interpolation="nearest")
+        ax.set_axis_off()
+        if title:
+            ax.set_title(title)
+    return fig
+
+
+def error_vs_nfe(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, ylabel: str,
+                 floor: float | None = None, floor_label: str = "exact-vs-exact noise floor",
+                 title: str | None = None, logy: bool = True):
+    r"""Error against the number of score evaluations (NFE), one line per method, log-log axes.
+
+    Args:
+        curves: ``{method: (nfe values, error values)}``.
+        ylabel: what the error is (e.g. "sliced Wasserstein to data").
+        floor: optional horizontal line: the error measured between two exact sample sets of the same
+            size, below which differences are noise.
+        title: figure title.
+        logy: log scale on the error axis.
+
+    Returns:
+        The figure.
+    """
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5.2, 3.6))
+        markers = "osD^v<>ph*"
+        for k, (name, (nfe, err)) in enumerate(curves.items()):
+            order = np.argsort(np.asarray(nfe, dtype=float))
+            ax.plot(np.asarray(nfe, dtype=float)[order], np.asarray(err, dtype=float)[order],
+                    marker=markers[k % len(markers)], ms=4, lw=1.2, label=name)
+        if floor is not None:
+            ax.axhline(floor, color="0.3", ls="--", lw=0.9, label=floor_label)
+        ax.set_xscale("log")
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xlabel("score evaluations (NFE)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(frameon=False, loc="best")
+        if title:
+            ax.set_title(title)
+        fig.tight_layout()
+    return fig
+
+
+def save(fig, path: str | os.PathLike) -> str:
+    """Write ``fig`` as PNG to ``path`` (parent folders created) and close it. Returns the path."""
+    path = os.fspath(path)
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
