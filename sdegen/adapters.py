@@ -1,0 +1,389 @@
+r"""Adapters: models trained elsewhere, seen by sdegen as an SDE plus a score function.
+
+Every adapter returns ``(sde, score_fn)``; hand both to any sdegen sampler or likelihood routine.
+Extra keyword arguments given to ``score_fn`` (a sampler's ``model_kwargs``, e.g. class labels)
+are passed to the wrapped model unchanged.
+
+| adapter | the model predicts | the SDE |
+|---|---|---|
+| :func:`from_discrete_eps` | $\epsilon$ at integer steps of a $\beta$ schedule | :class:`DiscreteVPSDE` |
+| :func:`from_diffusers` | a ``diffusers`` UNet's $\epsilon$, $x_0$ or $v$ | :class:`DiscreteVPSDE` |
+| :func:`from_denoiser` | $D(x, \sigma) \approx \mathbb E[x_0 \mid x]$ (EDM) | :class:`~sdegen.VESDE` |
+| :func:`from_x0` | $\hat x_0(x, t)$ | any :class:`~sdegen.AffineSDE` |
+| :func:`from_v` | $\hat v(x, t)$ | any :class:`~sdegen.AffineSDE` |
+
+Conversions (Tweedie, with $x_t = m(t) x_0 + s(t)\epsilon$): $\nabla\log p_t = -\hat\epsilon/s$,
+$\nabla\log p_t = (m\hat x_0 - x)/s^2$, and for $v = m\epsilon - s x_0$ (Salimans & Ho 2022, eq. 11,
+generalised to $m^2 + s^2 \ne 1$): $\hat x_0 = (m x - s\hat v)/(m^2 + s^2)$.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ._utils import append_dims, check_positive
+from .sdes import AffineSDE, VESDE
+
+__all__ = [
+    "DiscreteVPSDE",
+    "from_discrete_eps",
+    "from_denoiser",
+    "from_x0",
+    "from_v",
+    "from_diffusers",
+    "TIMESTEP_MODES",
+]
+
+#: How a discrete-step model is told the noise level at a time between its training steps.
+TIMESTEP_MODES = ("continuous", "round")
+_PREDICTIONS = ("epsilon", "sample", "v_prediction")
+
+
+class DiscreteVPSDE(AffineSDE):
+    r"""The VP SDE whose marginal is exact at the steps of a discrete $\beta$ schedule (final class).
+
+    Given $\beta_1, \dots, \beta_N$ (or $\bar\alpha_i = \prod_{j \le i}(1 - \beta_j)$), step $i$ sits at
+    $t_i = iT/N$ and $\log\bar\alpha(t)$ is the piecewise-linear interpolant of the knots
+    $(t_i, \log\bar\alpha_i)$, $\bar\alpha_0 = 1$. Then
+
+    $$\beta(t) = -\frac{d\log\bar\alpha}{dt} = -\frac{N}{T}\log(1 - \beta_i)\ \text{on}\ (t_{i-1}, t_i],
+      \qquad dx = -\tfrac12\beta(t)\,x\,dt + \sqrt{\beta(t)}\,dw,$$
+
+    with $m(t) = \bar\alpha(t)^{1/2}$, $s(t) = (1 - \bar\alpha(t))^{1/2}$: exactly DDPM's
+    $q(x_i \mid x_0)$ at every training step (Ho et al. 2020, eq. 4), so the exact one-step kernel
+    between neighbouring steps has variance $\beta_i$ and the ancestral sampler on the grid
+    $t_i$ is DDPM's. $\beta(t)$ is piecewise constant; at a knot it takes the value of the interval
+    below it (the one a reverse step from $t_i$ crosses). Between knots the interpolation in
+    $\log\bar\alpha$ is the choice of DPM-Solver's ``NoiseScheduleVP('discrete')`` (Lu et al. 2022,
+    App. D), and keeps $\bar\alpha$ monotone for any positive $\beta$ schedule.
+
+    Args:
+        betas: ``(N,)`` values in $(0, 1)$; or give
+        alphas_cumprod: ``(N,)`` decreasing values $\bar\alpha_1 \ge \dots \ge \bar\alpha_N$ in $(0, 1)$.
+        T: end time; step $i$ sits at $iT/N$.
+
+    Raises:
+        ValueError: neither or both schedules given, or values out of range / not monotone.
+    """
+
+    def __init__(self, betas=None, *, alphas_cumprod=None, T: float = 1.0):
+        super().__init__(T=T)
+        if (betas is None) == (alphas_cumprod is None):
+            raise ValueError("give exactly one of betas= or alphas_cumprod=")
+        if betas is not None:
+            b = torch.as_tensor(betas).detach().to("cpu", torch.float64).reshape(-1)
+            if b.numel() < 1 or not bool(((b > 0) & (b < 1)).all()):
+                raise ValueError(f"betas must be a non-empty 1-D schedule with values in (0, 1), "
+                                 f"got {b.numel()} values in [{float(b.min()) if b.numel() else 'nan'}, "
+                                 f"{float(b.max()) if b.numel() else 'nan'}]")
+            log_ab = torch.cumsum(torch.log1p(-b), 0)
+        else:
+            ab = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64).reshape(-1)
+            if ab.numel() < 1 or not bool(((ab > 0) & (ab < 1)).all()):
+                raise ValueError("alphas_cumprod must be a non-empty 1-D tensor with values in (0, 1)")
+            if ab.numel() > 1 and not bool((ab[1:] <= ab[:-1]).all()):
+                raise ValueError("alphas_cumprod must be non-increasing")
+            log_ab = ab.log()
+        self._log_ab = torch.cat([log_ab.new_zeros(1), log_ab])      # knots i = 0..N, log abar_0 = 0
+        self._n = log_ab.numel()
+        self._knot_cache: dict = {}
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def n_steps(self) -> int:
+        """$N$, the number of training steps."""
+        return self._n
+
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        r"""``(N,)`` float64 $\bar\alpha_1, \dots, \bar\alpha_N$."""
+        return self._log_ab[1:].exp()
+
+    @property
+    def betas(self) -> Tensor:
+        r"""``(N,)`` float64 $\beta_i = 1 - \bar\alpha_i/\bar\alpha_{i-1}$."""
+        return -torch.expm1(self._log_ab[1:] - self._log_ab[:-1])
+
+    def step_times(self) -> Tensor:
+        r"""``(N + 1,)`` float64 $t_i = iT/N$, $i = 0 \dots N$."""
+        return torch.arange(self._n + 1, dtype=torch.float64) * (self.T / self._n)
+
+    def _knots(self, like: Tensor) -> Tensor:
+        key = (like.device, like.dtype)
+        k = self._knot_cache.get(key)
+        if k is None:
+            k = self._knot_cache[key] = self._log_ab.to(device=like.device, dtype=like.dtype)
+        return k
+
+    def log_alpha_bar(self, t: Tensor) -> Tensor:
+        r"""$\log\bar\alpha(t)$, linear between the knots $t_i$. ``(B,) -> (B,)``."""
+        L = self._knots(t)
+        u = t * (self._n / self.T)
+        k = u.floor().clamp(0, self._n - 1)
+        frac = u - k
+        k = k.long()
+        return L[k] + frac * (L[k + 1] - L[k])
+
+    def beta(self, t: Tensor) -> Tensor:
+        r"""$\beta(t) = -d\log\bar\alpha/dt$, piecewise constant (left-continuous at the knots). ``(B,)``."""
+        L = self._knots(t)
+        u = t * (self._n / self.T)
+        k = (u.ceil() - 1).clamp(0, self._n - 1).long()
+        return (L[k] - L[k + 1]) * (self._n / self.T)
+
+    def drift_coef(self, t: Tensor) -> Tensor:
+        return -0.5 * self.beta(t)
+
+    def diffusion(self, t: Tensor) -> Tensor:
+        return self.beta(t).sqrt()
+
+    def marginal(self, t) -> tuple[Tensor, Tensor]:
+        r"""$m = \bar\alpha(t)^{1/2}$, $s = (1 - \bar\alpha(t))^{1/2}$ (``expm1`` keeps $s$ accurate near 0)."""
+        t = self._as_t(t)
+        la = self.log_alpha_bar(t)
+        return torch.exp(0.5 * la), torch.sqrt(-torch.expm1(la))
+
+    def log_snr(self, t) -> Tensor:
+        r"""$\log(\bar\alpha / (1 - \bar\alpha))$."""
+        t = self._as_t(t)
+        la = self.log_alpha_bar(t)
+        return la - torch.log(-torch.expm1(la))
+
+    def t_from_log_snr(self, log_snr: Tensor) -> Tensor:
+        r"""Closed-form inverse: $\log\bar\alpha = \log\mathrm{sigmoid}(\lambda)$, then invert the linear pieces.
+
+        Values outside the schedule's range clamp to ``[0, T]``.
+        """
+        lam = torch.as_tensor(log_snr)
+        dtype = lam.dtype if lam.is_floating_point() else torch.get_default_dtype()
+        la = torch.nn.functional.logsigmoid(lam.to(torch.float64))
+        neg = -self._log_ab.to(la.device)                          # increasing in i
+        target = (-la).clamp(float(neg[0]), float(neg[-1]))
+        k = (torch.searchsorted(neg, target.reshape(-1).contiguous()) - 1).clamp(0, self._n - 1).reshape(target.shape)
+        lo, hi = neg[k], neg[k + 1]
+        frac = torch.where(hi > lo, (target - lo) / (hi - lo).clamp_min(1e-300), torch.zeros_like(target))
+        return ((k.to(torch.float64) + frac) * (self.T / self._n)).to(dtype)
+
+    def prior_std(self) -> float:
+        return 1.0
+
+    def __repr__(self) -> str:
+        return f"DiscreteVPSDE(n_steps={self._n}, T={self.T})"
+
+
+# ---------------------------------------------------------------------- score functions
+class _DiscreteStepScore:
+    r"""Score of a discrete-step model on a :class:`DiscreteVPSDE` (picklable; final class).
+
+    At time $t$ the model receives the step value $u = tN/T - 1 + \text{first\_step}$ (``"continuous"``,
+    a float tensor) or that value rounded to the nearest training step in
+    ``[first_step, first_step + N - 1]`` (``"round"``, a long tensor). Its output is converted with
+    the marginal at $t$ itself.
+    """
+
+    def __init__(self, model: Callable, sde: DiscreteVPSDE, *, prediction: str, timesteps: str,
+                 first_step: int, call: Callable | None = None):
+        self.model, self.sde, self.prediction = model, sde, prediction
+        self.timesteps, self.first_step, self.call = timesteps, first_step, call
+
+    def model_steps(self, t: Tensor) -> Tensor:
+        """The step values the model receives at times ``t`` (``(B,)``)."""
+        n = self.sde.n_steps
+        u = t * (n / self.sde.T) - 1.0 + self.first_step
+        if self.timesteps == "round":
+            return u.round().clamp(self.first_step, self.first_step + n - 1).long()
+        return u
+
+    def __call__(self, x: Tensor, t: Tensor, **model_kwargs) -> Tensor:
+        steps = self.model_steps(t)
+        out = self.model(x, steps, **model_kwargs) if self.call is None else self.call(self.model, x, steps, model_kwargs)
+        if out.shape[1] == 2 * x.shape[1] and out.shape[0] == x.shape[0] and out.shape[2:] == x.shape[2:]:
+            out = out[:, : x.shape[1]]        # learned-variance models: the first half is the mean output
+        return _prediction_to_score(self.sde, self.prediction, x, t, out)
+
+
+def _prediction_to_score(sde: AffineSDE, prediction: str, x: Tensor, t: Tensor, out: Tensor) -> Tensor:
+    if out.shape != x.shape:
+        raise ValueError(f"the model must return a tensor shaped like x {tuple(x.shape)}, got {tuple(out.shape)}")
+    if prediction == "epsilon":
+        return sde.score_from_eps(x, t, out)
+    m, s = sde.marginal(t)
+    if prediction == "v_prediction":
+        m_, s_ = append_dims(m, x.ndim), append_dims(s, x.ndim)
+        out = (m_ * x - s_ * out) / (m_.square() + s_.square())
+    return sde.score_from_x0(x, t, out)
+
+
+def _check_choice(value, name: str, valid) -> str:
+    if value not in valid:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}, got {value!r}")
+    return value
+
+
+def from_discrete_eps(eps_model: Callable, betas, *, T: float = 1.0, timesteps: str = "continuous",
+                      first_step: int = 1, prediction: str = "epsilon") -> tuple[DiscreteVPSDE, Callable]:
+    r"""Wrap a discrete-step $\epsilon$-model trained with its own $\beta$ schedule.
+
+    The SDE is :class:`DiscreteVPSDE` (exact $\bar\alpha_i$ at $t_i = iT/N$, $\log\bar\alpha$ linear in
+    between) and the score is $\nabla\log p_t(x) \approx -\hat\epsilon(x, u(t))/s(t)$ (Song et al.
+    2021, App. B: DDPM is the VP SDE's discretization).
+
+    **What the model receives.** ``eps_model(x, u, **model_kwargs)`` with ``u`` of shape ``(B,)``:
+
+    - ``timesteps="continuous"`` (default): the fractional step $u = tN/T - 1 + \text{first\_step}$, a
+      float tensor. At the training times it is the integer step (as a float); in between it is the
+      interpolated value, which sinusoidal / Fourier embeddings accept.
+    - ``timesteps="round"``: $u$ rounded to the nearest training step and clamped to
+      ``[first_step, first_step + N - 1]``, a long tensor: for models with an embedding table.
+      The output is still converted with $s(t)$ at the exact $t$.
+
+    ``first_step`` is the integer the model was trained to read for the *first* noise level
+    $\bar\alpha_1$: 1 for sdegen's :class:`~sdegen.DDPM` (steps $1..N$), 0 for ``diffusers`` and most
+    PyTorch DDPM code (timesteps $0..N-1$).
+
+    Args:
+        eps_model: ``eps_model(x, u, **kwargs) -> (B, *D)``.
+        betas: ``(N,)`` the training schedule $\beta_1..\beta_N$.
+        T: end time of the SDE.
+        timesteps: ``"continuous"`` or ``"round"``.
+        first_step: the model's index of the first noise level (1 or 0, usually).
+        prediction: ``"epsilon"`` (default), ``"sample"`` ($x_0$) or ``"v_prediction"``.
+
+    Returns:
+        ``(sde, score_fn)``; ``score_fn.model_steps(t)`` shows the step values the model receives.
+
+    Example::
+
+        sde, score_fn = sdegen.adapters.from_discrete_eps(my_unet, betas, first_step=0)
+        res = sdegen.sample(sde, score_fn, (16, 3, 32, 32), method="ancestral", steps=len(betas))
+    """
+    if not callable(eps_model):
+        raise TypeError(f"eps_model must be callable eps_model(x, u), got {type(eps_model).__name__}")
+    _check_choice(timesteps, "timesteps", TIMESTEP_MODES)
+    _check_choice(prediction, "prediction", _PREDICTIONS)
+    if not isinstance(first_step, int) or isinstance(first_step, bool):
+        raise TypeError(f"first_step must be an int, got {first_step!r}")
+    sde = DiscreteVPSDE(betas, T=T)
+    return sde, _DiscreteStepScore(eps_model, sde, prediction=prediction, timesteps=timesteps,
+                                   first_step=first_step)
+
+
+class _DenoiserScore:
+    r"""$\nabla\log p_t(x) = (D(x, s(t)) - x)/s(t)^2$ for a VE SDE (picklable; final class)."""
+
+    def __init__(self, denoiser: Callable, sde: VESDE):
+        self.denoiser, self.sde = denoiser, sde
+
+    def __call__(self, x: Tensor, t: Tensor, **model_kwargs) -> Tensor:
+        _, s = self.sde.marginal(t)
+        out = self.denoiser(x, s, **model_kwargs)
+        if out.shape != x.shape:
+            raise ValueError(f"denoiser must return a tensor shaped like x {tuple(x.shape)}, got {tuple(out.shape)}")
+        return (out - x) / append_dims(s.square(), x.ndim)
+
+
+def from_denoiser(denoiser: Callable, sigma_min: float, sigma_max: float, *, T: float = 1.0) -> tuple[VESDE, Callable]:
+    r"""Wrap an EDM / k-diffusion denoiser $D(x, \sigma) \approx \mathbb E[x_0 \mid x_0 + \sigma n = x]$.
+
+    The SDE is ``VESDE(sigma_min, sigma_max, T)`` and the score is Tweedie's
+    $\nabla\log p_t(x) = (D(x, \sigma) - x)/\sigma^2$ (Karras et al. 2022, eq. 3) with
+    $\sigma = s(t) = \sqrt{\sigma_\text{sched}(t)^2 - \sigma_\min^2}$, the exact noise std of $x_t$ under
+    the VE SDE (see :class:`~sdegen.VESDE`); that is the $\sigma$ the denoiser receives, as a ``(B,)``
+    tensor: ``denoiser(x, sigma, **model_kwargs)``.
+
+    $s(t)$ falls below ``sigma_min`` for $t < t_\min$ = ``sde.t_from_sigma(sigma_min)``
+    $= T\log 2 / (2\log(\sigma_\max/\sigma_\min))$; pass ``eps=t_min`` to a sampler so the denoiser
+    is only asked about noise levels it was trained on.
+
+    Args:
+        denoiser: ``D(x, sigma, **kwargs) -> (B, *D)``; ``x`` is unscaled ($m = 1$).
+        sigma_min, sigma_max: the trained noise range (EDM: 0.002 and 80).
+        T: end time.
+
+    Returns:
+        ``(sde, score_fn)``.
+    """
+    if not callable(denoiser):
+        raise TypeError(f"denoiser must be callable D(x, sigma), got {type(denoiser).__name__}")
+    sde = VESDE(check_positive(sigma_min, "sigma_min"), check_positive(sigma_max, "sigma_max"), T=T)
+    return sde, _DenoiserScore(denoiser, sde)
+
+
+class _ContinuousScore:
+    """Score of a continuous-time x0- or v-model ``model(x, t, **kwargs)`` (picklable; final class)."""
+
+    def __init__(self, model: Callable, sde: AffineSDE, prediction: str):
+        self.model, self.sde, self.prediction = model, sde, prediction
+
+    def __call__(self, x: Tensor, t: Tensor, **model_kwargs) -> Tensor:
+        return _prediction_to_score(self.sde, self.prediction, x, t, self.model(x, t, **model_kwargs))
+
+
+def _check_affine(sde) -> AffineSDE:
+    if not isinstance(sde, AffineSDE):
+        raise TypeError(f"sde must be an sdegen.AffineSDE (a Gaussian kernel is needed), got {type(sde).__name__}")
+    return sde
+
+
+def from_x0(model: Callable, sde: AffineSDE) -> tuple[AffineSDE, Callable]:
+    r"""Wrap a continuous-time data predictor $\hat x_0(x, t)$: $\nabla\log p_t = (m\hat x_0 - x)/s^2$.
+
+    ``model(x, t, **model_kwargs)`` receives the forward time ``t`` ``(B,)`` in ``[0, T]``.
+    """
+    if not callable(model):
+        raise TypeError(f"model must be callable model(x, t), got {type(model).__name__}")
+    return _check_affine(sde), _ContinuousScore(model, sde, "sample")
+
+
+def from_v(model: Callable, sde: AffineSDE) -> tuple[AffineSDE, Callable]:
+    r"""Wrap a continuous-time $v$-predictor, $v = m(t)\epsilon - s(t)x_0$ (Salimans & Ho 2022, eq. 11).
+
+    $\hat x_0 = (m x - s\hat v)/(m^2 + s^2)$, then $\nabla\log p_t = (m\hat x_0 - x)/s^2$; for VP
+    ($m^2 + s^2 = 1$) this is the usual $\hat x_0 = m x - s\hat v$.
+    ``model(x, t, **model_kwargs)`` receives the forward time ``t`` ``(B,)``.
+    """
+    if not callable(model):
+        raise TypeError(f"model must be callable model(x, t), got {type(model).__name__}")
+    return _check_affine(sde), _ContinuousScore(model, sde, "v_prediction")
+
+
+def _call_diffusers_unet(unet, x: Tensor, steps: Tensor, model_kwargs: dict) -> Tensor:
+    # return_dict=False: diffusers models then return a plain tuple whose first entry is the output.
+    return unet(x, steps, return_dict=False, **model_kwargs)[0]
+
+
+def from_diffusers(unet, scheduler, *, timesteps: str = "continuous", T: float = 1.0) -> tuple[DiscreteVPSDE, Callable]:
+    r"""Wrap a Hugging Face ``diffusers`` UNet and its DDPM-family scheduler configuration.
+
+    Reads ``scheduler.alphas_cumprod`` ($\bar\alpha$ for timesteps $0..N-1$) and
+    ``scheduler.config.prediction_type`` (``"epsilon"``, ``"sample"``, ``"v_prediction"``); builds the
+    :class:`DiscreteVPSDE` with diffusers timestep $k$ at $t = (k+1)T/N$ and calls
+    ``unet(x, k, **model_kwargs).sample`` with ``first_step=0`` (see :func:`from_discrete_eps` for
+    ``timesteps``). Models with a learned variance (``2C`` output channels) use the first ``C``.
+    ``diffusers`` is an optional dependency and is not imported here.
+
+    With ``sdegen.sample(sde, score_fn, shape, method="ancestral", steps=N - 1, eps=T/N)`` the
+    sampler visits exactly the training steps $t_N, \dots, t_1$ with DDPM's posterior variance
+    $\tilde\beta_i$, and its final Tweedie step at $t_1$ is DDPM's noiseless last step (both give
+    $(x - \sqrt{1-\bar\alpha_1}\,\hat\epsilon)/\sqrt{\bar\alpha_1}$ because $\bar\alpha_1 = \alpha_1$). It then
+    reproduces diffusers' ``DDPMScheduler`` loop (``variance_type="fixed_small"``,
+    ``clip_sample=False``) sample for sample from the same generator, which both use in the same
+    order: $x_T$, then one draw per step (tests/test_adapters.py).
+
+    Returns:
+        ``(sde, score_fn)``.
+    """
+    ab = getattr(scheduler, "alphas_cumprod", None)
+    config = getattr(scheduler, "config", None)
+    if ab is None or config is None:
+        raise TypeError(f"scheduler must be a diffusers scheduler with alphas_cumprod and config, "
+                        f"got {type(scheduler).__name__}")
+    prediction = _check_choice(getattr(config, "prediction_type", "epsilon"), "scheduler.config.prediction_type",
+                               _PREDICTIONS)
+    _check_choice(timesteps, "timesteps", TIMESTEP_MODES)
+    sde = DiscreteVPSDE(alphas_cumprod=ab, T=T)
+    return sde, _DiscreteStepScore(unet, sde, prediction=prediction, timesteps=timesteps, first_step=0,
+                                   call=_call_diffusers_unet)
