@@ -1,0 +1,435 @@
+r"""``sdegen.sample``: one entry point for every sampler, driven by the explicit :data:`METHODS` table.
+
+Forward time runs from 0 (data) to ``sde.T`` (noise); every sampler starts from the prior at ``T``
+and integrates *down* to ``eps`` (the truncation time, default ``1e-3``), either the reverse-time SDE
+
+$$dx = [f(x,t) - g(t)^2 \nabla_x \log p_t(x)]\,dt + g(t)\,d\bar w \qquad \text{(Song et al. 2021, eq. 6)}$$
+
+or the probability-flow ODE $dx/dt = f(x,t) - \tfrac12 g(t)^2 \nabla_x \log p_t(x)$ (eq. 13). Fixed-grid
+methods use the uniform grid $t_k = T - k (T - \epsilon)/N$, $k = 0..N$ (``N = steps``) and the one loop
+:func:`~sdegen.solvers.base.integrate_fixed_grid`. Reverse-SDE methods end with one Tweedie denoising
+step $\hat x_0 = (x + s(\epsilon)^2 \nabla\log p_\epsilon(x))/m(\epsilon)$ (``denoise=True``, one more score
+evaluation, counted in ``nfe``).
+
+Adding a method is one entry in :data:`METHODS`: a :class:`MethodSpec` with the runner, its options
+and their defaults.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from ._utils import check_positive
+from .sdes import SDE, AffineSDE, VPSDE
+from .solvers.base import AbstractFixedGridSolver, CountingScore, Dynamics, NonFiniteError, SampleResult, \
+    integrate_fixed_grid
+from .solvers.correctors import AnnealedLangevinCorrector, LangevinCorrector, PredictorCorrector
+from .solvers.ode_steps import ODEEuler, ODEHeun
+from .solvers.sde_steps import Ancestral, EulerMaruyama, ReverseDiffusion, ancestral_table, ddpm_ancestral_table
+
+__all__ = ["sample", "METHODS", "MethodSpec", "RunContext"]
+
+
+# ---------------------------------------------------------------------------------------------- plumbing
+@dataclass
+class RunContext:
+    r"""Everything a method runner needs (built and validated by :func:`sample`).
+
+    Attributes:
+        sde: the forward SDE. dyn: the SDE with the *counted* score (:class:`Dynamics`).
+        x: ``(B, *D)`` start state $x_T$. eps: final time. steps: step count (``None`` for adaptive
+        methods). generator, noise: randomness (``noise``: a per-sample noise object or ``None``).
+        progress: show a tqdm bar. record_every: keep every k-th state (``None``: no trajectory).
+        times: the decreasing float64 grid of fixed-grid methods; a builder may replace it.
+        method: the method name (progress-bar label).
+    """
+
+    sde: SDE
+    dyn: Dynamics
+    x: Tensor
+    eps: float
+    steps: int | None
+    generator: torch.Generator | None
+    noise: Any
+    progress: bool
+    record_every: int | None
+    method: str
+    times: Tensor | None = None
+
+    def unit_draw(self) -> Callable[[int], Tensor]:
+        """``draw(k)``: the k-th extra unit Gaussian shaped like ``x`` (for correctors)."""
+        x = self.x
+        if self.noise is not None:
+            offset = self.steps or 0
+            # Per-sample noise objects are indexed by draw number; corrector draws come after the
+            # loop's ``steps`` predictor draws so the two streams never overlap.
+            return lambda k: self.noise(offset + k).to(device=x.device, dtype=x.dtype)
+        return lambda k: torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    r"""One sampling method: how to run it and which options it takes.
+
+    Attributes:
+        run: ``run(ctx, **options) -> (x, trajectory | None, times | None, stats)``.
+        options: allowed keyword options and their defaults.
+        reverse_sde: whether it samples the reverse SDE (then ``denoise`` defaults to ``True``).
+        fixed_grid: whether ``steps`` applies (else passing ``steps`` is an error).
+        default_steps: ``steps`` when not given (fixed-grid methods).
+        backend: for adapters, a zero-argument callable returning the backend function whose keyword
+            parameters are further allowed options (imported lazily: optional dependencies).
+        doc: one line for error messages and docs.
+    """
+
+    run: Callable[..., tuple]
+    options: Mapping[str, Any] = field(default_factory=dict)
+    reverse_sde: bool = False
+    fixed_grid: bool = True
+    default_steps: int | None = 1000
+    backend: Callable[[], Callable] | None = None
+    doc: str = ""
+
+    def allowed_options(self) -> dict[str, Any]:
+        """The options this method accepts (``denoise`` included) with defaults; ``...`` = backend default."""
+        allowed = {"denoise": None, **self.options}
+        if self.backend is not None:
+            fn = self.backend()
+            for p in inspect.signature(fn).parameters.values():
+                if p.kind == p.KEYWORD_ONLY and p.name not in _RUNNER_OWNED and p.name not in allowed:
+                    allowed[p.name] = p.default
+        return allowed
+
+    def accepts_any(self) -> bool:
+        """True when the backend function takes ``**kwargs`` (it validates those itself)."""
+        if self.backend is None:
+            return False
+        return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(self.backend()).parameters.values())
+
+
+# Keyword parameters of backend functions that the runners set themselves.
+_RUNNER_OWNED = frozenset({"progress", "record_every", "generator", "steps"})
+
+
+def _fixed_grid_runner(build: Callable[[RunContext, dict], AbstractFixedGridSolver]):
+    """A runner that builds a fixed-grid solver and drives it with the one loop."""
+
+    def run(ctx: RunContext, **opts):
+        solver = build(ctx, opts)
+        x, traj, _ = integrate_fixed_grid(solver, ctx.dyn, ctx.x, ctx.times, generator=ctx.generator,
+                                          noise=ctx.noise, progress=ctx.progress, record_every=ctx.record_every,
+                                          desc=ctx.method)
+        return x, traj, ctx.times, {"steps": ctx.times.numel() - 1, "solver": repr(solver)}
+
+    return run
+
+
+def _build_ancestral(ctx: RunContext, opts: dict) -> Ancestral:
+    r"""VPSDE: the DDPM chain of ``vp.discretize(N)`` on $t_i = iT/N$ (``eps`` ignored); other affine SDEs:
+    the Tweedie posterior step on the uniform grid to ``eps``."""
+    sde = ctx.dyn.affine
+    if isinstance(sde, VPSDE):
+        n = ctx.steps
+        ctx.times = torch.arange(n, -1, -1, dtype=torch.float64) * (sde.T / n)
+        return Ancestral(ddpm_ancestral_table(_ddpm_alphas_cumprod(sde, n), ctx.times))
+    return Ancestral(ancestral_table(sde, ctx.times))
+
+
+def _ddpm_alphas_cumprod(vp: VPSDE, n: int) -> Tensor:
+    r"""$\bar\alpha_i$ of ``vp.discretize(n)``; until :mod:`sdegen.ddpm` exists, the same chain computed here:
+    $\beta_i = (\beta_\min + \tfrac{i-1}{N-1}(\beta_\max - \beta_\min))\,T/N$ (Song et al. 2021, App. B)."""
+    try:
+        return vp.discretize(n).alphas_cumprod
+    except ImportError:
+        i = torch.arange(1, n + 1, dtype=torch.float64)
+        frac = (i - 1) / max(n - 1, 1)
+        betas = (vp.beta_min + frac * (vp.beta_max - vp.beta_min)) * (vp.T / n)
+        return torch.cumprod(1 - betas, 0)
+
+
+_PREDICTORS: dict[str, Callable[[RunContext, dict], AbstractFixedGridSolver]] = {
+    "euler_maruyama": lambda ctx, o: EulerMaruyama(),
+    "reverse_diffusion": lambda ctx, o: ReverseDiffusion(),
+    "ancestral": _build_ancestral,
+    "ode_euler": lambda ctx, o: ODEEuler(),
+    "ode_heun": lambda ctx, o: ODEHeun(),
+}
+_CORRECTORS = {"langevin": LangevinCorrector, "annealed_langevin": AnnealedLangevinCorrector, None: None}
+
+
+def _build_pc(ctx: RunContext, opts: dict) -> AbstractFixedGridSolver:
+    predictor = _choice(opts["predictor"], _PREDICTORS, "predictor")
+    corrector = _choice(opts["corrector"], _CORRECTORS, "corrector")
+    check_positive(opts["snr"], "snr")
+    n_corr = opts["corrector_steps"]
+    if not isinstance(n_corr, int) or isinstance(n_corr, bool) or n_corr < 1:
+        raise ValueError(f"corrector_steps must be an int >= 1, got {n_corr!r}")
+    pred = predictor(ctx, opts)
+    if corrector is None:
+        return pred          # PC without a corrector is exactly the predictor: no extra evaluations
+    return PredictorCorrector(pred, corrector(snr=float(opts["snr"])), n_corr, ctx.unit_draw())
+
+
+def _choice(value, table: Mapping, name: str):
+    if value not in table:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(map(repr, table))}")
+    return table[value]
+
+
+def _adaptive_ode_runner(module: str, fn_name: str, returns_trajectory: bool):
+    """Runner for probability-flow ODE integrators ``fn(ode_drift, y0, t0, t1, **opts)`` (imported lazily)."""
+
+    def run(ctx: RunContext, **opts):
+        fn = _backend(module, fn_name)()
+        if returns_trajectory:
+            y, stats, traj = fn(ctx.dyn.ode_drift, ctx.x, ctx.sde.T, ctx.eps, progress=ctx.progress,
+                                record_every=ctx.record_every, **opts)
+        else:
+            (y, stats), traj = fn(ctx.dyn.ode_drift, ctx.x, ctx.sde.T, ctx.eps, **opts), None
+        return y, traj, _times_from(stats, traj, ctx), dict(stats)
+
+    return run
+
+
+def _run_torchsde(ctx: RunContext, **opts):
+    fn = _backend("sdegen.solvers.backends", "torchsde_integrate")()
+    y, stats = fn(ctx.dyn.reverse_drift, ctx.dyn.diffusion, ctx.x, ctx.sde.T, ctx.eps, steps=ctx.steps,
+                  generator=ctx.generator, **opts)
+    return y, None, _times_from(stats, None, ctx), dict(stats)
+
+
+def _times_from(stats: Mapping, traj, ctx: RunContext) -> Tensor:
+    if isinstance(stats, Mapping) and isinstance(stats.get("times"), Tensor):
+        return stats["times"].detach().to("cpu", torch.float64)
+    if traj:
+        return torch.tensor([t for t, _ in traj], dtype=torch.float64)
+    return torch.tensor([ctx.sde.T, ctx.eps], dtype=torch.float64)
+
+
+def _backend(module: str, name: str) -> Callable[[], Callable]:
+    def get():
+        from importlib import import_module
+
+        return getattr(import_module(module), name)
+
+    return get
+
+
+_TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+#: Every sampling method by name. Runners take a :class:`RunContext` and the method's options.
+METHODS: dict[str, MethodSpec] = {
+    "euler_maruyama": MethodSpec(_fixed_grid_runner(_PREDICTORS["euler_maruyama"]), reverse_sde=True,
+                                 doc="reverse SDE, Euler–Maruyama (strong order 1 for additive noise)"),
+    "reverse_diffusion": MethodSpec(_fixed_grid_runner(_PREDICTORS["reverse_diffusion"]), reverse_sde=True,
+                                    doc="reverse SDE, the SDE's own discretization reversed (Song et al. eq. 47)"),
+    "ancestral": MethodSpec(_fixed_grid_runner(_build_ancestral), reverse_sde=True,
+                            doc="ancestral posterior sampling (VP: exactly DDPM; VE: SMLD)"),
+    "pc": MethodSpec(_fixed_grid_runner(_build_pc), reverse_sde=True,
+                     options={"predictor": "reverse_diffusion", "corrector": "langevin", "snr": 0.16,
+                              "corrector_steps": 1},
+                     doc="predictor-corrector: predictor + Langevin/annealed Langevin corrector (or None)"),
+    "ode_euler": MethodSpec(_fixed_grid_runner(_PREDICTORS["ode_euler"]),
+                            doc="probability-flow ODE, explicit Euler (order 1)"),
+    "ode_heun": MethodSpec(_fixed_grid_runner(_PREDICTORS["ode_heun"]),
+                           doc="probability-flow ODE, Heun (order 2, 2 evaluations per step)"),
+    "rk45": MethodSpec(_adaptive_ode_runner("sdegen.solvers.rk45", "rk45_integrate", True), options=_TOL,
+                       fixed_grid=False, default_steps=None,
+                       backend=_backend("sdegen.solvers.rk45", "rk45_integrate"),
+                       doc="probability-flow ODE, adaptive Dormand-Prince RK45 in torch"),
+    "torchdiffeq": MethodSpec(_adaptive_ode_runner("sdegen.solvers.backends", "torchdiffeq_integrate", False),
+                              options={"solver": "dopri5", **_TOL}, fixed_grid=False, default_steps=None,
+                              backend=_backend("sdegen.solvers.backends", "torchdiffeq_integrate"),
+                              doc="probability-flow ODE through torchdiffeq.odeint"),
+    "scipy": MethodSpec(_adaptive_ode_runner("sdegen.solvers.backends", "scipy_integrate", False),
+                        options={"solver": "RK45", **_TOL}, fixed_grid=False, default_steps=None,
+                        backend=_backend("sdegen.solvers.backends", "scipy_integrate"),
+                        doc="probability-flow ODE through scipy.integrate.solve_ivp (host copies)"),
+    "torchsde": MethodSpec(_run_torchsde, options={"solver": "euler"}, reverse_sde=True,
+                           backend=_backend("sdegen.solvers.backends", "torchsde_integrate"),
+                           doc="reverse SDE through torchsde.sdeint"),
+}
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def _check_method(method) -> MethodSpec:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+def _resolve_options(method: str, spec: MethodSpec, given: dict) -> dict:
+    allowed = spec.allowed_options()
+    unknown = sorted(set(given) - set(allowed))
+    if unknown and not spec.accepts_any():
+        raise TypeError(f"method {method!r} got unknown option(s) {', '.join(unknown)}; "
+                        f"valid options: {', '.join(sorted(allowed)) or '(none)'}")
+    opts = {k: v for k, v in allowed.items() if v is not inspect.Parameter.empty}
+    if spec.backend is not None:
+        # Backend defaults are the backend's business; pass only what the spec or the user set.
+        opts = {k: v for k, v in opts.items() if k in spec.options or k == "denoise"}
+    opts.update(given)
+    return opts
+
+
+def _check_steps(method: str, spec: MethodSpec, steps) -> int | None:
+    if not spec.fixed_grid:
+        if steps is not None:
+            raise ValueError(f"method {method!r} is adaptive and takes no steps=; got steps={steps!r} "
+                             "(control accuracy with rtol=/atol=)")
+        return None
+    if steps is None:
+        return spec.default_steps
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    return steps
+
+
+def _check_eps(eps, T: float) -> float:
+    try:
+        e = float(eps)
+    except (TypeError, ValueError):
+        raise TypeError(f"eps must be a float in (0, T={T}), got {eps!r}") from None
+    if not 0.0 < e < T:
+        raise ValueError(f"eps must lie in (0, T={T}), got {eps!r}")
+    return e
+
+
+def _check_dtype(dtype) -> torch.dtype:
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype} (half precision would lose "
+                        "the small time steps; cast the model instead and sample in float32)")
+    return dtype
+
+
+def _start_state(sde: SDE, shape, x_T, device, dtype, generator, seeds) -> Tensor:
+    if x_T is None:
+        dtype = _check_dtype(torch.get_default_dtype() if dtype is None else dtype)
+        if device is None and generator is not None:
+            device = generator.device
+        if seeds is not None:
+            return seeds.prior(tuple(shape), torch.device(device or "cpu"), dtype) * sde.prior_std()
+        return sde.prior_sample(shape, generator=generator, device=device, dtype=dtype)
+    if not isinstance(x_T, Tensor):
+        raise TypeError(f"x_T must be a torch.Tensor, got {type(x_T).__name__}")
+    _check_dtype(x_T.dtype)
+    if shape is not None and tuple(x_T.shape) != tuple(shape):
+        raise ValueError(f"x_T must have shape {tuple(shape)} (the shape argument), got {tuple(x_T.shape)}")
+    if device is not None and x_T.device != torch.device(device) and not (
+            torch.device(device).type == x_T.device.type and torch.device(device).index is None):
+        raise ValueError(f"x_T is on {x_T.device} but device={device!r} was requested")
+    if dtype is not None and x_T.dtype != dtype:
+        raise TypeError(f"x_T has dtype {x_T.dtype} but dtype={dtype} was requested")
+    return x_T
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def sample(sde: SDE, score_fn: Callable[..., Tensor], shape, *, method: str, steps: int | None = None,
+           eps: float = 1e-3, generator: torch.Generator | None = None, device=None, dtype=None,
+           progress: bool = False, return_trajectory: bool | int = False, x_T: Tensor | None = None,
+           model_kwargs: dict | None = None, seeds=None, **method_options) -> SampleResult:
+    r"""Draw samples by integrating the reverse-time SDE or the probability-flow ODE from ``T`` to ``eps``.
+
+    Methods (see :data:`METHODS`; each step rule's docstring gives its update and order):
+
+    * ``"euler_maruyama"``: $x \leftarrow x + [f - g^2 s]\Delta t + g\,\Delta w$ (:class:`EulerMaruyama`).
+    * ``"reverse_diffusion"``: $x \leftarrow x - f_i + G_i^2 s + G_i z$ (:class:`ReverseDiffusion`).
+    * ``"ancestral"``: posterior sampling; for :class:`~sdegen.VPSDE` exactly the DDPM chain of
+      ``sde.discretize(steps)`` on $t_i = iT/N$ (``eps`` ignored, no denoising); VE: SMLD.
+    * ``"pc"``: ``predictor=`` one of ``"reverse_diffusion"`` (default), ``"euler_maruyama"``,
+      ``"ancestral"``, ``"ode_euler"``, ``"ode_heun"``; ``corrector="langevin"`` (default),
+      ``"annealed_langevin"`` or ``None``; ``snr=0.16``; ``corrector_steps=1``.
+    * ``"ode_euler"``, ``"ode_heun"``: the probability-flow ODE on the fixed grid.
+    * ``"rk45"`` (``rtol=1e-5``, ``atol=1e-5``, ...), ``"torchdiffeq"`` (``solver="dopri5"``),
+      ``"scipy"`` (``solver="RK45"``): adaptive probability-flow ODE solvers (no ``steps``).
+    * ``"torchsde"``: the reverse SDE through ``torchsde.sdeint`` (``solver="euler"``, ...).
+
+    Every method takes ``denoise=``: default ``True`` for the reverse-SDE methods (``False`` for the ODE
+    ones), a final Tweedie step $\hat x_0 = (x + s(\epsilon)^2 s_\theta(x, \epsilon))/m(\epsilon)$ (one more score
+    evaluation). It is skipped by default where it cannot apply (a non-affine SDE, a grid ending at 0).
+
+    Args:
+        sde: the forward SDE.
+        score_fn: ``score_fn(x, t, **model_kwargs)`` returning a tensor shaped like ``x``.
+        shape: ``(B, *D)``; may be ``None`` when ``x_T`` is given.
+        method: a key of :data:`METHODS`.
+        steps: number of steps of fixed-grid methods (default 1000); adaptive methods take none.
+        eps: final time, in ``(0, T)``.
+        generator: source of every random draw (same state, same samples).
+        device, dtype: of the samples (default: ``x_T``'s, else the generator's device and the
+            default dtype); float32 or float64.
+        progress: show a tqdm bar with the current ``t``.
+        return_trajectory: ``True`` keeps every state, an int ``k`` every k-th (bounded memory).
+        x_T: start from this ``(B, *D)`` tensor instead of a prior draw.
+        model_kwargs: keyword arguments passed to every ``score_fn`` call (e.g. class labels).
+        seeds: optional per-sample noise: an object with ``prior(shape, device, dtype)`` (unit draws for
+            $x_T$) and ``__call__(i)`` (the unit draws of step ``i``), making each sample independent of
+            its batch-mates.
+        **method_options: the method's options (unknown ones are an error listing the valid ones).
+
+    Returns:
+        :class:`SampleResult` with ``samples`` ``(B, *D)``, ``nfe`` (counted score calls), ``trajectory``
+        (``[(t, x), ...]`` or ``None``), ``times`` (float64 grid visited) and ``stats``.
+
+    Raises:
+        ValueError: unknown method, bad ``steps``/``eps``/shapes, a score output shaped unlike ``x``.
+        TypeError: unknown option, unsupported dtype, ``denoise=True`` without a Gaussian kernel.
+        NonFiniteError: the state became NaN/inf (names the step and ``t``).
+    """
+    if not isinstance(sde, SDE):
+        raise TypeError(f"sde must be an sdegen.SDE, got {type(sde).__name__}")
+    spec = _check_method(method)
+    opts = _resolve_options(method, spec, method_options)
+    steps = _check_steps(method, spec, steps)
+    eps = _check_eps(eps, sde.T)
+    if isinstance(return_trajectory, bool):
+        record_every = 1 if return_trajectory else None
+    elif isinstance(return_trajectory, int) and return_trajectory >= 1:
+        record_every = return_trajectory
+    else:
+        raise ValueError(f"return_trajectory must be a bool or an int >= 1, got {return_trajectory!r}")
+    if seeds is not None and not callable(getattr(seeds, "prior", None)):
+        raise TypeError(f"seeds must provide prior(shape, device, dtype) and __call__(i), got {type(seeds).__name__}")
+    if shape is None and x_T is None:
+        raise ValueError("shape must be given (B, *D) unless x_T is")
+    counted = CountingScore(score_fn, model_kwargs)
+    dyn = Dynamics(sde, counted)
+    denoise = opts.pop("denoise")
+    with torch.no_grad():
+        x = _start_state(sde, shape, x_T, device, dtype, generator, seeds)
+        times = None
+        if spec.fixed_grid:
+            times = torch.linspace(sde.T, eps, steps + 1, dtype=torch.float64)
+        ctx = RunContext(sde, dyn, x, eps, steps, generator, seeds, bool(progress), record_every, method, times)
+        x, traj, times, stats = spec.run(ctx, **opts)
+        t_end = float(times[-1])
+        denoise = _resolve_denoise(denoise, spec, sde, t_end)
+        if denoise:
+            t = torch.full((x.shape[0],), t_end, device=x.device, dtype=x.dtype)
+            x = sde.x0_from_score(x, t, dyn.score(x, t))
+            if not bool(torch.isfinite(x).all()):
+                raise NonFiniteError(f"the final denoising step at t={t_end:.6g} produced NaN/inf",
+                                     step=len(times) - 1, t=t_end)
+            times = torch.cat([times, times.new_zeros(1)])
+            if traj is not None:
+                traj.append((0.0, x.detach().clone()))
+    stats = {"method": method, **stats, "denoise": denoise}
+    return SampleResult(samples=x, nfe=counted.nfe, trajectory=traj, times=times, stats=stats)
+
+
+def _resolve_denoise(denoise, spec: MethodSpec, sde: SDE, t_end: float) -> bool:
+    possible = isinstance(sde, AffineSDE) and t_end > 0
+    if denoise is None:
+        return spec.reverse_sde and possible
+    if not isinstance(denoise, bool):
+        raise TypeError(f"denoise must be a bool, got {denoise!r}")
+    if denoise and not possible:
+        why = (f"the grid ends at t={t_end} where s(t) = 0" if isinstance(sde, AffineSDE)
+               else f"{type(sde).__name__} is not an AffineSDE (Tweedie needs a Gaussian kernel)")
+        raise TypeError(f"denoise=True is impossible here: {why}; pass denoise=False")
+    return denoise

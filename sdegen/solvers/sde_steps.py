@@ -1,0 +1,154 @@
+r"""Fixed-grid step rules for the reverse-time SDE: Euler–Maruyama, reverse diffusion, ancestral.
+
+Every rule advances forward time *downwards*, $t_0 \to t_1 < t_0$, with the signed step
+$\Delta t = t_1 - t_0 < 0$ and a Brownian increment ``dw`` of variance $|\Delta t|$ drawn by
+:func:`~sdegen.solvers.base.integrate_fixed_grid`; $z = dw/\sqrt{|\Delta t|}$ is the unit draw.
+The reverse-time SDE is $dx = [f(x,t) - g(t)^2 s(x,t)]\,dt + g(t)\,d\bar w$ (Song et al. 2021,
+eq. 6), with $s \approx \nabla_x \log p_t$ the score.
+
+Notation map (DDPM, Ho et al. 2020): ``mean_coef`` $m = \sqrt{\bar\alpha}$, ``std`` $s = \sqrt{1-\bar\alpha}$;
+for one step $t_1 \to t_0$ of the forward kernel, $r = m_0/m_1 = \sqrt{\alpha_i}$ and $q^2 = \beta_i$.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .._utils import append_dims
+from ..sdes import AffineSDE
+from .base import AbstractFixedGridSolver, Dynamics
+
+__all__ = ["EulerMaruyama", "ReverseDiffusion", "Ancestral", "ancestral_table", "ddpm_ancestral_table"]
+
+
+def _unit_noise(dw: Tensor, t0: Tensor, t1: Tensor) -> Tensor:
+    """$z = dw / \\sqrt{|t_1 - t_0|}$: the unit-variance draw behind the loop's Brownian increment."""
+    return dw / append_dims((t0 - t1).abs().sqrt(), dw.ndim)
+
+
+@dataclass(frozen=True)
+class EulerMaruyama(AbstractFixedGridSolver):
+    r"""Euler–Maruyama on the reverse-time SDE.
+
+    $$x_1 = x_0 + [f(x_0, t_0) - g(t_0)^2 s(x_0, t_0)]\,\Delta t + g(t_0)\,\Delta w,
+      \qquad \Delta t = t_1 - t_0 < 0,\ \operatorname{Var}\Delta w = |\Delta t|$$
+
+    (Kloeden & Platen 1992, eq. 10.2.2; Song et al. 2021, eq. 6). Strong order 1 here because the
+    noise is additive ($g$ depends on $t$ only); weak order 1. One score evaluation per step.
+    Works for any :class:`~sdegen.SDE`.
+    """
+
+    order: ClassVar[float] = 1.0
+    stochastic: ClassVar[bool] = True
+    evals_per_step: ClassVar[int] = 1
+
+    def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
+        dt = append_dims(t1 - t0, x.ndim)
+        g = append_dims(dyn.diffusion(t0), x.ndim)
+        return x + dyn.reverse_drift(x, t0) * dt + g * dw, state
+
+
+@dataclass(frozen=True)
+class ReverseDiffusion(AbstractFixedGridSolver):
+    r"""The reverse-diffusion predictor, matched to the SDE's own discretization.
+
+    With the forward step $x_{t_0} = x_{t_1} + f_i + G_i z$ from :meth:`SDE.discretize_step`
+    over $[t_1, t_0]$ (evaluated at the current state), the reverse step is
+
+    $$x_1 = x_0 - f_i + G_i^2\, s(x_0, t_0) + G_i z$$
+
+    (Song et al. 2021, App. E, eq. 47). For an affine SDE $f_i = (r-1)x$, $G_i = q$ are the exact
+    kernel's coefficients (VP: DDPM's $\beta_i$; VE: SMLD's $\sigma_i^2 - \sigma_{i-1}^2$); for a
+    general SDE it coincides with Euler–Maruyama. Order 1, one score evaluation per step.
+    """
+
+    order: ClassVar[float] = 1.0
+    stochastic: ClassVar[bool] = True
+    evals_per_step: ClassVar[int] = 1
+
+    def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
+        f, G = dyn.sde.discretize_step(x, t0, t0 - t1)
+        G = append_dims(G, x.ndim)
+        z = _unit_noise(dw, t0, t1)
+        return x - f + G.square() * dyn.score(x, t0) + G * z, state
+
+
+def _step_coefficients(r: Tensor, q2: Tensor, var: Tensor, times: Tensor) -> Tensor:
+    """Columns ``(1/r, q^2/r, sqrt(v / |dt|))`` so a step is ``a x + b score + c dw`` (float64)."""
+    dt = (times[1:] - times[:-1]).abs()
+    return torch.stack([1 / r, q2 / r, (var / dt).sqrt()], dim=1)
+
+
+def ancestral_table(sde: AffineSDE, times: Tensor) -> Tensor:
+    r"""Per-step coefficients of the ancestral step on a decreasing grid: ``(n, 3)`` float64.
+
+    For step $k$ from $t_0 = $ ``times[k]`` to $t_1 = $ ``times[k+1]``: the forward kernel
+    $x_{t_0} \mid x_{t_1} \sim \mathcal N(r x_{t_1}, q^2 I)$ (:meth:`AffineSDE.transition`) and the
+    posterior variance $v = s_1^2 q^2 / s_0^2$ of $q(x_{t_1} \mid x_{t_0}, x_0)$, with $s_j$ the marginal
+    std at $t_j$. Columns: $(1/r,\ q^2/r,\ \sqrt{v/|\Delta t|})$, the multipliers of $x$, the score
+    and the Brownian increment (computed in float64 so that $dw/\sqrt{|\Delta t|}$ loses nothing).
+    """
+    t = times.detach().to("cpu", torch.float64)
+    t0, t1 = t[:-1], t[1:]
+    r, q = sde.transition(t1, t0)
+    _, s0 = sde.marginal(t0)
+    _, s1 = sde.marginal(t1)
+    q2 = q.square()
+    return _step_coefficients(r, q2, s1.square() * q2 / s0.square(), t)
+
+
+def ddpm_ancestral_table(alphas_cumprod: Tensor, times: Tensor) -> Tensor:
+    r"""The ancestral coefficients of the DDPM chain on the grid $t_i = iT/N$, in the sampler's step order.
+
+    ``alphas_cumprod`` holds $\bar\alpha_1, \dots, \bar\alpha_N$ (or $\bar\alpha_0 = 1, \dots, \bar\alpha_N$);
+    ``times`` the decreasing grid $t_N, \dots, t_0$. Step $k$ goes from $i = N - k$ to $i - 1$:
+    $\alpha_i = \bar\alpha_i/\bar\alpha_{i-1}$, $r = \sqrt{\alpha_i}$, $q^2 = \beta_i = 1 - \alpha_i$,
+    $v = \tilde\beta_i = \beta_i (1 - \bar\alpha_{i-1})/(1 - \bar\alpha_i)$ (Ho et al. 2020, eq. 7), so $v = 0$
+    on the last step. Same columns as :func:`ancestral_table`; ``(N, 3)`` float64.
+    """
+    ab = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64).reshape(-1)
+    if ab[0] != 1.0:
+        ab = torch.cat([ab.new_ones(1), ab])
+    prev, cur = ab[:-1].flip(0), ab[1:].flip(0)     # \bar\alpha_{i-1}, \bar\alpha_i for i = N..1
+    beta = -torch.expm1(torch.log(cur) - torch.log(prev))     # 1 - alpha_i without cancellation
+    var = beta * (1 - prev) / (1 - cur)
+    return _step_coefficients((cur / prev).sqrt(), beta, var, times.detach().to("cpu", torch.float64))
+
+
+@dataclass(frozen=True, eq=False)
+class Ancestral(AbstractFixedGridSolver):
+    r"""Ancestral sampling: draw from the Gaussian posterior $q(x_{t_1} \mid x_{t_0}, \hat x_0)$.
+
+    With $\hat x_0 = (x_0 + s_0^2 s(x_0, t_0))/m_0$ (Tweedie) plugged into the exact posterior of the
+    SDE's kernel, the mean simplifies to
+
+    $$x_1 = \frac{x_0 + q^2\, s(x_0, t_0)}{r} + \sqrt{v}\, z, \qquad v = \frac{s_1^2 q^2}{s_0^2},$$
+
+    where $x_{t_0} \mid x_{t_1} \sim \mathcal N(r x_{t_1}, q^2 I)$. VP with DDPM's $\bar\alpha_i$: this is
+    Ho et al. 2020, Alg. 2 with $\sigma_i^2 = \tilde\beta_i$ (mean $(x + \beta_i s)/\sqrt{\alpha_i}$); VE
+    ($r = 1$, $q^2 = s_0^2 - s_1^2$): SMLD's ancestral step (Song et al. 2021, App. F, eq. 47).
+    First order; one score evaluation per step.
+
+    Args:
+        table: ``(n, 3)`` float64 per-step coefficients from :func:`ancestral_table` or
+            :func:`ddpm_ancestral_table`, for the grid the solver runs on (the step index is the
+            solver state).
+    """
+
+    table: Tensor = field(repr=False)
+    order: ClassVar[float] = 1.0
+    stochastic: ClassVar[bool] = True
+    evals_per_step: ClassVar[int] = 1
+
+    def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
+        a, b, c = self.table.to(device=x.device, dtype=x.dtype).unbind(1)
+        return 0, a, b, c
+
+    def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
+        k, a, b, c = state
+        x = a[k] * x + b[k] * dyn.score(x, t0) + c[k] * dw
+        return x, (k + 1, a, b, c)
