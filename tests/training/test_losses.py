@@ -111,7 +111,7 @@ def test_importance_times_are_uniform_in_log_sigma(sde):
     torch.testing.assert_close(factor, torch.full_like(factor, float(hi - lo) / (sde.T - eps)))
 
 
-@pytest.mark.parametrize("shift,scale", [(0.1, 0.0), (-0.2, 0.0), (0.0, 0.1), (0.0, -0.15)])
+@pytest.mark.parametrize("shift,scale", [(-0.2, 0.0), (0.0, 0.1)])
 def test_exact_score_minimises_the_loss(shift, scale):
     sde = sdegen.VPSDE()
     x0 = _data(5)
