@@ -158,26 +158,28 @@ def _scale(y0: Tensor, y1: Tensor, rtol: float, atol: float) -> Tensor:
 
 
 def initial_step_size(fn: ODEFn, y0: Tensor, t0: Tensor, f0: Tensor, direction: float, order: int,
-                      rtol: float, atol: float, per_sample: bool) -> Tensor:
+                      rtol: float, atol: float, per_sample: bool, span: float) -> Tensor:
     r"""Starting step $|h_0|$ by Hairer–Nørsett–Wanner's algorithm (Sec. II.4, "Starting step size").
 
     $d_0 = \|y_0\|$, $d_1 = \|f_0\|$, $h_0 = 0.01\, d_0/d_1$; an explicit Euler step of $h_0$ gives
     $d_2 = \|f(y_0 + h_0 f_0) - f_0\| / h_0$ and $h_1 = (0.01/\max(d_1, d_2))^{1/(p+1)}$; returns
-    $\min(100 h_0, h_1)$. Norms are the weighted RMS norms of the error test. Costs one evaluation.
+    $\min(100 h_0, h_1, \text{span})$. Norms are the weighted RMS norms of the error test. The probe
+    step is capped at ``span`` $= |t_1 - t_0|$ so that ``fn`` is never called outside the interval
+    (a score function is only defined on $[0, T]$). Costs one evaluation.
     Returns a positive tensor: 0-d (batched) or ``(B,)`` (``per_sample``).
     """
     sc = atol + rtol * y0.abs()
     d0 = _rms(y0 / sc, per_sample)
     d1 = _rms(f0 / sc, per_sample)
     small = (d0 < 1e-5) | (d1 < 1e-5)
-    h0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp_min(1e-300))
+    h0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp_min(1e-300)).clamp_max(span)
     h0b = append_dims(h0, y0.ndim) if per_sample else h0
     f1 = fn(y0 + direction * h0b * f0, t0 + direction * h0)
     d2 = _rms((f1 - f0) / sc, per_sample) / h0
     dmax = torch.maximum(d1, d2)
     h1 = torch.where(dmax <= 1e-15, torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
                      (0.01 / dmax.clamp_min(1e-300)).pow(1.0 / (order + 1)))
-    return torch.minimum(100 * h0, h1)
+    return torch.minimum(100 * h0, h1).clamp_max(span)
 
 
 def _stage_input(y: Tensor, h, ks: list[Tensor], coefs: tuple[float, ...]) -> Tensor:
@@ -339,7 +341,8 @@ def _integrate_batched(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl, t
     k1 = f(y, tvec(t))
     if first_step is None:
         # One host read at start-up (not per step).
-        h = float(initial_step_size(f, y, tvec(t), k1, direction, tab.order, rtol, atol, per_sample=False))
+        h = float(initial_step_size(f, y, tvec(t), k1, direction, tab.order, rtol, atol, per_sample=False,
+                                    span=span))
     else:
         h = float(first_step)
     h = min(h, span)
@@ -408,7 +411,7 @@ def _integrate_per_sample(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl
     t_end = torch.full((B,), t1, device=dev, dtype=dt_)
     k1 = f(y, t)
     if first_step is None:
-        h = initial_step_size(f, y, t, k1, direction, tab.order, rtol, atol, per_sample=True)
+        h = initial_step_size(f, y, t, k1, direction, tab.order, rtol, atol, per_sample=True, span=abs(t1 - t0))
     else:
         h = torch.full((B,), float(first_step), device=dev, dtype=dt_)
     h = h.clamp_max(abs(t1 - t0))

@@ -288,3 +288,18 @@ def test_cuda_stays_on_device_and_syncs_once_per_step(per_sample):
     steps = stats["steps"] if per_sample else stats["accepted"] + stats["rejected"]
     # One host read per step, plus a constant number at start-up and for the final statistics.
     assert syncs <= steps + 6, (syncs, steps)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("t0,t1", [(1.0, 1e-3), (1e-3, 1.0)])
+def test_never_evaluates_outside_the_interval(per_sample, t0, t1):
+    # A nearly constant solution makes the automatic first step huge; a score function is only
+    # defined on [0, T], so no stage (and no first-step probe) may leave [min(t0,t1), max(t0,t1)].
+    lo, hi = min(t0, t1), max(t0, t1)
+
+    def fn(y, t):
+        assert ((t >= lo - 1e-12) & (t <= hi + 1e-12)).all(), t
+        return 1e-9 * y
+
+    y1, stats, _ = rk45_integrate(fn, torch.ones(3, 2, dtype=F64), t0, t1, per_sample=per_sample)
+    torch.testing.assert_close(y1, torch.full_like(y1, math.exp(1e-9 * (t1 - t0))))

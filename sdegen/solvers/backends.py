@@ -1,0 +1,248 @@
+r"""Adapters to external integrators: torchdiffeq, scipy's ``solve_ivp`` and torchsde.
+
+Each adapter takes the same right-hand side the native solvers use, ``fn(y, t)`` with ``y`` of shape
+``(B, *D)`` and ``t`` a ``(B,)`` tensor in forward time, and returns ``(y1, stats)`` with the state
+at ``t1`` on ``y0``'s device and dtype. ``stats["nfe_solver"]`` is the number of right-hand-side
+calls the backend made (counted by a wrapper). The optional packages are imported inside the
+functions, so :mod:`sdegen` imports without them.
+
+- :func:`torchdiffeq_integrate`: ``torchdiffeq.odeint`` (Chen et al. 2018) on the tensor as is.
+- :func:`scipy_integrate`: ``scipy.integrate.solve_ivp`` on a flattened float64 NumPy copy, as the
+  reference implementation of Song et al. (2021) does; every evaluation copies the state between
+  host and device, which is what the native :func:`~sdegen.solvers.rk45.rk45_integrate` avoids.
+- :func:`torchsde_integrate`: ``torchsde.sdeint`` (Li et al. 2020) for the reverse-time SDE.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .._utils import check_floating, check_positive
+from .base import StepSizeError
+from .rk45 import initial_step_size
+
+__all__ = ["torchdiffeq_integrate", "scipy_integrate", "torchsde_integrate",
+           "SCIPY_SOLVERS", "TORCHSDE_SOLVERS"]
+
+#: Methods of ``scipy.integrate.solve_ivp``.
+SCIPY_SOLVERS = ("RK45", "RK23", "DOP853", "Radau", "BDF", "LSODA")
+#: ``torchsde.sdeint`` methods for Itô SDEs with diagonal noise (ours: additive, $g$ depends on $t$ only).
+TORCHSDE_SOLVERS = ("euler", "milstein", "srk")
+
+
+def _check_common(y0: Tensor, t0, t1) -> tuple[float, float]:
+    check_floating(y0, "y0")
+    if y0.ndim < 1 or y0.shape[0] < 1:
+        raise ValueError(f"y0 must have shape (B, *D) with B >= 1, got {tuple(y0.shape)}")
+    out = []
+    for name, v in (("t0", t0), ("t1", t1)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise TypeError(f"{name} must be a finite Python float, got {v!r}")
+        out.append(float(v))
+    return out[0], out[1]
+
+
+def _time_vec(t: Tensor | float, y: Tensor) -> Tensor:
+    t = torch.as_tensor(t, device=y.device, dtype=y.dtype)
+    return t.reshape(1).expand(y.shape[0])
+
+
+def torchdiffeq_integrate(fn: Callable[[Tensor, Tensor], Tensor], y0: Tensor, t0: float, t1: float, *,
+                          solver: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5,
+                          **opts) -> tuple[Tensor, dict]:
+    r"""Integrate $dy/dt = f(y, t)$ from ``t0`` to ``t1`` with ``torchdiffeq.odeint``.
+
+    torchdiffeq integrates decreasing times itself (it negates time internally), so ``t1 < t0``
+    (sampling, from ``T`` down to ``eps``) needs no change of variables.
+
+    Args:
+        fn: ``fn(y, t) -> dy/dt``; ``y`` ``(B, *D)``, ``t`` ``(B,)``.
+        y0: ``(B, *D)``.
+        t0, t1: start and end time.
+        solver: a torchdiffeq method name (``"dopri5"``, ``"dopri8"``, ``"bosh3"``, ``"rk4"``,
+            ``"euler"``, ...).
+        rtol, atol: tolerances of the adaptive methods.
+        **opts: passed as torchdiffeq's ``options`` dict (e.g. ``step_size=`` for fixed-grid methods,
+            ``first_step=``, ``max_num_steps=``).
+
+    Returns:
+        ``(y1, stats)`` with ``stats = {"nfe_solver": calls of fn, "solver": solver}``.
+    """
+    import torchdiffeq
+    from torchdiffeq._impl.odeint import SOLVERS
+    from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
+
+    t0, t1 = _check_common(y0, t0, t1)
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown torchdiffeq solver {solver!r}; choose one of {', '.join(sorted(SOLVERS))}")
+    check_positive(rtol, "rtol")
+    check_positive(atol, "atol")
+    calls = [0]
+
+    def func(t: Tensor, y: Tensor) -> Tensor:
+        calls[0] += 1
+        return fn(y, _time_vec(t, y))
+
+    if t0 == t1:
+        return y0, {"nfe_solver": 0, "solver": solver}
+    ts = torch.tensor([t0, t1], device=y0.device, dtype=y0.dtype)
+    options = dict(opts)
+    if issubclass(SOLVERS[solver], RKAdaptiveStepsizeODESolver):
+        # torchdiffeq's adaptive solvers probe f outside [t0, t1] when choosing the first step and
+        # step past t1 to interpolate back; a score function is undefined outside [0, T]. A first
+        # step capped at the span (our Hairer-Wanner choice) and `step_t` = [t1] (steps land on
+        # t1) keep every evaluation inside the interval.
+        if "first_step" not in options:
+            k0 = func(ts[0], y0)
+            h0 = initial_step_size(lambda y, t: func(t[0], y), y0, _time_vec(t0, y0), k0,
+                                   1.0 if t1 > t0 else -1.0, SOLVERS[solver].order, rtol, atol,
+                                   per_sample=False, span=abs(t1 - t0))
+            options["first_step"] = float(h0)
+        options.setdefault("step_t", torch.tensor([t1], device=y0.device, dtype=y0.dtype))
+    ys = torchdiffeq.odeint(func, y0, ts, rtol=rtol, atol=atol, method=solver, options=options or None)
+    return ys[-1], {"nfe_solver": calls[0], "solver": solver}
+
+
+def scipy_integrate(fn: Callable[[Tensor, Tensor], Tensor], y0: Tensor, t0: float, t1: float, *,
+                    solver: str = "RK45", rtol: float = 1e-5, atol: float = 1e-5, **opts) -> tuple[Tensor, dict]:
+    r"""Integrate $dy/dt = f(y, t)$ with ``scipy.integrate.solve_ivp`` on a flattened float64 copy.
+
+    The whole batch is one vector of length $B \prod D$ with one step size (and scipy's RMS error
+    norm over all of it), exactly as the reference implementation runs its probability-flow sampler.
+    Each evaluation copies the state host -> device and the derivative back.
+
+    Args:
+        fn: ``fn(y, t) -> dy/dt``; ``y`` ``(B, *D)``, ``t`` ``(B,)``.
+        y0: ``(B, *D)``.
+        t0, t1: start and end time (``t1 < t0`` allowed).
+        solver: one of :data:`SCIPY_SOLVERS`.
+        rtol, atol: tolerances.
+        **opts: passed to ``solve_ivp`` (e.g. ``first_step=``, ``max_step=``).
+
+    Returns:
+        ``(y1, stats)``, ``stats`` with ``nfe_solver`` (calls of ``fn``), scipy's ``nfev``, ``njev``,
+        ``nlu``, ``accepted`` (steps taken), ``status`` and ``message``.
+
+    Raises:
+        StepSizeError: when ``solve_ivp`` fails (e.g. its step size became too small).
+    """
+    import numpy as np
+    from scipy.integrate import solve_ivp
+
+    t0, t1 = _check_common(y0, t0, t1)
+    if solver not in SCIPY_SOLVERS:
+        raise ValueError(f"unknown scipy solver {solver!r}; choose one of {', '.join(SCIPY_SOLVERS)}")
+    check_positive(rtol, "rtol")
+    check_positive(atol, "atol")
+    shape, device, dtype = y0.shape, y0.device, y0.dtype
+    calls = [0]
+
+    def fun(t: float, y: np.ndarray) -> np.ndarray:
+        calls[0] += 1
+        yt = torch.from_numpy(y).to(device=device, dtype=dtype).reshape(shape)
+        out = fn(yt, _time_vec(float(t), yt))
+        return out.detach().to("cpu", torch.float64).reshape(-1).numpy()
+
+    if t0 == t1:
+        return y0, {"nfe_solver": 0, "solver": solver}
+    y_np = y0.detach().to("cpu", torch.float64).reshape(-1).numpy()
+    sol = solve_ivp(fun, (t0, t1), y_np, method=solver, rtol=rtol, atol=atol, **opts)
+    stats = {"nfe_solver": calls[0], "solver": solver, "nfev": int(sol.nfev), "njev": int(sol.njev),
+             "nlu": int(sol.nlu), "accepted": len(sol.t) - 1, "status": int(sol.status), "message": sol.message}
+    if not sol.success:
+        x_last = torch.from_numpy(sol.y[:, -1].copy()).to(device=device, dtype=dtype).reshape(shape)
+        raise StepSizeError(f"scipy solve_ivp ({solver}) failed at t={sol.t[-1]:.6g}: {sol.message}",
+                            t=float(sol.t[-1]), x=x_last, steps=len(sol.t) - 1)
+    y1 = torch.from_numpy(sol.y[:, -1].copy()).to(device=device, dtype=dtype).reshape(shape)
+    return y1, stats
+
+
+class _NegatedTimeSDE(torch.nn.Module):
+    r"""The SDE in torchsde's form with time $s = \sigma t$ ($\sigma = -1$ for reverse time).
+
+    For $dx = b(x, t)\,dt + g(t)\,d\bar w$ run with decreasing $t$, the substitution $s = -t$ gives
+    $dx = -b(x, -s)\,ds + g(-s)\,dW_s$ with increasing $s$ (the noise term's sign is immaterial in
+    law: $-dW$ is again a Brownian increment). State is flattened to ``(B, N)``: torchsde's
+    diagonal noise, each coordinate with diffusion $g$.
+    """
+
+    noise_type = "diagonal"
+    sde_type = "ito"
+
+    def __init__(self, drift, diffusion, sign: float, shape):
+        super().__init__()
+        self._drift, self._diffusion, self._sign, self._shape = drift, diffusion, sign, shape
+        self.drift_calls = 0
+
+    def f(self, s: Tensor, y: Tensor) -> Tensor:
+        self.drift_calls += 1
+        yt = y.reshape(self._shape)
+        out = self._drift(yt, _time_vec(self._sign * s, yt))
+        return (self._sign * out).reshape(y.shape)
+
+    def g(self, s: Tensor, y: Tensor) -> Tensor:
+        g = self._diffusion(_time_vec(self._sign * s, y))
+        return g.reshape(-1, 1).to(dtype=y.dtype).expand(y.shape)
+
+
+def torchsde_integrate(drift: Callable[[Tensor, Tensor], Tensor], diffusion: Callable[[Tensor], Tensor],
+                       y0: Tensor, t0: float, t1: float, *, solver: str = "euler", steps: int = 1000,
+                       generator: torch.Generator | None = None, **opts) -> tuple[Tensor, dict]:
+    r"""Integrate $dx = b(x, t)\,dt + g(t)\,dw$ from ``t0`` to ``t1`` with ``torchsde.sdeint``.
+
+    For sampling pass the reverse SDE's drift $b = f - g^2 s_\theta$ and $g$ in forward time with
+    ``t1 < t0``; since ``sdeint`` needs increasing time, the adapter substitutes $s = -t$ and negates
+    the drift (see ``torchsde/examples/cont_ddpm.py`` for the same device). The Brownian path is a
+    ``torchsde.BrownianInterval`` whose entropy is one integer drawn from ``generator``, so the same
+    generator state gives the same path and the same samples.
+
+    Args:
+        drift: ``b(x, t)``, ``x`` ``(B, *D)``, ``t`` ``(B,)`` in forward time.
+        diffusion: ``g(t) -> (B,)``.
+        y0: ``(B, *D)`` start state (at ``t0``).
+        t0, t1: start and end time.
+        solver: one of :data:`TORCHSDE_SOLVERS` (``"srk"`` uses a space-time Lévy-area Brownian
+            interval).
+        steps: number of fixed steps, $\Delta s = |t_1 - t_0| / \text{steps}$.
+        generator: source of the Brownian path's seed.
+        **opts: passed to ``sdeint`` (e.g. ``options=``), except ``levy_area_approximation`` which
+            goes to the Brownian interval.
+
+    Returns:
+        ``(y1, stats)`` with ``stats = {"nfe_solver": drift calls, "solver": solver, "steps": steps,
+        "entropy": seed}``.
+    """
+    import torchsde
+
+    t0, t1 = _check_common(y0, t0, t1)
+    if solver not in TORCHSDE_SOLVERS:
+        raise ValueError(f"unknown torchsde solver {solver!r}; choose one of {', '.join(TORCHSDE_SOLVERS)}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if not callable(drift) or not callable(diffusion):
+        raise TypeError("drift and diffusion must be callables drift(x, t) and diffusion(t)")
+    if t0 == t1:
+        return y0, {"nfe_solver": 0, "solver": solver, "steps": 0, "entropy": None}
+    sign = -1.0 if t1 < t0 else 1.0
+    s0, s1 = sign * t0, sign * t1
+    B = y0.shape[0]
+    y_flat = y0.reshape(B, -1)
+    # One host read at start-up: the path's seed. Same generator state -> same seed -> same path.
+    gen_device = generator.device if generator is not None else "cpu"
+    entropy = int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device))
+    levy = opts.pop("levy_area_approximation", "space-time" if solver == "srk" else "none")
+    ds = (s1 - s0) / steps
+    bm = torchsde.BrownianInterval(t0=s0, t1=s1, size=y_flat.shape, dtype=y0.dtype, device=y0.device,
+                                   entropy=entropy, dt=ds, levy_area_approximation=levy)
+    sde = _NegatedTimeSDE(drift, diffusion, sign, y0.shape)
+    ts = torch.tensor([s0, s1], device=y0.device, dtype=y0.dtype)
+    # sdeint steps by curr + dt and clips only at the final time; with dt = ds exactly, rounding in
+    # the accumulated time can leave a spurious extra sliver step. A relative 1e-9 margin makes the
+    # last of the `steps` steps land on (and be clipped to) s1.
+    ys = torchsde.sdeint(sde, y_flat, ts, bm=bm, method=solver, dt=ds * (1 + 1e-9), adaptive=False, **opts)
+    y1 = ys[-1].reshape(y0.shape)
+    return y1, {"nfe_solver": sde.drift_calls, "solver": solver, "steps": steps, "entropy": entropy}
