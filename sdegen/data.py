@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .oracle import MIXTURE_NAMES, named_mixture
 
-__all__ = ["two_moons", "swiss_roll", "checkerboard", "toy_2d", "TOY_2D", "digits"]
+__all__ = ["two_moons", "swiss_roll", "checkerboard", "toy_2d", "TOY_2D", "digits", "mmd2", "median_bandwidth"]
 
 
 def _check_n(n) -> int:
@@ -123,3 +123,35 @@ def digits(split: str = "train", *, test_fraction: float = 0.2, seed: int = 0,
     is_test[torch.cat(test_idx)] = True
     keep = is_test if split == "test" else ~is_test
     return x[keep][:, None].to(dtype), y[keep]
+
+
+def median_bandwidth(x: Tensor) -> float:
+    """The median pairwise Euclidean distance within ``x`` ``(n, *D)`` (the usual kernel-width heuristic)."""
+    xf = x.reshape(x.shape[0], -1).to(torch.float64)
+    d = torch.cdist(xf, xf)
+    return float(d[torch.triu_indices(len(xf), len(xf), 1).unbind()].median())
+
+
+def mmd2(x: Tensor, y: Tensor, *, bandwidth: float | None = None) -> float:
+    r"""Unbiased squared maximum mean discrepancy with a Gaussian kernel (Gretton et al. 2012, eq. 3).
+
+    $$\widehat{\mathrm{MMD}}^2 = \frac{1}{n(n-1)}\sum_{i\ne j}k(x_i,x_j) + \frac{1}{m(m-1)}\sum_{i\ne j}k(y_i,y_j)
+      - \frac{2}{nm}\sum_{i,j}k(x_i,y_j),\qquad k(a,b) = e^{-\|a-b\|^2/(2h^2)},$$
+
+    a two-sample distance between the sets ``x`` ``(n, *D)`` and ``y`` ``(m, *D)`` (flattened), zero in
+    expectation when they come from the same distribution. ``bandwidth`` $h$ defaults to
+    :func:`median_bandwidth` of ``y``; compare values only at the same $h$. Computed in float64.
+    """
+    xf = x.reshape(x.shape[0], -1).to(torch.float64)
+    yf = y.reshape(y.shape[0], -1).to(device=xf.device, dtype=torch.float64)
+    if xf.shape[1] != yf.shape[1] or len(xf) < 2 or len(yf) < 2:
+        raise ValueError(f"x and y need >= 2 rows of the same size, got {tuple(x.shape)} and {tuple(y.shape)}")
+    h = median_bandwidth(yf) if bandwidth is None else float(bandwidth)
+
+    def k(a, b):
+        return torch.exp(-torch.cdist(a, b).square() / (2 * h * h))
+
+    n, m = len(xf), len(yf)
+    kxx = (k(xf, xf).sum() - n) / (n * (n - 1))
+    kyy = (k(yf, yf).sum() - m) / (m * (m - 1))
+    return float(kxx + kyy - 2 * k(xf, yf).mean())
