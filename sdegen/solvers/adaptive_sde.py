@@ -1,0 +1,274 @@
+r"""Adaptive-step reverse-SDE solver of Jolicoeur-Martineau et al. (2021), "Gotta Go Fast", Alg. 1.
+
+The reverse SDE in forward time $t$ run downwards (Song et al. 2021, eq. 6), with $h > 0$ the step
+and $F(x, t) = f(x, t) - g(t)^2 \nabla_x \log p_t(x)$:
+
+$$x' = x - h F(x, t) + g(t)\,\Delta W, \qquad
+  \tilde x = x - h F(x', t - h) + g(t - h)\,\Delta W, \qquad x'' = \tfrac12 (x' + \tilde x),$$
+
+an Euler–Maruyama step $x'$ and an improved-Euler (stochastic Heun) step $x''$ sharing one
+Brownian increment $\Delta W \sim \mathcal N(0, h I)$. Their difference estimates the local error,
+scaled by a mixed tolerance
+
+$$\delta = \max\big(\text{atol},\ \text{rtol}\cdot\max(|x'|, |x|)\big), \qquad
+  E = \Big\| \frac{x' - x''}{\delta} \Big\|_2 \Big/ \sqrt{n}$$
+
+(elementwise $\delta$; $n$ the number of entries: of one sample with ``per_sample=True``, of the
+whole batch otherwise, as in the paper). The step is accepted if $E \le 1$ (the state becomes $x''$)
+and the next step is $h \leftarrow \min\big(t - \epsilon,\ h\cdot\mathrm{clip}(\theta E^{-r}, f_\min, f_\max)\big)$
+(paper: $\theta = 0.9$, $r = 0.9$). Two score evaluations per attempted step.
+
+**Brownian path.** A rejected step's increment is not thrown away: redrawing it would bias the
+samples towards increments that happen to give small errors. It is kept on a per-sample stack and the
+next, shorter attempt takes its part by the Brownian bridge,
+$\Delta W_{h'} \mid \Delta W_h \sim \mathcal N\big(\tfrac{h'}{h}\Delta W_h,\ \tfrac{h'(h - h')}{h} I\big)$, the
+remainder staying on the stack for the following steps (Rackauckas & Nie 2017, "RSwM1"). The path
+is therefore one Brownian motion whatever the step sequence, and the solver converges strongly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .._utils import append_dims, check_positive
+from .base import Dynamics, StepSizeError
+
+__all__ = ["AdaptiveSDE", "adaptive_sde_integrate"]
+
+
+@dataclass(frozen=True)
+class AdaptiveSDE:
+    r"""Options of the adaptive EM / improved-Euler pair (see the module docstring for the rule).
+
+    Args:
+        rtol, atol: relative and absolute tolerance of the mixed error scale $\delta$.
+        h_init: first step size (paper: 0.01 for $T = 1$).
+        safety: $\theta$ in $\theta E^{-r}$.
+        exponent: $r$ (1/2 is classical for a local error of order 3/2; the paper prefers 0.9).
+        min_factor, max_factor: bounds on the step-size change per attempt.
+        per_sample: one step size per sample (a stiff sample does not slow the others; each score
+            call then sees only the samples still running).
+        max_steps: at most this many attempted steps (then :class:`StepSizeError`).
+        h_min: smallest step size before :class:`StepSizeError`.
+
+    Class attributes: ``order = 1.0`` (strong order of the accepted improved-Euler update for
+    additive noise); ``stochastic = True``.
+    """
+
+    rtol: float = 1e-2
+    atol: float = 1e-2
+    h_init: float = 1e-2
+    safety: float = 0.9
+    exponent: float = 0.9
+    min_factor: float = 0.2
+    max_factor: float = 10.0
+    per_sample: bool = False
+    max_steps: int = 100_000
+    h_min: float = 1e-10
+
+    order = 1.0
+    stochastic = True
+
+    def __post_init__(self):
+        for name in ("rtol", "atol", "h_init", "safety", "exponent", "min_factor", "max_factor", "h_min"):
+            check_positive(getattr(self, name), name)
+        if not self.min_factor < 1.0 < self.max_factor:
+            raise ValueError(f"need min_factor < 1 < max_factor, got {self.min_factor}, {self.max_factor}")
+        if not isinstance(self.max_steps, int) or self.max_steps < 1:
+            raise ValueError(f"max_steps must be a positive int, got {self.max_steps!r}")
+        if not isinstance(self.per_sample, bool):
+            raise TypeError(f"per_sample must be a bool, got {self.per_sample!r}")
+
+
+class _BrownianStack:
+    r"""Per-sample stacks of future Brownian increments $(\Delta t, \Delta W)$ left by rejected steps."""
+
+    def __init__(self, x: Tensor, depth: int = 4):
+        self.dt = x.new_zeros(x.shape[0], depth)
+        self.dw = x.new_zeros(x.shape[0], depth, *x.shape[1:])
+        self.depth = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        # Host-side flag: while no step was ever rejected (the common case) ``take`` is a fresh draw.
+        self.nonempty = False
+
+    def take(self, idx: Tensor, h: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        r"""Increments for an attempted step of size ``h`` (``(b,)``) for the samples ``idx``, using
+        the unit draws ``z``: fresh $\sqrt h z$ on an empty stack, the whole top entry if $h$ covers it
+        (the step is shortened to it), else its bridge part (the rest stays). Returns ``(h, dW)``."""
+        d = self.depth[idx]
+        has = d > 0
+        top = (d - 1).clamp_min(0)
+        top_dt = torch.where(has, self.dt[idx, top], torch.ones_like(h))
+        top_dw = self.dw[idx, top]
+        full = has & (h >= top_dt)
+        split = has & ~full
+        h = torch.where(full, top_dt, h)
+        nd = z.ndim
+        frac = append_dims(torch.where(split, h / top_dt, torch.zeros_like(h)), nd)
+        bridge_sd = append_dims(torch.where(split, (h * (top_dt - h) / top_dt).clamp_min(0), h).sqrt(), nd)
+        # Empty stack: frac = 0 and bridge_sd = sqrt(h), so this is the fresh draw sqrt(h) z.
+        dw = torch.where(append_dims(full, nd), top_dw, frac * top_dw + bridge_sd * z)
+        self.dt[idx, top] = torch.where(split, top_dt - h, self.dt[idx, top])
+        self.dw[idx, top] = torch.where(append_dims(split, nd), top_dw - dw, top_dw)
+        self.depth[idx] = d - full.long()
+        self.nonempty = bool(self.depth.any())
+        return h, dw
+
+    def push(self, idx: Tensor, mask: Tensor, h: Tensor, dw: Tensor) -> None:
+        """Put the rejected attempts ``(h, dw)`` of ``idx[mask]`` back on top of their stacks."""
+        idx, h, dw = idx[mask], h[mask], dw[mask]
+        if idx.numel() == 0:
+            return
+        d = self.depth[idx]
+        if int(d.max()) >= self.dt.shape[1]:
+            self.dt = torch.cat([self.dt, torch.zeros_like(self.dt)], 1)
+            self.dw = torch.cat([self.dw, torch.zeros_like(self.dw)], 1)
+        self.dt[idx, d] = h
+        self.dw[idx, d] = dw
+        self.depth[idx] = d + 1
+        self.nonempty = True
+
+
+def adaptive_sde_integrate(
+    opts: AdaptiveSDE,
+    dyn: Dynamics,
+    x: Tensor,
+    t_start: float,
+    t_end: float,
+    *,
+    generator: torch.Generator | None = None,
+    noise: Callable[[int], Tensor] | None = None,
+    progress: bool = False,
+    record_every: int | None = None,
+) -> tuple[Tensor, dict, list[tuple[float, Tensor]] | None]:
+    r"""Integrate the reverse SDE from ``t_start`` down to ``t_end`` with adaptive steps.
+
+    Args:
+        opts: the solver options (:class:`AdaptiveSDE`).
+        dyn: the SDE and the counted score.
+        x: ``(B, *D)`` state at ``t_start``.
+        t_start, t_end: ``t_start > t_end > 0``.
+        generator: source of the unit Gaussian draws (one ``x``-shaped draw per attempt).
+        noise: optional ``noise(k)``: the k-th unit draw shaped like ``x`` (per-sample seeds); replaces
+            ``generator``.
+        progress: tqdm bar over time.
+        record_every: keep every k-th accepted state (time = the least advanced sample's time).
+
+    Returns:
+        ``(x, stats, trajectory)``; ``stats`` has ``accepted``, ``rejected`` (attempts summed over
+        samples in per-sample mode, over steps otherwise), ``attempts`` (loop iterations) and
+        ``times`` (accepted times; ``[t_start, t_end]`` in per-sample mode).
+
+    Raises:
+        StepSizeError: a step size fell below ``h_min`` or ``max_steps`` attempts did not reach ``t_end``.
+    """
+    if not t_start > t_end > 0:
+        raise ValueError(f"need t_start > t_end > 0, got t_start={t_start}, t_end={t_end}")
+    B, nd = x.shape[0], x.ndim
+    kw = dict(device=x.device, dtype=x.dtype)
+    t = torch.full((B,), float(t_start), **kw)
+    h = torch.full((B,), min(opts.h_init, t_start - t_end), **kw)
+    stack = _BrownianStack(x)
+    n_per = x[0].numel()
+    accepted = rejected = advanced = 0
+    times = [float(t_start)]
+    traj = [(float(t_start), x.detach().clone())] if record_every else None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=t_start - t_end, desc="adaptive_sde", leave=False)
+    all_idx = torch.arange(B, device=x.device)
+    idx = None  # the running samples; None = all of them (no gathers on the common path)
+    # A sample is done when it reaches t_end; steps that would land within this gap land on t_end.
+    tiny = 1e-12 * max(1.0, abs(t_start))
+    for k in range(opts.max_steps):
+        z = noise(k).to(**kw) if noise is not None else torch.randn(x.shape, generator=generator, **kw)
+        sel = (lambda v: v) if idx is None else (lambda v: v[idx])  # noqa: E731
+        xa, ta = sel(x), sel(t)
+        ha, dw = stack.take(all_idx if idx is None else idx, sel(h), sel(z))
+        g0 = append_dims(dyn.diffusion(ta), nd)
+        t1 = torch.where(ta - ha - t_end <= tiny, torch.full_like(ta, t_end), ta - ha)
+        hh = append_dims(ta - t1, nd)
+        x_em = xa - hh * dyn.reverse_drift(xa, ta) + g0 * dw
+        x_tl = xa - hh * dyn.reverse_drift(x_em, t1) + append_dims(dyn.diffusion(t1), nd) * dw
+        x_ie = 0.5 * (x_em + x_tl)
+        scale = torch.maximum(xa.abs(), x_em.abs()).mul(opts.rtol).clamp_min(opts.atol)
+        err2 = ((x_em - x_ie) / scale).square().reshape(xa.shape[0], -1).sum(1)
+        if opts.per_sample:
+            err = (err2 / n_per).sqrt()
+        else:
+            err = (err2.sum() / (n_per * xa.shape[0])).sqrt().expand(xa.shape[0])
+        ok = err <= 1.0
+        # Next step: the classical controller, bounded; after a rejection it never grows.
+        fac = (opts.safety * err.clamp_min(1e-10).pow(-opts.exponent)).clamp(opts.min_factor, opts.max_factor)
+        fac = torch.where(ok, fac, fac.clamp_max(opts.safety))
+        t_new = torch.where(ok, t1, ta)
+        h_new = torch.minimum(ha * fac, t_new - t_end)
+        x_new = torch.where(append_dims(ok, nd), x_ie, xa)
+        n_ok = int(ok.sum())
+        if n_ok < ok.numel():
+            stack.push(all_idx if idx is None else idx, ~ok, ha, dw)
+        if idx is None:
+            x, t, h = x_new, t_new, h_new
+        else:
+            x, t, h = x.index_copy(0, idx, x_new), t.index_copy(0, idx, t_new), h.index_copy(0, idx, h_new)
+        accepted += n_ok
+        rejected += ok.numel() - n_ok
+        running = t - t_end > tiny
+        if bar is not None:
+            bar.n = float(t_start - t.max())
+            bar.set_postfix(t=f"{float(t.max()):.4f}", h=f"{float(h.max()):.2e}", refresh=False)
+            bar.update(0)
+        if not opts.per_sample and n_ok:
+            times.append(float(t[0]))
+        advanced += n_ok > 0
+        if traj is not None and n_ok and advanced % record_every == 0:
+            traj.append((float(t.max()), x.detach().clone()))
+        n_run = int(running.sum())
+        if n_run == 0:
+            break
+        if opts.per_sample and n_run < B:
+            idx = running.nonzero().squeeze(1)
+        h_run = sel(h) if idx is None else h[idx]
+        if bool((h_run < opts.h_min).any()):
+            bad = int(h_run.argmin())
+            t_bad = float((t if idx is None else t[idx])[bad])
+            raise StepSizeError(f"adaptive_sde: step size {float(h_run[bad]):.3g} below h_min={opts.h_min} at "
+                                f"t={t_bad:.6g} (rtol={opts.rtol}, atol={opts.atol}); loosen the "
+                                "tolerances or check the score for blow-ups", t=t_bad,
+                                dt=float(h_run[bad]), x=x, steps=k + 1)
+    else:
+        raise StepSizeError(f"adaptive_sde: max_steps={opts.max_steps} attempts did not reach t={t_end} "
+                            f"(latest sample at t={float(t.max()):.6g})", t=float(t.max()),
+                            dt=float(h.max()), x=x, steps=opts.max_steps)
+    if bar is not None:
+        bar.close()
+    if opts.per_sample:
+        times = [float(t_start), float(t_end)]
+    stats = {"accepted": accepted, "rejected": rejected, "attempts": k + 1,
+             "times": torch.tensor(times, dtype=torch.float64)}
+    return x, stats, traj
+
+
+def run_adaptive_sde(ctx, **opts):
+    r"""``sdegen.sample(method="adaptive_sde")`` runner: ``(x, trajectory, times, stats)``.
+
+    ``ctx``: a :class:`sdegen.sampling.RunContext`; ``opts``: the fields of :class:`AdaptiveSDE`."""
+    solver = AdaptiveSDE(**opts)
+    noise = None
+    if ctx.noise is not None:
+        noise = ctx.noise  # per-sample seeds: the k-th attempt's unit draws
+    x, stats, traj = adaptive_sde_integrate(solver, ctx.dyn, ctx.x, ctx.sde.T, ctx.eps, generator=ctx.generator,
+                                            noise=noise, progress=ctx.progress, record_every=ctx.record_every)
+    times = stats.pop("times")
+    return x, traj, times, stats
+
+
+#: ``sdegen.sample(method="adaptive_sde")`` options and defaults.
+ADAPTIVE_SDE_OPTIONS = {"rtol": 1e-2, "atol": 1e-2, "per_sample": False, "max_steps": 100_000, "h_init": 1e-2,
+                        "safety": 0.9, "exponent": 0.9}
