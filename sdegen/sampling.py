@@ -31,6 +31,9 @@ from .solvers.base import AbstractFixedGridSolver, CountingScore, Dynamics, NonF
 from .solvers.correctors import AnnealedLangevinCorrector, LangevinCorrector, PredictorCorrector
 from .solvers.ode_steps import ODEEuler, ODEHeun
 from .solvers.sde_steps import Ancestral, EulerMaruyama, ReverseDiffusion, ancestral_table, ddpm_ancestral_table
+from .solvers.adaptive_sde import ADAPTIVE_SDE_OPTIONS, run_adaptive_sde
+from .solvers.dpm_solver import DPM_SOLVER_OPTIONS, build_dpm_solver
+from .solvers.edm import HEUN_KARRAS_OPTIONS, build_heun_karras
 
 __all__ = ["sample", "METHODS", "MethodSpec", "RunContext"]
 
@@ -253,6 +256,12 @@ METHODS: dict[str, MethodSpec] = {
     "torchsde": MethodSpec(_run_torchsde, options={"solver": "euler"}, reverse_sde=True,
                            backend=_backend("sdegen.solvers.backends", "torchsde_integrate"),
                            doc="reverse SDE through torchsde.sdeint"),
+    "heun_karras": MethodSpec(_fixed_grid_runner(build_heun_karras), options=HEUN_KARRAS_OPTIONS, default_steps=18,
+                              doc="probability-flow ODE, EDM Heun on the Karras rho grid (2N-1 evaluations)"),
+    "dpm_solver": MethodSpec(_fixed_grid_runner(build_dpm_solver), options=DPM_SOLVER_OPTIONS, default_steps=20,
+                             doc="probability-flow ODE, DPM-Solver/DPM-Solver++ multistep, orders 1-3"),
+    "adaptive_sde": MethodSpec(run_adaptive_sde, options=ADAPTIVE_SDE_OPTIONS, reverse_sde=True, fixed_grid=False,
+                               default_steps=None, doc="reverse SDE, adaptive EM/improved-Euler pair with rtol/atol"),
 }
 
 
