@@ -148,6 +148,9 @@ def _ddpm_alphas_cumprod(vp: VPSDE, n: int) -> Tensor:
     $\beta_i = (\beta_\min + \tfrac{i-1}{N-1}(\beta_\max - \beta_\min))\,T/N$ (Song et al. 2021, App. B)."""
     try:
         return vp.discretize(n).alphas_cumprod
+    except ValueError as err:
+        raise ValueError(f"method 'ancestral' on a VPSDE runs the DDPM chain vp.discretize(steps), which needs "
+                         f"steps > beta_max * T = {vp.beta_max * vp.T:g}; got steps={n} ({err})") from None
     except ImportError:
         i = torch.arange(1, n + 1, dtype=torch.float64)
         frac = (i - 1) / max(n - 1, 1)
