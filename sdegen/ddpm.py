@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ._utils import append_dims, check_floating, check_positive, is_traceable_device, sum_except_batch
 from .sdes import AffineSDE, VPSDE
+from .sdes.base import _check_shape
 
 __all__ = ["DDPM", "VLBResult", "ContinuousVLBResult", "gaussian_kl", "discretized_gaussian_log_likelihood",
            "continuous_vlb", "VARIANCES", "DECODERS"]
@@ -865,15 +866,6 @@ def _check_like(t: Tensor, x: Tensor, name: str) -> None:
     if not isinstance(t, Tensor) or t.shape != x.shape:
         raise ValueError(f"{name} must be a tensor shaped like x0 {tuple(x.shape)}, got "
                          f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-
-
-def _check_shape(shape) -> tuple[int, ...]:
-    if isinstance(shape, torch.Size):
-        shape = tuple(shape)
-    if (not isinstance(shape, (tuple, list)) or len(shape) < 2
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
-        raise ValueError(f"shape must be a tuple (B, *D) of positive ints with at least 2 entries, got {shape!r}")
-    return tuple(shape)
 
 
 def _gen_device(generator, x: Tensor):
