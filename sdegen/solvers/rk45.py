@@ -153,10 +153,6 @@ def _rms(v: Tensor, per_sample: bool) -> Tensor:
     return v.square().mean().sqrt()
 
 
-def _scale(y0: Tensor, y1: Tensor, rtol: float, atol: float) -> Tensor:
-    return atol + rtol * torch.maximum(y0.abs(), y1.abs())
-
-
 def initial_step_size(fn: ODEFn, y0: Tensor, t0: Tensor, f0: Tensor, direction: float, order: int,
                       rtol: float, atol: float, per_sample: bool, span: float) -> Tensor:
     r"""Starting step $|h_0|$ by Hairer–Nørsett–Wanner's algorithm (Sec. II.4, "Starting step size").
@@ -182,19 +178,31 @@ def initial_step_size(fn: ODEFn, y0: Tensor, t0: Tensor, f0: Tensor, direction: 
     return torch.minimum(100 * h0, h1).clamp_max(span)
 
 
-def _stage_input(y: Tensor, h, ks: list[Tensor], coefs: tuple[float, ...]) -> Tensor:
-    """``y + h * sum_j coefs[j] * ks[j]`` with in-place accumulation (few temporaries)."""
-    acc = None
-    for cj, kj in zip(coefs, ks):
-        if cj == 0.0:
-            continue
-        if acc is None:
-            acc = kj * cj
-        else:
-            acc.add_(kj, alpha=cj)
-    if acc is None:
-        return y
-    return y + h * acc
+class _StageBuffer:
+    r"""Stage derivatives $k_i$ as the rows of one ``(s, N)`` buffer ($N$ = entries of the state).
+
+    Each stage input $y + h\sum_j a_{ij} k_j$ and the error sum $\sum_i (b_i - \hat b_i) k_i$ is then
+    a single matrix-vector product, instead of a chain of scaled additions: fewer kernel launches
+    per step, which is what the per-step overhead of a small-batch solve consists of.
+    """
+
+    def __init__(self, tab: ButcherTableau, k1: Tensor):
+        s = tab.stages
+        self.K = k1.new_empty((s, k1.numel()))
+        self.K[0].copy_(k1.reshape(-1))
+        A = torch.zeros(s, s, dtype=torch.float64)
+        for i, row in enumerate(tab.a):
+            A[i, :i] = torch.tensor(row, dtype=torch.float64) if row else A[i, :i]
+        A = A.to(device=k1.device, dtype=k1.dtype)
+        self.rows = [A[i, :i] for i in range(s)]
+        self.b = torch.tensor(tab.b, dtype=k1.dtype).to(k1.device)
+        self.b_err = torch.tensor(tab.b_err, dtype=k1.dtype).to(k1.device)
+
+    def combine(self, y: Tensor, coefs: Tensor, n: int, h, hb: Tensor | None) -> Tensor:
+        """``y + h * sum_j coefs[j] k_j`` over the first ``n`` stages; ``hb``: per-sample ``h`` or None."""
+        if hb is None:
+            return torch.addmv(y.reshape(-1), self.K[:n].T, coefs, alpha=h).view(y.shape)
+        return y + hb * torch.mv(self.K[:n].T, coefs).view(y.shape)
 
 
 def _check_args(y0, t0, t1, rtol, atol, max_steps, first_step):
@@ -310,20 +318,30 @@ def _progress_bar(progress: bool, t0: float, t1: float):
                 bar_format="{l_bar}{bar}| {n:.4g}/{total:.4g} [{elapsed}<{remaining}{postfix}]")
 
 
-def _rk_step(f: ODEFn, tab: ButcherTableau, y: Tensor, k1: Tensor, t, h, hb):
-    """One attempted step: returns ``(y_new, err, k_last)``. ``t``/``h``: times as passed to ``f``;
-    ``hb``: ``h`` broadcastable against ``y``."""
-    ks = [k1]
+def _rk_step(f: ODEFn, tab: ButcherTableau, buf: _StageBuffer, y: Tensor, t, h, per_sample: bool):
+    """One attempted step from ``y`` (whose derivative is ``buf.K[0]``); fills ``buf.K[1:]``.
+
+    Batched mode: ``t`` and ``h`` are Python floats; per-sample mode: ``(B,)`` tensors.
+    Returns ``(y_new, err_sum)`` with the error estimate ``err = h * err_sum``.
+    """
+    B = y.shape[0]
+    hb = append_dims(h, y.ndim) if per_sample else None
     y_new = y
     for i in range(1, tab.stages):
-        yi = _stage_input(y, hb, ks, tab.a[i])
+        yi = buf.combine(y, buf.rows[i], i, h, hb)
         if tab.fsal and i == tab.stages - 1:
             y_new = yi  # the last row of a equals b: this stage input is the solution
-        ks.append(f(yi, t + tab.c[i] * h))
+        ti = t + tab.c[i] * h if per_sample else torch.full((B,), t + tab.c[i] * h, device=y.device, dtype=y.dtype)
+        buf.K[i].copy_(f(yi, ti).reshape(-1))
     if not tab.fsal:
-        y_new = _stage_input(y, hb, ks, tab.b)
-    err = _stage_input(torch.zeros_like(y), hb, ks, tab.b_err)
-    return y_new, err, ks[-1]
+        y_new = buf.combine(y, buf.b, tab.stages, h, hb)
+    return y_new, torch.mv(buf.K.T, buf.b_err).view(y.shape)
+
+
+def _scaled_error(err_sum: Tensor, y: Tensor, y_new: Tensor, rtol: float, atol: float) -> Tensor:
+    r"""$\text{err\_sum} / (\text{atol} + \text{rtol}\max(|y|, |y_{new}|))$, computed in place on ``err_sum``."""
+    scale = torch.maximum(y.abs(), y_new.abs()).mul_(rtol).add_(atol)
+    return err_sum.div_(scale)
 
 
 def _integrate_batched(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl, tab, progress, record_every,
@@ -339,6 +357,8 @@ def _integrate_batched(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl, t
         return torch.full((B,), v, device=y0.device, dtype=y0.dtype)
 
     k1 = f(y, tvec(t))
+    buf = _StageBuffer(tab, k1)
+    root_n = math.sqrt(y0.numel())
     if first_step is None:
         # One host read at start-up (not per step).
         h = float(initial_step_size(f, y, tvec(t), k1, direction, tab.order, rtol, atol, per_sample=False,
@@ -370,11 +390,11 @@ def _integrate_batched(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl, t
                                     steps=attempts)
             attempts += 1
             dt = direction * h
-            y_new, err, k_last = _rk_step(f, tab, y, k1, tvec(t), dt, dt)
+            y_new, err_sum = _rk_step(f, tab, buf, y, t, dt, per_sample=False)
             # The single device-to-host transfer of this step: the accept/reject decision needs the
             # error norm on the host (it decides whether and how far the loop continues).
-            err_norm = float(_rms(err / _scale(y, y_new, rtol, atol), per_sample=False))
-            if not math.isfinite(err_norm) and not bool(torch.isfinite(k1).all()):
+            err_norm = float(torch.linalg.vector_norm(_scaled_error(err_sum, y, y_new, rtol, atol))) * h / root_n
+            if not math.isfinite(err_norm) and not bool(torch.isfinite(buf.K[0]).all()):
                 raise NonFiniteError(f"rk45: fn returned non-finite values at t={t:.6g}", step=stats["accepted"],
                                      t=t, x=y)
             accepted = err_norm <= 1.0
@@ -384,7 +404,7 @@ def _integrate_batched(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl, t
                 stats["accepted"] += 1
                 y = y_new
                 t = t1 if last else t + dt
-                k1 = k_last if tab.fsal else f(y, tvec(t))
+                buf.K[0].copy_(buf.K[-1] if tab.fsal else f(y, tvec(t)).reshape(-1))
                 prev_err = err_norm
                 if traj is not None and (stats["accepted"] % record_every == 0 or t == t1):
                     traj.append((t, y.detach().clone()))
@@ -410,6 +430,8 @@ def _integrate_per_sample(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl
     t = torch.full((B,), t0, device=dev, dtype=dt_)
     t_end = torch.full((B,), t1, device=dev, dtype=dt_)
     k1 = f(y, t)
+    buf = _StageBuffer(tab, k1)
+    root_n = math.sqrt(y0[0].numel())
     if first_step is None:
         h = initial_step_size(f, y, t, k1, direction, tab.order, rtol, atol, per_sample=True, span=abs(t1 - t0))
     else:
@@ -432,19 +454,22 @@ def _integrate_per_sample(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl
             h_step = torch.where(active, torch.where(last, remaining, h), torch.zeros_like(h))
             underflow = active & (h_step <= tiny * torch.maximum(t.abs(), t_end.abs()).clamp_min(1.0))
             dt = direction * h_step
-            y_new, err, k_last = _rk_step(f, tab, y, k1, t, dt, append_dims(dt, y.ndim))
-            err_norm = _rms(err / _scale(y, y_new, rtol, atol), per_sample=True)
+            y_new, err_sum = _rk_step(f, tab, buf, y, t, dt, per_sample=True)
+            err_norm = torch.linalg.vector_norm(_scaled_error(err_sum, y, y_new, rtol, atol).reshape(B, -1), dim=1)
+            err_norm = err_norm * h_step / root_n
             finite_err = torch.isfinite(err_norm)
             # Non-finite values at an accepted state, or a step size that shrank to nothing while
             # the error estimate stayed non-finite: fn returns NaN/inf there, not a stiffness problem.
-            bad = active & ((~finite_err & ~torch.isfinite(k1.reshape(B, -1)).all(1)) | (underflow & nonfinite_rej))
+            K0 = buf.K[0].view(B, -1)
+            bad = active & ((~finite_err & ~torch.isfinite(K0).all(1)) | (underflow & nonfinite_rej))
             nonfinite_rej = torch.where(active, ~finite_err, nonfinite_rej)
             accept = active & (err_norm <= 1.0) & ~underflow
             reject = active & ~accept
             fac = ctrl.factor(err_norm, prev_err, q, accept)
             ab = append_dims(accept, y.ndim)
             y = torch.where(ab, y_new, y)
-            k1 = torch.where(ab, k_last, k1) if tab.fsal else torch.where(ab, f(y, t), k1)
+            k_next = buf.K[-1].view(B, -1) if tab.fsal else f(y, t).reshape(B, -1)
+            K0.copy_(torch.where(accept[:, None], k_next, K0))
             t = torch.where(accept, torch.where(last, t_end, t + dt), t)
             prev_err = torch.where(accept, err_norm, prev_err)
             h = torch.where(active, h_step * fac, h)
