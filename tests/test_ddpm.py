@@ -11,6 +11,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sdegen
 from sdegen.ddpm import DDPM, continuous_vlb, discretized_gaussian_log_likelihood, gaussian_kl
@@ -206,6 +208,21 @@ def test_gaussian_kl_matches_torch_and_is_nonnegative(generator):
     # Broadcasting: a (B, D) mean against a (B, 1) variance.
     out = gaussian_kl(torch.zeros(4, 3), torch.ones(4, 1), torch.ones(4, 3), torch.full((4, 1), 2.0))
     assert out.shape == (4, 3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(m1=st.floats(-1e3, 1e3), m2=st.floats(-1e3, 1e3), v1=st.floats(1e-6, 1e6), v2=st.floats(1e-6, 1e6))
+def test_gaussian_kl_property(m1, m2, v1, v2):
+    """KL >= 0 for any parameters (up to float64 rounding of the closed form), and 0 exactly at equality."""
+    t = lambda v: torch.tensor(v, dtype=F64)  # noqa: E731
+    kl = float(gaussian_kl(t(m1), t(v1), t(m2), t(v2)))
+    ref = float(torch.distributions.kl_divergence(torch.distributions.Normal(t(m1), t(v1).sqrt()),
+                                                  torch.distributions.Normal(t(m2), t(v2).sqrt())))
+    # Rounding: each of the terms (log ratio, ratio, squared difference / var2) is exact to ~1e-16 relative.
+    scale = 1 + abs(math.log(v2 / v1)) + v1 / v2 + (m1 - m2) ** 2 / v2
+    assert kl >= -1e-14 * scale
+    assert abs(kl - ref) <= 1e-12 * scale
+    assert float(gaussian_kl(t(m1), t(v1), t(m1), t(v1))) == 0.0
 
 
 @pytest.mark.parametrize("variance", ["posterior", "beta"])
@@ -414,6 +431,28 @@ def test_ddim_eta1_full_steps_is_ancestral():
     a = ddpm.sample(eps, (64, 2), generator=gen(9), dtype=F64)
     b = ddpm.ddim_sample(eps, (64, 2), steps=40, eta=1.0, generator=gen(9), dtype=F64)
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_ddim_eta0_is_euler_in_scaled_variables(generator):
+    r"""STYLE.md: DDIM ($\eta = 0$) is Euler's method for $d\bar x/d\sigma = \hat\epsilon$ with $\bar x = x/\sqrt{\bar\alpha}$ and
+    $\sigma = \sqrt{(1-\bar\alpha)/\bar\alpha}$, on the grid :meth:`DDPM.ddim_steps`; any eps-model."""
+    ddpm = DDPM.linear(60, 1e-3, 0.1)
+    W = torch.randn(2, 2, generator=generator, dtype=F64)
+
+    def eps_model(x, i):
+        return torch.sin(x @ W) * (1 + i[:, None] / 60)
+
+    x_T = torch.randn(16, 2, generator=generator, dtype=F64)
+    ab = ddpm.alpha_bar
+    taus = ddpm.ddim_steps(7)
+    assert taus[0] == 0 and taus[-1] == 60 and len(taus) == 8
+    x = x_T.clone()
+    for k in range(7, 0, -1):
+        tau, prev = taus[k], taus[k - 1]
+        sig, sig_prev = ((1 - ab[tau]) / ab[tau]).sqrt(), ((1 - ab[prev]) / ab[prev]).sqrt()
+        xbar = x / ab[tau].sqrt() + (sig_prev - sig) * eps_model(x, torch.full((16,), tau))
+        x = xbar * ab[prev].sqrt()
+    torch.testing.assert_close(ddpm.ddim_sample(eps_model, None, steps=7, x_T=x_T), x, rtol=1e-12, atol=1e-12)
 
 
 def _exact_chain(vp, N):
