@@ -59,8 +59,10 @@ def gaussian_kl(mean1: Tensor, var1: Tensor, mean2: Tensor, var2: Tensor) -> Ten
     positive. Sum over dimensions for the KL of isotropic or diagonal Gaussians.
 
     Args:
-        mean1, var1: mean and variance of the first Gaussian.
-        mean2, var2: mean and variance of the second.
+        mean1: mean of the first Gaussian.
+        var1: variance of the first Gaussian (positive).
+        mean2: mean of the second Gaussian.
+        var2: variance of the second Gaussian (positive).
 
     Returns:
         The broadcast elementwise KL, $\ge 0$, zero only where the two Gaussians are equal.
@@ -386,7 +388,8 @@ class DDPM:
           \tilde\beta_i = \frac{1-\bar\alpha_{i-1}}{1-\bar\alpha_i}\beta_i.$$
 
         Args:
-            x0, x_i: ``(B, *D)``.
+            x0: ``(B, *D)`` data.
+            x_i: ``(B, *D)``, the state at step ``i``.
             i: steps in ``1..N``, an int or ``(B,)`` integer tensor.
 
         Returns:
@@ -458,10 +461,11 @@ class DDPM:
             eps_model: ``eps_model(x, i, **model_kwargs)``; ``i`` a ``(B,)`` long tensor of steps.
             shape: ``(B, *D)``.
             generator: source of all randomness.
-            device, dtype: of the samples (default: the generator's device, the default dtype; or
-                those of ``x_T``).
+            device: of the samples (default: the generator's device; or that of ``x_T``).
+            dtype: of the samples (default: the default dtype; or that of ``x_T``).
             x_T: start here instead of drawing $x_N$.
             progress: show a tqdm bar.
+            model_kwargs: extra keyword arguments for ``eps_model``.
 
         Returns:
             ``(B, *D)`` samples $x_0$.
@@ -504,9 +508,19 @@ class DDPM:
         ``x_T``), then one ``torch.randn(shape)`` per step only when ``eta > 0``.
 
         Args:
-            eps_model, shape, generator, device, dtype, x_T, progress, model_kwargs: as :meth:`sample`.
+            eps_model: ``eps_model(x, i, **model_kwargs)`` as in :meth:`sample`.
+            shape: ``(B, *D)`` (may be ``None`` when ``x_T`` is given).
             steps: S, the number of model evaluations, ``1 <= S <= N``.
             eta: $\eta \ge 0$.
+            generator: source of all randomness.
+            device: as in :meth:`sample`.
+            dtype: as in :meth:`sample`.
+            x_T: start here instead of drawing $x_N$.
+            progress: show a tqdm bar.
+            model_kwargs: extra keyword arguments for ``eps_model``.
+
+        Returns:
+            ``(B, *D)`` samples $x_0$.
         """
         taus = self.ddim_steps(steps)
         eta = check_positive(eta, "eta", allow_zero=True)

@@ -162,6 +162,20 @@ def test_bad_input(call, exc, text):
         call()
 
 
+def test_q_sample_moments():
+    r"""$x_i \mid x_0 \sim \mathcal N(\sqrt{\bar\alpha_i}x_0, (1-\bar\alpha_i)I)$: 20,000 draws per step; mean SE
+    $\sqrt{(1-\bar\alpha)/n}$, variance SE $\sqrt{2/n}(1-\bar\alpha)$ (Gaussian), 5 SE allowed. Also i = 0 returns x0."""
+    ddpm = DDPM.linear(100, 1e-3, 0.05)
+    n = 20000
+    x0 = torch.full((n, 1), 1.5, dtype=F64)
+    for i in (1, 10, 100):
+        x = ddpm.q_sample(x0, i, torch.randn(n, 1, generator=gen(i), dtype=F64))
+        ab = float(ddpm.alpha_bar[i])
+        assert abs(float(x.mean()) - math.sqrt(ab) * 1.5) < 5 * math.sqrt((1 - ab) / n)
+        assert abs(float(x.var()) - (1 - ab)) < 5 * math.sqrt(2 / n) * (1 - ab)
+    assert torch.equal(ddpm.q_sample(x0[:3], 0, torch.ones(3, 1, dtype=F64)), x0[:3])
+
+
 # ---------------------------------------------------------------------- posterior and KL
 def test_q_posterior_is_bayes_rule():
     r"""$q(x_{i-1}\mid x_i, x_0) \propto q(x_i \mid x_{i-1})\,q(x_{i-1}\mid x_0)$: Gaussian product (precisions add),
