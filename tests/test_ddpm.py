@@ -3,7 +3,7 @@ r"""The DDPM chain (issue 4): schedules, posterior, KL identities, the VLB and i
 Exact references come from Gaussian data $x_0 \sim \mathcal N(\mu, s^2 I)$: under the chain
 $x_i \sim \mathcal N(\sqrt{\bar\alpha_i}\mu, v_i I)$ with $v_i = \bar\alpha_i s^2 + 1 - \bar\alpha_i$, the
 exact noise prediction is linear, $\epsilon^*(x_i, i) = \sqrt{1-\bar\alpha_i}(x_i - \sqrt{\bar\alpha_i}\mu)/v_i$,
-and every term of the VLB has a closed-form expectation (``_analytic_vlb_gap``).
+and every term of the VLB has a closed-form expectation (``_analytic_vlb``).
 """
 
 import math
@@ -36,7 +36,7 @@ def gaussian_eps(ddpm, mu=MU, s2=S2):
     return eps_model
 
 
-def _analytic_vlb(ddpm, x0, d, mu_m=MU, s2_m=S2, *, expected=False):
+def _analytic_vlb(ddpm, x0, d, mu_m=MU, s2_m=S2, *, expected=False, terms=False):
     r"""Expected DDPM VLB (nats) at data points ``x0`` (``(B, d)``) for the model eps of N(mu_m, s2_m).
 
     With $x_i = \sqrt{\bar\alpha}x_0 + \sqrt{1-\bar\alpha}\epsilon$ and $v = \bar\alpha s_m^2 + 1-\bar\alpha$:
@@ -45,6 +45,7 @@ def _analytic_vlb(ddpm, x0, d, mu_m=MU, s2_m=S2, *, expected=False):
     Each $L_{i-1}$ is its SNR form, $L_0$ the Gaussian decoder with variance $\beta_1$, $L_T$ exact.
     ``expected=True``: also average over $x_0 \sim \mathcal N(\mu, s^2 I)$ (``x0`` is then ignored),
     i.e. $\|x_0-\mu_m\|^2 \to d(s^2 + (\mu-\mu_m)^2)$ and $\|x_0\|^2 \to d(s^2+\mu^2)$.
+    ``terms=True``: return ``(L_T, (B, N) terms)`` with column j = L_j (column 0 = the decoder L_0).
     """
     ab = ddpm.alpha_bar
     N = ddpm.n_steps
@@ -66,6 +67,8 @@ def _analytic_vlb(ddpm, x0, d, mu_m=MU, s2_m=S2, *, expected=False):
     L0 = 0.5 * d * math.log(2 * math.pi * float(betas[1])) + err[:, 1] / (2 * betas[1])
     abN = ab[N]
     LT = 0.5 * (abN * x0sq + d * ((1 - abN) - 1 - torch.log(1 - abN)))
+    if terms:
+        return LT, torch.cat([L0[:, None], kl], 1)
     return kl.sum(1) + L0 + LT
 
 
@@ -284,6 +287,11 @@ def test_vlb_monte_carlo_matches_closed_form():
         se = float(res.total.std()) / math.sqrt(B)
         assert abs(float(res.total.mean()) - exact) < 5 * se, (N, float(res.total.mean()), exact, se)
         assert res.terms.shape == (B, N)
+        # Term by term (N comparisons at 5 SE: a false alarm has probability < 1e-4 in all).
+        LT, exact_terms = _analytic_vlb(ddpm, x0[:1], d, terms=True)
+        torch.testing.assert_close(res.prior, LT.expand(B), rtol=1e-10, atol=1e-12)
+        term_se = res.terms.std(0) / math.sqrt(B)
+        assert ((res.terms.mean(0) - exact_terms[0]).abs() < 5 * term_se + 1e-12).all()
         torch.testing.assert_close(res.total, res.prior + res.terms.sum(1), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(res.terms[:, 0], res.decoder)
         torch.testing.assert_close(res.bits_per_dim, res.total / (d * math.log(2)))
@@ -571,3 +579,7 @@ def test_samplers_on_cuda():
     assert res.total.device.type == "cuda" and torch.isfinite(res.total).all()
     loss = ddpm.loss(eps, x0, generator=torch.Generator(device="cuda").manual_seed(2))
     assert loss.device.type == "cuda"
+    vp = sdegen.VPSDE()
+    gm = sdegen.named_mixture("gaussian", device="cuda")
+    cont = continuous_vlb(vp, gm.score_fn(vp), x0, generator=torch.Generator(device="cuda").manual_seed(3))
+    assert cont.total.device.type == "cuda" and torch.isfinite(cont.total).all()
