@@ -13,9 +13,13 @@ It prints and saves:
    noise floor) for DDPM ancestral, DDIM, Euler–Maruyama, predictor–corrector and RK45;
 3. the variational bound of the DDPM (``variance="beta"``) and its continuous-time limit against the
    exact $-\log p(x)$, in nats per sample;
-4. one figure: each method's samples over the target's density contours.
+4. one figure: each method's samples over the target's density contours (``ddpm_vs_sde.png``), and
+   ``results.json``.
 
-Run:  python examples/ddpm_vs_sde.py [--fast] [--out outputs/ddpm_vs_sde]
+With ``--train STEPS`` a small MLP is also trained with DDPM's $\epsilon$ objective (``sdegen.train``,
+``loss="ddpm"``) and sampled the same way, as a second row of the table and figure.
+
+Run:  python examples/ddpm_vs_sde.py [--fast] [--train 3000] [--out outputs/ddpm_vs_sde]
 """
 
 from __future__ import annotations
@@ -106,11 +110,37 @@ def bounds(vp, gm, score_fn, n: int, N: int, seed: int) -> dict:
             "continuous_gap_se": se(cont.total - nll), "N": N, "n": n}
 
 
+def trained_score(vp, gm, steps: int, seed: int):
+    """A small MLP eps-model trained with DDPM's simple objective on ``vp.discretize(1000)``, as a score.
+
+    Needs :func:`sdegen.train` (imported here, so the rest of the example runs without it)."""
+    from sdegen.nn import MLP
+
+    model = sdegen.ScoreModel(MLP(2, hidden=128, depth=3), vp, parameterization="eps")
+    data = gm.sample(20_000, generator=torch.Generator().manual_seed(seed + 7)).float()
+    out = sdegen.train(model, data, steps=steps, batch_size=256, lr=2e-3, loss="ddpm", n_steps=1000,
+                       warmup=100, seed=seed, progress=False)
+    return out.model.double().eval()
+
+
+def table(label: str, results: dict, ref, floor: float) -> list[dict]:
+    rows = []
+    print(f"\n{label}\n{'method':40s} {'NFE':>6s} {'seconds':>8s} {'SW2':>8s}")
+    for method, (x, nfe, secs) in results.items():
+        d = sliced_wasserstein(x, ref)
+        rows.append({"model": label, "method": method, "nfe": nfe, "seconds": secs, "sw2": d})
+        print(f"{method:40s} {nfe:6d} {secs:8.2f} {d:8.4f}")
+    print(f"{'exact vs exact (noise floor)':40s} {'-':>6s} {'-':>8s} {floor:8.4f}")
+    return rows
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--fast", action="store_true", help="fewer samples and steps (seconds)")
     p.add_argument("--out", default="outputs/ddpm_vs_sde", help="output folder")
     p.add_argument("--n", type=int, default=None, help="samples per method (default 4000; 500 with --fast)")
+    p.add_argument("--train", type=int, default=0, metavar="STEPS",
+                   help="also train a small MLP with the DDPM loss for STEPS steps and sample it (default: oracle only)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     n = args.n or (500 if args.fast else 4000)
@@ -120,31 +150,34 @@ def main(argv=None) -> dict:
 
     vp = sdegen.VPSDE(0.1, 20.0)
     gm = sdegen.named_mixture("8gaussians")                      # float64
-    score_fn = gm.score_fn(vp)
+    models = {"exact score": gm.score_fn(vp)}
+    if args.train > 0:
+        t0 = time.perf_counter()
+        models[f"MLP, DDPM loss, {args.train} steps"] = trained_score(vp, gm, args.train, args.seed)
+        print(f"trained the MLP in {time.perf_counter() - t0:.1f} s")
 
-    diff = equivalence_check(vp, score_fn, min(n, 256), budgets["ddpm"], args.seed)
+    diff = equivalence_check(vp, models["exact score"], min(n, 256), budgets["ddpm"], args.seed)
     print(f"DDPM ancestral vs sdegen.sample(method='ancestral'), same generator: max |diff| = {diff:.2e}")
 
     ref = gm.sample(n, generator=torch.Generator().manual_seed(10_000 + args.seed))
     floor = sliced_wasserstein(ref, gm.sample(n, generator=torch.Generator().manual_seed(20_000 + args.seed)))
-    results = run_methods(vp, score_fn, n, budgets, args.seed)
-    rows = []
-    print(f"\n{'method':40s} {'NFE':>6s} {'seconds':>8s} {'SW2':>8s}")
-    for label, (x, nfe, secs) in results.items():
-        d = sliced_wasserstein(x, ref)
-        rows.append({"method": label, "nfe": nfe, "seconds": secs, "sw2": d})
-        print(f"{label:40s} {nfe:6d} {secs:8.2f} {d:8.4f}")
-    print(f"{'exact vs exact (noise floor)':40s} {'-':>6s} {'-':>8s} {floor:8.4f}")
+    rows, panels, row_labels = [], {}, []
+    for label, score_fn in models.items():
+        results = run_methods(vp, score_fn, n, budgets, args.seed)
+        rows += table(label, results, ref, floor)
+        row_labels.append(label)
+        panels[f"exact samples ({label})"] = ref
+        for r in rows[-len(results):]:
+            panels[f"{r['method']}\nNFE {r['nfe']}, SW2 {r['sw2']:.3f} ({len(row_labels)})"] = results[r["method"]][0]
 
-    b = bounds(vp, gm, score_fn, 256 if args.fast else 2000, budgets["vlb"], args.seed)
-    print(f"\nnats per sample: exact -log p = {b['nll']:.3f};  DDPM VLB (N={b['N']}, sigma^2=beta) = "
+    b = bounds(vp, gm, models["exact score"], 256 if args.fast else 2000, budgets["vlb"], args.seed)
+    print(f"\nexact score, nats per sample: exact -log p = {b['nll']:.3f};  DDPM VLB (N={b['N']}, sigma^2=beta) = "
           f"{b['ddpm_vlb']:.3f} (gap {b['ddpm_gap']:+.3f} +- {b['ddpm_gap_se']:.3f});  continuous VLB = "
           f"{b['continuous_vlb']:.3f} (gap {b['continuous_gap']:+.3f} +- {b['continuous_gap_se']:.3f})")
 
-    panels = {"exact samples": ref, **{f"{r['method']}\nNFE {r['nfe']}, SW2 {r['sw2']:.3f}": results[r["method"]][0]
-                                       for r in rows}}
-    fig = plotting.scatter_panels(panels, log_prob=gm.log_prob, lim=3.0, ncols=3, max_points=1500,
-                                  title=f"8 gaussians, exact VP score: DDPM chain vs SDE/ODE solvers ({n} samples)")
+    fig = plotting.scatter_panels(panels, log_prob=gm.log_prob, lim=3.0, ncols=6, max_points=1500,
+                                  row_labels=row_labels,
+                                  title=f"8 gaussians, VP SDE: DDPM chain vs SDE/ODE solvers ({n} samples per panel)")
     figure = plotting.save(fig, os.path.join(args.out, "ddpm_vs_sde.png"))
     summary = {"n": n, "budgets": budgets, "equivalence_max_abs_diff": diff, "floor": floor, "rows": rows,
                "bounds": b, "figure": figure}

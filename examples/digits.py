@@ -67,16 +67,17 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="out/digits", help="output folder")
     p.add_argument("--fast", action="store_true", help="a few steps and samples, for a smoke test")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 4000, --fast 30)")
-    p.add_argument("--samples", type=int, default=None, help="samples to draw (default 500, --fast 36)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 3000, --fast 30)")
+    p.add_argument("--samples", type=int, default=None, help="samples to draw (default 400, --fast 36)")
     p.add_argument("--method", default="euler_maruyama", help="sdegen.sample method")
     p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default 500, --fast 20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args(argv)
-    steps = args.steps or (30 if args.fast else 4000)
-    n = args.samples or (36 if args.fast else 500)
+    steps = args.steps or (30 if args.fast else 3000)
+    n = args.samples or (36 if args.fast else 400)
     sample_steps = args.sample_steps or (20 if args.fast else 500)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,7 +92,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     res = sdegen.train(model, x_train, steps=steps, batch_size=128, lr=1e-3, warmup=min(200, steps // 5),
                        ema=0.999, seed=args.seed, checkpoint_dir=out / "ckpt", checkpoint_every=1000,
-                       log_file=out / "train_log.jsonl", progress=True)
+                       log_file=out / "train_log.jsonl", progress=not args.quiet)
     train_time = time.perf_counter() - t0
 
     t0 = time.perf_counter()

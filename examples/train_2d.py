@@ -25,7 +25,9 @@ from sdegen.data import TOY_2D, median_bandwidth, mmd2, toy_2d
 from sdegen.nn import MLP
 
 SAMPLERS = {"rk45": dict(method="rk45", rtol=1e-4, atol=1e-4),
-            "pc": dict(method="pc", steps=500, predictor="reverse_diffusion", corrector="langevin", snr=0.16)}
+            # annealed_langevin: step 2 alpha (snr * s(t))^2. The "langevin" corrector's per-sample step
+            # 2 alpha (snr |z| / |score|)^2 explodes in 2-D wherever a sample's score is near zero.
+            "pc": dict(method="pc", steps=500, predictor="reverse_diffusion", corrector="annealed_langevin", snr=0.16)}
 
 
 def train_and_sample(data_name="8gaussians", *, steps=3000, n=2000, seed=0, fast=False, bandwidth=0.25) -> dict:
