@@ -94,9 +94,10 @@ def _oracle(name: str, device):
 
 
 def _load_data(name: str, n: int, seed: int, device):
-    """Data by name: an oracle mixture, a built-in set from ``sdegen.data``, or an ``.npz`` file (key ``x``)."""
+    """Data by name: an oracle mixture, a 2-D set of ``sdegen.data``, ``digits``, or an ``.npz`` file (array ``x``)."""
     import torch
 
+    from . import data as sdata
     from .oracle import MIXTURE_NAMES, named_mixture
 
     if name.endswith(".npz"):
@@ -105,7 +106,7 @@ def _load_data(name: str, n: int, seed: int, device):
         if not os.path.isfile(name):
             raise CLIError(f"--data file {name!r} does not exist")
         with np.load(name, allow_pickle=False) as f:  # never unpickle objects from a file
-            key = "x" if "x" in f.files else ("samples" if "samples" in f.files else None)
+            key = next((k for k in ("x", "samples") if k in f.files), None)
             if key is None:
                 raise CLIError(f"--data {name!r} must hold an array named 'x' or 'samples', found {f.files}")
             arr = f[key]
@@ -113,22 +114,22 @@ def _load_data(name: str, n: int, seed: int, device):
     gen = torch.Generator().manual_seed(seed)
     if name in MIXTURE_NAMES:
         return named_mixture(name, dtype=torch.float32).sample(n, generator=gen).to(device)
-    from . import data as sdata
-
-    return sdata.load(name, n=n, generator=gen, device=device)
+    if name in sdata.TOY_2D:
+        return sdata.toy_2d(name, n, generator=gen).to(device)
+    if name in ("digits", "digits_test"):
+        x, _ = sdata.digits("test" if name == "digits_test" else "train")
+        return x[:n].to(device)
+    raise CLIError(f"--data must be one of {', '.join(_dataset_names())} or an .npz file, got {name!r}")
 
 
 def _dataset_names() -> list[str]:
+    from . import data as sdata
     from .oracle import MIXTURE_NAMES
 
-    names = list(MIXTURE_NAMES)
-    try:
-        from . import data as sdata
+    return list(dict.fromkeys([*MIXTURE_NAMES, *sdata.TOY_2D, "digits", "digits_test"]))
 
-        names += [n for n in getattr(sdata, "NAMES", ()) if n not in names]
-    except ImportError:
-        pass
-    return names
+
+_CLI_RECORD = "sdegen_cli.json"  # data name and shape, written by `sdegen train` beside the checkpoints
 
 
 # ---------------------------------------------------------------------- commands
@@ -178,15 +179,19 @@ def _cmd_train(args) -> int:
             raise CLIError(f"--net unet needs image data (N, C, H, W), got data of shape {tuple(data.shape)}")
         net = snn.UNet(data.shape[1])
     model = ScoreModel(net, sde, parameterization=args.parameterization).to(device)
-    resumed = os.path.isdir(args.out) and any(f.endswith(".json") for f in os.listdir(args.out))
+    from .training.checkpoint import list_checkpoints
+
+    resumed = bool(list_checkpoints(args.out))
     print(f"{'resuming' if resumed else 'training'} {args.net} on {args.data!r} ({tuple(data.shape)}), "
           f"{args.sde} SDE, {args.steps} steps -> {args.out}")
     out = train(model, data, steps=args.steps, batch_size=args.batch_size, lr=args.lr, checkpoint_dir=args.out,
-                generator=torch.Generator().manual_seed(args.seed), progress=not args.quiet)
-    hist = list(getattr(out, "history", []) or [])
-    if hist:
-        last = hist[-1]["loss"] if isinstance(hist[-1], dict) else float(hist[-1])
-        print(f"done: {len(hist)} steps logged, last loss {last:.4f}; checkpoint in {args.out}")
+                seed=args.seed, progress=not args.quiet)
+    import json
+
+    with open(os.path.join(args.out, _CLI_RECORD), "w") as f:
+        json.dump({"data": args.data, "data_shape": list(data.shape[1:])}, f)
+    last = out.history[-1] if out.history else float("nan")
+    print(f"done: step {out.step}, last loss {last:.4f}, {out.wall_time:.1f} s; checkpoint in {args.out}")
     return 0
 
 
@@ -203,16 +208,25 @@ def _score_source(args, device):
                        f"got {args.checkpoint!r} (not a directory)")
     from .training import load
 
-    model = load(args.checkpoint).to(device)
-    model.eval()
-    shape = getattr(model, "data_shape", None)
-    if shape is None:
-        raise CLIError(f"checkpoint {args.checkpoint!r} does not record the data shape; re-train with `sdegen train`")
-    return model.sde, model, tuple(shape), None
+    model = load(args.checkpoint, device=device)
+    return model.sde, model, _data_shape(args.checkpoint, model), None
+
+
+def _data_shape(directory: str, model) -> tuple[int, ...]:
+    import json
+
+    rec = os.path.join(directory, _CLI_RECORD)
+    if os.path.isfile(rec):
+        with open(rec) as f:
+            return tuple(int(v) for v in json.load(f)["data_shape"])
+    cfg = getattr(model.net, "config", {}) or {}
+    if type(model.net).__name__ == "MLP" and "dim" in cfg:
+        return (int(cfg["dim"]),)
+    raise CLIError(f"checkpoint {directory!r} does not record the data shape ({_CLI_RECORD} missing); "
+                   f"it was not written by `sdegen train`")
 
 
 def _cmd_sample(args) -> int:
-    import numpy as np
     import torch
 
     device = _device(args.device)

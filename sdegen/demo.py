@@ -42,6 +42,7 @@ class DemoConfig:
         ddim_steps: DDIM steps on the same chain.
         sde_steps: Euler–Maruyama steps; the PC sampler uses half as many (two evaluations per step).
         rk45_tol: ``rtol`` = ``atol`` of the adaptive RK45 probability-flow solver.
+        ema: decay of the exponential moving average of the weights used for sampling.
         n_paths: trajectories drawn in the trajectory figure.
     """
 
@@ -57,12 +58,13 @@ class DemoConfig:
     ddim_steps: int = 50
     sde_steps: int = 500
     rk45_tol: float = 1e-4
+    ema: float = 0.995
     n_paths: int = 32
 
     @classmethod
     def fast(cls, **overrides) -> "DemoConfig":
         """A configuration that runs in seconds (for tests and smoke runs); quality is not the point."""
-        base = dict(train_steps=60, batch_size=128, hidden=32, depth=1, n_train=1024, n_samples=200,
+        base = dict(train_steps=60, batch_size=128, ema=0.9, hidden=32, depth=1, n_train=1024, n_samples=200,
                     ancestral_steps=40, ddim_steps=10, sde_steps=40, rk45_tol=1e-2, n_paths=8)
         base.update(overrides)
         return cls(**base)
@@ -144,8 +146,8 @@ def demo_methods(sde, cfg: DemoConfig) -> dict[str, Callable]:
             calls[0] += 1
             return score_fn(x, t)
 
-        eps_model = ddpm.eps_model(counted) if _has_eps_model(ddpm) else _eps_from_score(ddpm, sde, counted)
-        x = ddpm.ddim_sample(eps_model, shape, steps=cfg.ddim_steps, eta=0.0, generator=generator)
+        x = ddpm.ddim_sample(ddpm.eps_model_from_score(counted), shape, steps=cfg.ddim_steps, eta=0.0,
+                             generator=generator, device=generator.device, dtype=torch.float32)
         return x, calls[0]
 
     return {
@@ -158,22 +160,6 @@ def demo_methods(sde, cfg: DemoConfig) -> dict[str, Callable]:
     }
 
 
-def _has_eps_model(ddpm) -> bool:
-    return callable(getattr(type(ddpm), "eps_model", None))
-
-
-def _eps_from_score(ddpm, sde, score_fn):
-    """An ε-model ``eps(x, i)`` on the chain's integer steps from a continuous score (t_i = i / N)."""
-    n = len(ddpm.betas)
-
-    def eps_model(x, i):
-        t = torch.as_tensor(i, device=x.device, dtype=x.dtype).reshape(-1).expand(x.shape[0]) / n
-        _, std = sde.marginal(t)
-        return -std.reshape(-1, *([1] * (x.ndim - 1))) * score_fn(x, t)
-
-    return eps_model
-
-
 def _train(cfg: DemoConfig, sde, data: Tensor, device, seed: int, progress: bool):
     from . import nn as snn
     from .parameterization import ScoreModel
@@ -182,8 +168,8 @@ def _train(cfg: DemoConfig, sde, data: Tensor, device, seed: int, progress: bool
     torch.manual_seed(seed)  # the network's initial weights (training itself takes a generator)
     net = snn.MLP(2, hidden=cfg.hidden, depth=cfg.depth)
     model = ScoreModel(net, sde, parameterization="eps").to(device)
-    out = train(model, data, steps=cfg.train_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                generator=torch.Generator(device="cpu").manual_seed(seed), progress=progress)
+    out = train(model, data, steps=cfg.train_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
+                ema=cfg.ema, warmup=min(100, cfg.train_steps // 10), progress=progress)
     return out
 
 
