@@ -83,6 +83,25 @@ def test_gaussian_integral_term_closed_form(name):
     torch.testing.assert_close(hut.delta_log_prob, res.delta_log_prob, rtol=0, atol=1e-7)
 
 
+def test_any_sde_custom_ornstein_uhlenbeck():
+    # dx = -x dt + sqrt(2) dw (a CustomSDE, not affine to sdegen) with data N(0, s0^2 I):
+    # p_t = N(0, v(t) I), v = e^{-2t} s0^2 + 1 - e^{-2t}, score -x / v. The result must be log p_eps.
+    s0, d, eps = 0.3, 3, 1e-3
+    sde = sdegen.CustomSDE(drift=lambda x, t: -x, diffusion=lambda t: torch.full_like(t, math.sqrt(2.0)))
+
+    def v(t):
+        return torch.exp(-2 * t) * s0**2 + 1 - torch.exp(-2 * t)
+
+    def log_normal(z, var):
+        return -0.5 * (z.square().sum(1) / var + d * torch.log(2 * math.pi * var))
+
+    score = lambda x, t: -x / v(t)[:, None]  # noqa: E731
+    x = s0 * torch.randn(4, d, generator=torch.Generator().manual_seed(20), dtype=F64)
+    T = torch.tensor(sde.T, dtype=F64)
+    res = log_likelihood(sde, score, x, rtol=1e-8, atol=1e-8, eps=eps, prior=lambda z: log_normal(z, v(T)))
+    torch.testing.assert_close(res.log_prob, log_normal(x, v(torch.tensor(eps, dtype=F64))), rtol=0, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------- Hutchinson
 @pytest.mark.parametrize("mixture,probe_dist", [("8gaussians", "rademacher"), ("mixture16", "gaussian")])
 def test_hutchinson_is_unbiased(mixture, probe_dist):

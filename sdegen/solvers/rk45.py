@@ -178,31 +178,23 @@ def initial_step_size(fn: ODEFn, y0: Tensor, t0: Tensor, f0: Tensor, direction: 
     return torch.minimum(100 * h0, h1).clamp_max(span)
 
 
-class _StageBuffer:
-    r"""Stage derivatives $k_i$ as the rows of one ``(s, N)`` buffer ($N$ = entries of the state).
+def _lincomb(ks: list[Tensor], coefs: tuple[float, ...]) -> Tensor | None:
+    """``sum_j coefs[j] * ks[j]`` with in-place accumulation (``None`` if every coefficient is 0)."""
+    acc = None
+    for cj, kj in zip(coefs, ks):
+        if cj == 0.0:
+            continue
+        if acc is None:
+            acc = kj * cj
+        else:
+            acc.add_(kj, alpha=cj)
+    return acc
 
-    Each stage input $y + h\sum_j a_{ij} k_j$ and the error sum $\sum_i (b_i - \hat b_i) k_i$ is then
-    a single matrix-vector product, instead of a chain of scaled additions: fewer kernel launches
-    per step, which is what the per-step overhead of a small-batch solve consists of.
-    """
 
-    def __init__(self, tab: ButcherTableau, k1: Tensor):
-        s = tab.stages
-        self.K = k1.new_empty((s, k1.numel()))
-        self.K[0].copy_(k1.reshape(-1))
-        A = torch.zeros(s, s, dtype=torch.float64)
-        for i, row in enumerate(tab.a):
-            A[i, :i] = torch.tensor(row, dtype=torch.float64) if row else A[i, :i]
-        A = A.to(device=k1.device, dtype=k1.dtype)
-        self.rows = [A[i, :i] for i in range(s)]
-        self.b = torch.tensor(tab.b, dtype=k1.dtype).to(k1.device)
-        self.b_err = torch.tensor(tab.b_err, dtype=k1.dtype).to(k1.device)
-
-    def combine(self, y: Tensor, coefs: Tensor, n: int, h, hb: Tensor | None) -> Tensor:
-        """``y + h * sum_j coefs[j] k_j`` over the first ``n`` stages; ``hb``: per-sample ``h`` or None."""
-        if hb is None:
-            return torch.addmv(y.reshape(-1), self.K[:n].T, coefs, alpha=h).view(y.shape)
-        return y + hb * torch.mv(self.K[:n].T, coefs).view(y.shape)
+def _stage_input(y: Tensor, h, ks: list[Tensor], coefs: tuple[float, ...]) -> Tensor:
+    """``y + h * sum_j coefs[j] * ks[j]``; ``h`` a float or a tensor broadcastable against ``y``."""
+    acc = _lincomb(ks, coefs)
+    return y if acc is None else y + h * acc
 
 
 def _check_args(y0, t0, t1, rtol, atol, max_steps, first_step):
@@ -318,30 +310,123 @@ def _progress_bar(progress: bool, t0: float, t1: float):
                 bar_format="{l_bar}{bar}| {n:.4g}/{total:.4g} [{elapsed}<{remaining}{postfix}]")
 
 
-def _rk_step(f: ODEFn, tab: ButcherTableau, buf: _StageBuffer, y: Tensor, t, h, per_sample: bool):
-    """One attempted step from ``y`` (whose derivative is ``buf.K[0]``); fills ``buf.K[1:]``.
+def _rk_step(f: ODEFn, tab: ButcherTableau, y: Tensor, k1: Tensor, t: Tensor, h, hb):
+    """One attempted step with fresh tensors for every stage (differentiable end to end).
 
-    Batched mode: ``t`` and ``h`` are Python floats; per-sample mode: ``(B,)`` tensors.
-    Returns ``(y_new, err_sum)`` with the error estimate ``err = h * err_sum``.
+    ``t``: ``(B,)`` start times; ``h``: the step (float or ``(B,)``) added to ``t`` for the stage
+    times; ``hb``: ``h`` broadcastable against ``y``. Returns ``(y_new, err_sum, k_last)``, the error
+    estimate being ``hb * err_sum``.
     """
-    B = y.shape[0]
-    hb = append_dims(h, y.ndim) if per_sample else None
+    ks = [k1]
     y_new = y
     for i in range(1, tab.stages):
-        yi = buf.combine(y, buf.rows[i], i, h, hb)
+        yi = _stage_input(y, hb, ks, tab.a[i])
         if tab.fsal and i == tab.stages - 1:
             y_new = yi  # the last row of a equals b: this stage input is the solution
-        ti = t + tab.c[i] * h if per_sample else torch.full((B,), t + tab.c[i] * h, device=y.device, dtype=y.dtype)
-        buf.K[i].copy_(f(yi, ti).reshape(-1))
+        ks.append(f(yi, t + tab.c[i] * h))
     if not tab.fsal:
-        y_new = buf.combine(y, buf.b, tab.stages, h, hb)
-    return y_new, torch.mv(buf.K.T, buf.b_err).view(y.shape)
+        y_new = _stage_input(y, hb, ks, tab.b)
+    err_sum = _lincomb(ks, tab.b_err)
+    return y_new, err_sum if err_sum is not None else torch.zeros_like(y), ks[-1]
 
 
-def _scaled_error(err_sum: Tensor, y: Tensor, y_new: Tensor, rtol: float, atol: float) -> Tensor:
-    r"""$\text{err\_sum} / (\text{atol} + \text{rtol}\max(|y|, |y_{new}|))$, computed in place on ``err_sum``."""
-    scale = torch.maximum(y.abs(), y_new.abs()).mul_(rtol).add_(atol)
-    return err_sum.div_(scale)
+def _scaled(err_sum: Tensor, y: Tensor, y_new: Tensor, rtol: float, atol: float) -> Tensor:
+    r"""$\text{err\_sum} / (\text{atol} + \text{rtol}\max(|y|, |y_{new}|))$ (a new tensor)."""
+    return err_sum / torch.maximum(y.abs(), y_new.abs()).mul_(rtol).add_(atol)
+
+
+class _ListStepper:
+    """Batched steps with fresh tensors per stage: used when gradients must flow through the solve."""
+
+    def __init__(self, f: ODEFn, tab: ButcherTableau, y0: Tensor, k1: Tensor, rtol: float, atol: float):
+        self.f, self.tab, self.rtol, self.atol = f, tab, rtol, atol
+        self.y, self.k1 = y0, k1
+
+    def attempt(self, t: float, dt: float) -> Tensor:
+        """Try a step of ``dt`` from ``t``; returns the (unscaled by ``|dt|``) error norm, 0-d."""
+        y = self.y
+        tt = torch.full((y.shape[0],), t, device=y.device, dtype=y.dtype)
+        self.y_new, err_sum, self.k_last = _rk_step(self.f, self.tab, y, self.k1, tt, dt, dt)
+        return torch.linalg.vector_norm(_scaled(err_sum, y, self.y_new, self.rtol, self.atol)).detach()
+
+    def accept(self, t_new: float) -> None:
+        self.y = self.y_new
+        self.k1 = self.k_last if self.tab.fsal else self.f(
+            self.y, torch.full((self.y.shape[0],), t_new, device=self.y.device, dtype=self.y.dtype))
+
+    def k1_finite(self) -> bool:
+        return bool(torch.isfinite(self.k1).all())
+
+    def state(self) -> Tensor:
+        return self.y
+
+
+class _BufferStepper:
+    r"""Batched steps in preallocated buffers: the fast path when no gradient flows through the solve.
+
+    The stage derivatives are the rows of one ``(s, N)`` buffer ``K``, so each stage input
+    $y + h \sum_j a_{ij} k_j$ is ONE ``addmv`` written into a stage buffer, the error sum one ``mv``,
+    and the stage times one fused update: about 23 tensor operations per step besides ``f``, which
+    is what the per-step overhead of a small-batch solve consists of. ``f`` receives views of these
+    buffers; it must not keep references to its arguments after returning (they are overwritten by
+    later stages).
+    """
+
+    def __init__(self, f: ODEFn, tab: ButcherTableau, y0: Tensor, k1: Tensor, rtol: float, atol: float):
+        s, B, N = tab.stages, y0.shape[0], y0.numel()
+        dev, dt_ = y0.device, y0.dtype
+        self.f, self.tab, self.rtol, self.atol, self.shape = f, tab, rtol, atol, y0.shape
+        self.K = y0.new_empty((s, N))
+        self.K[0].copy_(k1.reshape(-1))
+        self.KT = [self.K[:n].T for n in range(s + 1)]
+        self.Ksh = [self.K[i].view(y0.shape) for i in range(s)]
+        # Stage inputs; row 0 (the stage-0 input is y itself) holds y_new for non-FSAL tableaus.
+        self.Y = y0.new_empty((s, N))
+        self.Ysh = [self.Y[i].view(y0.shape) for i in range(s)]
+        self.new = s - 1 if tab.fsal else 0
+        self.y = y0.detach().reshape(-1).clone()
+        self.ay, self.ay_new = self.y.abs(), torch.empty_like(self.y)
+        self.err, self.scale = torch.empty_like(self.y), torch.empty_like(self.y)
+        A = torch.zeros(s, s, dtype=torch.float64)
+        for i, row in enumerate(tab.a):
+            if row:
+                A[i, :i] = torch.tensor(row, dtype=torch.float64)
+        A = A.to(device=dev, dtype=dt_)
+        self.rows = [A[i, :i] for i in range(s)]
+        self.b = torch.tensor(tab.b, dtype=dt_).to(dev)
+        self.b_err = torch.tensor(tab.b_err, dtype=dt_).to(dev)
+        self.cB = torch.tensor(tab.c, dtype=dt_).to(dev)[:, None].expand(s, B).contiguous()
+        self.tb = torch.empty_like(self.cB)
+        self.trow = [self.tb[i] for i in range(s)]
+
+    def attempt(self, t: float, dt: float) -> Tensor:
+        torch.mul(self.cB, dt, out=self.tb)
+        self.tb.add_(t)
+        for i in range(1, self.tab.stages):
+            torch.addmv(self.y, self.KT[i], self.rows[i], alpha=dt, out=self.Y[i])
+            self.Ksh[i].copy_(self.f(self.Ysh[i], self.trow[i]))
+        if not self.tab.fsal:
+            torch.addmv(self.y, self.KT[-1], self.b, alpha=dt, out=self.Y[0])
+        torch.mv(self.KT[-1], self.b_err, out=self.err)
+        torch.abs(self.Y[self.new], out=self.ay_new)
+        torch.maximum(self.ay, self.ay_new, out=self.scale)
+        self.scale.mul_(self.rtol).add_(self.atol)
+        return torch.linalg.vector_norm(self.err.div_(self.scale))
+
+    def accept(self, t_new: float) -> None:
+        self.y.copy_(self.Y[self.new])
+        self.ay, self.ay_new = self.ay_new, self.ay
+        if self.tab.fsal:
+            self.K[0].copy_(self.K[-1])
+        else:
+            tt = torch.full((self.shape[0],), t_new, device=self.y.device, dtype=self.y.dtype)
+            self.Ksh[0].copy_(self.f(self.y.view(self.shape), tt))
+
+    def k1_finite(self) -> bool:
+        return bool(torch.isfinite(self.K[0]).all())
+
+    def state(self) -> Tensor:
+        return self.y.view(self.shape)
 
 
 def _integrate_batched(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl, tab, progress, record_every,
@@ -350,23 +435,21 @@ def _integrate_batched(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl, t
     direction = 1.0 if t1 > t0 else -1.0
     span = abs(t1 - t0)
     q = tab.error_order + 1
-    y = y0
     t = t0
-
-    def tvec(v: float) -> Tensor:
-        return torch.full((B,), v, device=y0.device, dtype=y0.dtype)
-
-    k1 = f(y, tvec(t))
-    buf = _StageBuffer(tab, k1)
-    root_n = math.sqrt(y0.numel())
+    t_vec = torch.full((B,), t0, device=y0.device, dtype=y0.dtype)
+    k1 = f(y0, t_vec)
     if first_step is None:
         # One host read at start-up (not per step).
-        h = float(initial_step_size(f, y, tvec(t), k1, direction, tab.order, rtol, atol, per_sample=False,
-                                    span=span))
+        with torch.no_grad():  # step-size heuristics are not differentiated
+            h = float(initial_step_size(f, y0, t_vec, k1, direction, tab.order, rtol, atol, per_sample=False,
+                                        span=span))
     else:
         h = float(first_step)
     h = min(h, span)
     stats["first_step"] = h
+    differentiable = torch.is_grad_enabled() and (y0.requires_grad or k1.requires_grad)
+    stepper = (_ListStepper if differentiable else _BufferStepper)(f, tab, y0, k1, rtol, atol)
+    root_n = math.sqrt(y0.numel())
     prev_err = 1.0
     bar = _progress_bar(progress, t0, t1)
     attempts = 0
@@ -375,7 +458,7 @@ def _integrate_batched(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl, t
         while direction * (t1 - t) > 0:
             if attempts >= max_steps:
                 raise StepSizeError(f"rk45: max_steps={max_steps} exceeded at t={t:.6g} with dt={direction * h:.3g}",
-                                    t=t, dt=direction * h, x=y, steps=attempts)
+                                    t=t, dt=direction * h, x=stepper.state().clone(), steps=attempts)
             remaining = abs(t1 - t)
             last = h >= remaining * (1 - 1e-12)
             if last:
@@ -384,30 +467,28 @@ def _integrate_batched(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl, t
                 if nonfinite_rejection:
                     raise NonFiniteError(f"rk45: fn returned non-finite values just after t={t:.6g} (the step size "
                                          f"shrank to {direction * h:.3g} without avoiding them)",
-                                         step=stats["accepted"], t=t, x=y)
+                                         step=stats["accepted"], t=t, x=stepper.state().clone())
                 raise StepSizeError(f"rk45: step size underflow at t={t:.6g} (dt={direction * h:.3g}); the ODE is too "
-                                    f"stiff for the tolerances rtol={rtol}, atol={atol}", t=t, dt=direction * h, x=y,
-                                    steps=attempts)
+                                    f"stiff for the tolerances rtol={rtol}, atol={atol}", t=t, dt=direction * h,
+                                    x=stepper.state().clone(), steps=attempts)
             attempts += 1
             dt = direction * h
-            y_new, err_sum = _rk_step(f, tab, buf, y, t, dt, per_sample=False)
             # The single device-to-host transfer of this step: the accept/reject decision needs the
             # error norm on the host (it decides whether and how far the loop continues).
-            err_norm = float(torch.linalg.vector_norm(_scaled_error(err_sum, y, y_new, rtol, atol))) * h / root_n
-            if not math.isfinite(err_norm) and not bool(torch.isfinite(buf.K[0]).all()):
+            err_norm = float(stepper.attempt(t, dt)) * h / root_n
+            if not math.isfinite(err_norm) and not stepper.k1_finite():
                 raise NonFiniteError(f"rk45: fn returned non-finite values at t={t:.6g}", step=stats["accepted"],
-                                     t=t, x=y)
+                                     t=t, x=stepper.state().clone())
             accepted = err_norm <= 1.0
             nonfinite_rejection = not math.isfinite(err_norm)
             fac = ctrl.factor(err_norm, prev_err, q, accepted)
             if accepted:
                 stats["accepted"] += 1
-                y = y_new
                 t = t1 if last else t + dt
-                buf.K[0].copy_(buf.K[-1] if tab.fsal else f(y, tvec(t)).reshape(-1))
+                stepper.accept(t)
                 prev_err = err_norm
                 if traj is not None and (stats["accepted"] % record_every == 0 or t == t1):
-                    traj.append((t, y.detach().clone()))
+                    traj.append((t, stepper.state().detach().clone()))
                 if bar is not None:
                     bar.update(h)
                     bar.set_postfix(t=f"{t:.4g}", dt=f"{dt:.2e}", refresh=False)
@@ -417,7 +498,7 @@ def _integrate_batched(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl, t
     finally:
         if bar is not None:
             bar.close()
-    return y
+    return stepper.state()
 
 
 def _integrate_per_sample(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl, tab, progress, record_every,
@@ -430,10 +511,10 @@ def _integrate_per_sample(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl
     t = torch.full((B,), t0, device=dev, dtype=dt_)
     t_end = torch.full((B,), t1, device=dev, dtype=dt_)
     k1 = f(y, t)
-    buf = _StageBuffer(tab, k1)
     root_n = math.sqrt(y0[0].numel())
     if first_step is None:
-        h = initial_step_size(f, y, t, k1, direction, tab.order, rtol, atol, per_sample=True, span=abs(t1 - t0))
+        with torch.no_grad():  # step-size heuristics are not differentiated
+            h = initial_step_size(f, y, t, k1, direction, tab.order, rtol, atol, per_sample=True, span=abs(t1 - t0))
     else:
         h = torch.full((B,), float(first_step), device=dev, dtype=dt_)
     h = h.clamp_max(abs(t1 - t0))
@@ -454,23 +535,21 @@ def _integrate_per_sample(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl
             h_step = torch.where(active, torch.where(last, remaining, h), torch.zeros_like(h))
             underflow = active & (h_step <= tiny * torch.maximum(t.abs(), t_end.abs()).clamp_min(1.0))
             dt = direction * h_step
-            y_new, err_sum = _rk_step(f, tab, buf, y, t, dt, per_sample=True)
-            err_norm = torch.linalg.vector_norm(_scaled_error(err_sum, y, y_new, rtol, atol).reshape(B, -1), dim=1)
+            y_new, err_sum, k_last = _rk_step(f, tab, y, k1, t, dt, append_dims(dt, y.ndim))
+            err_norm = torch.linalg.vector_norm(_scaled(err_sum, y, y_new, rtol, atol).reshape(B, -1), dim=1).detach()
             err_norm = err_norm * h_step / root_n
             finite_err = torch.isfinite(err_norm)
             # Non-finite values at an accepted state, or a step size that shrank to nothing while
             # the error estimate stayed non-finite: fn returns NaN/inf there, not a stiffness problem.
-            K0 = buf.K[0].view(B, -1)
-            bad = active & ((~finite_err & ~torch.isfinite(K0).all(1)) | (underflow & nonfinite_rej))
+            bad = active & ((~finite_err & ~torch.isfinite(k1.reshape(B, -1)).all(1)) | (underflow & nonfinite_rej))
             nonfinite_rej = torch.where(active, ~finite_err, nonfinite_rej)
             accept = active & (err_norm <= 1.0) & ~underflow
             reject = active & ~accept
             fac = ctrl.factor(err_norm, prev_err, q, accept)
             ab = append_dims(accept, y.ndim)
             y = torch.where(ab, y_new, y)
-            k_next = buf.K[-1].view(B, -1) if tab.fsal else f(y, t).reshape(B, -1)
-            K0.copy_(torch.where(accept[:, None], k_next, K0))
             t = torch.where(accept, torch.where(last, t_end, t + dt), t)
+            k1 = torch.where(ab, k_last, k1) if tab.fsal else torch.where(ab, f(y, t), k1)
             prev_err = torch.where(accept, err_norm, prev_err)
             h = torch.where(active, h_step * fac, h)
             n_acc += accept.long()

@@ -303,3 +303,18 @@ def test_never_evaluates_outside_the_interval(per_sample, t0, t1):
 
     y1, stats, _ = rk45_integrate(fn, torch.ones(3, 2, dtype=F64), t0, t1, per_sample=per_sample)
     torch.testing.assert_close(y1, torch.full_like(y1, math.exp(1e-9 * (t1 - t0))))
+
+
+def test_gradients_flow_through_the_solve_and_match_the_fast_path():
+    # With y0 requiring grad the solver keeps every stage as a fresh tensor (autograd-safe); for
+    # y' = lam y, dy(1)/dy0 = exp(lam) up to the solver tolerance. The no-grad fast path (stage
+    # buffers) must give the same numbers to rounding.
+    lam = -0.7
+    y0 = torch.full((3, 2), 1.5, dtype=F64, requires_grad=True)
+    y1, stats, _ = rk45_integrate(linear(lam), y0, 0.0, 1.0, rtol=1e-9, atol=1e-9)
+    (g,) = torch.autograd.grad(y1.sum(), y0)
+    torch.testing.assert_close(g, torch.full_like(g, math.exp(lam)), rtol=0, atol=1e-7)
+    with torch.no_grad():
+        y_fast, stats_fast, _ = rk45_integrate(linear(lam), y0, 0.0, 1.0, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(y_fast, y1.detach(), rtol=1e-13, atol=1e-13)
+    assert stats_fast["accepted"] == stats["accepted"] and stats_fast["nfe"] == stats["nfe"]
