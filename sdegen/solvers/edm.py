@@ -30,10 +30,12 @@ from .base import AbstractFixedGridSolver, Dynamics
 __all__ = ["HeunKarras"]
 
 
-def _scaled_derivative(dyn: Dynamics, x: Tensor, t: Tensor, m: Tensor, sigma: Tensor) -> Tensor:
-    r"""$d\hat x/d\sigma = (\hat x - D)/\sigma$ at the unscaled state ``x`` (one score evaluation)."""
-    x0 = dyn.affine.x0_from_score(x, t, dyn.score(x, t))
-    return (x / append_dims(m, x.ndim) - x0) / append_dims(sigma, x.ndim)
+def _scaled_derivative(dyn: Dynamics, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
+    r"""$d\hat x/d\sigma = (\hat x - D)/\sigma$ at the unscaled state ``x`` (one score evaluation).
+
+    With Tweedie's $D = (x + s^2\nabla\log p_t)/m$ and $\sigma = s/m$ this is exactly
+    $-s(t)\,\nabla\log p_t(x)$ (= $\hat\epsilon$): no division by a small $\sigma$, no second marginal call."""
+    return -append_dims(s, x.ndim) * dyn.score(x, t)
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ class HeunKarras(AbstractFixedGridSolver):
         m1, s1 = sde.marginal(t1)
         sig0, sig1 = s0 / m0, s1 / m1
         xs = x / append_dims(m0, x.ndim)                                   # \hat x = x / m
-        t_hat, m_hat, sig_hat = t0, m0, sig0
+        t_hat, m_hat, s_hat, sig_hat = t0, m0, s0, sig0
         if self.s_churn > 0:
             gamma = min(self.s_churn / self.n_steps, math.sqrt(2.0) - 1.0)
             in_range = (sig0 >= self.s_tmin) & (sig0 <= self.s_tmax)
@@ -106,18 +108,18 @@ class HeunKarras(AbstractFixedGridSolver):
             # Raising the noise above sigma(T) has no time to map to: clamp at T.
             sig_hat = torch.where(in_range, torch.minimum(sig0 * (1 + gamma), sig_max), sig0)
             t_hat = torch.where(in_range, sde.t_from_sigma(sig_hat).to(t0.dtype), t0)
-            m_hat = sde.marginal(t_hat)[0]
+            m_hat, s_hat = sde.marginal(t_hat)
             # dw has variance |t1 - t0|: rescale it to the unit-variance draw z of Alg. 2.
             z = dw / (t0 - t1).abs().sqrt().reshape(-1, *([1] * (x.ndim - 1)))
             add = (sig_hat.square() - sig0.square()).clamp_min(0).sqrt() * self.s_noise
             xs = xs + append_dims(add, x.ndim) * z
         h = append_dims(sig1 - sig_hat, x.ndim)
-        d = _scaled_derivative(dyn, xs * append_dims(m_hat, x.ndim), t_hat, m_hat, sig_hat)
+        d = _scaled_derivative(dyn, xs * append_dims(m_hat, x.ndim), t_hat, s_hat)
         xs_euler = xs + h * d
         last = self.n_steps is not None and state + 1 >= self.n_steps
         if self.final_euler and last:
             return xs_euler * append_dims(m1, x.ndim), state + 1
-        d1 = _scaled_derivative(dyn, xs_euler * append_dims(m1, x.ndim), t1, m1, sig1)
+        d1 = _scaled_derivative(dyn, xs_euler * append_dims(m1, x.ndim), t1, s1)
         return (xs + 0.5 * h * (d + d1)) * append_dims(m1, x.ndim), state + 1
 
 
