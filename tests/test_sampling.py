@@ -11,6 +11,16 @@ import sdegen
 from sdegen.sampling import METHODS, sample
 from sdegen.solvers.base import NonFiniteError
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """One intra-op thread: on a shared 2-core machine a parallel op waits for a busy core's time slice
+    (10 ms each); these tensors are small, so one thread is also the fastest when the machine is idle."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 GM = sdegen.named_mixture("gaussian")
 ALL_METHODS = list(METHODS)
 FIXED = {"euler_maruyama": 1, "reverse_diffusion": 1, "ancestral": 1, "pc": 2, "ode_euler": 1, "ode_heun": 2}
@@ -31,8 +41,13 @@ def _steps(method):
     return 25 if METHODS[method].fixed_grid else None
 
 
+# Loose tolerances where a method's defaults are tight: the contract is about plumbing, not accuracy.
+CONTRACT_OPTS = {"adaptive_sde": {"rtol": 0.1, "atol": 0.1}, "rk45": {"rtol": 1e-3, "atol": 1e-3}}
+
+
 def _run(method, sde=None, *, dtype=torch.float64, seed=0, n=32, **kw):
     sde = sde or sdegen.VPSDE()
+    kw = {**CONTRACT_OPTS.get(method, {}), **kw}
     score = Counter(GM.score_fn(sde))
     res = sample(sde, score, (n, 2), method=method, steps=kw.pop("steps", _steps(method)), dtype=dtype,
                  generator=torch.Generator().manual_seed(seed), **kw)
