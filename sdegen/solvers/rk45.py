@@ -268,7 +268,8 @@ def rk45_integrate(
         ``(y1, stats, trajectory)``: ``y1`` ``(B, *D)`` at ``t1``; ``stats`` with ``accepted``,
         ``rejected``, ``nfe`` (calls of ``fn``), ``first_step`` and, per sample, ``accepted_per_sample``
         / ``rejected_per_sample`` (CPU int tensors) in per-sample mode; ``trajectory`` a list of
-        ``(t, y)`` (detached copies, first entry ``t0``, last ``t1``) or ``None``.
+        ``(t, y)`` (detached copies, first entry ``t0``, last ``t1``) or ``None``. In batched mode
+        ``stats["times"]`` is a float64 CPU tensor of ``t0`` and every accepted step's end time.
 
     Raises:
         StepSizeError: the step size underflowed (relative to ``t``) or ``max_steps`` was exceeded;
@@ -454,6 +455,7 @@ def _integrate_batched(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl, t
     bar = _progress_bar(progress, t0, t1)
     attempts = 0
     nonfinite_rejection = False
+    times = [t0]
     try:
         while direction * (t1 - t) > 0:
             if attempts >= max_steps:
@@ -486,6 +488,7 @@ def _integrate_batched(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl, t
                 stats["accepted"] += 1
                 t = t1 if last else t + dt
                 stepper.accept(t)
+                times.append(t)
                 prev_err = err_norm
                 if traj is not None and (stats["accepted"] % record_every == 0 or t == t1):
                     traj.append((t, stepper.state().detach().clone()))
@@ -498,6 +501,7 @@ def _integrate_batched(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl, t
     finally:
         if bar is not None:
             bar.close()
+    stats["times"] = torch.tensor(times, dtype=torch.float64)
     return stepper.state()
 
 

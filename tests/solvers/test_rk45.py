@@ -155,6 +155,9 @@ def test_trajectory_recording_and_t0_equals_t1():
     assert ts[0] == 1.0 and ts[-1] == 0.0 and all(a > b for a, b in zip(ts, ts[1:]))
     assert len(traj) == 2 + (stats["accepted"] - 1) // 2
     torch.testing.assert_close(traj[-1][1], y1)
+    times = stats["times"]
+    assert times.dtype == F64 and len(times) == stats["accepted"] + 1
+    assert times[0] == 1.0 and times[-1] == 0.0 and (times[1:] < times[:-1]).all()
     y_same, stats0, _ = rk45_integrate(linear(-1.0), y0, 0.5, 0.5)
     assert y_same is y0 and stats0["nfe"] == 0
 
