@@ -166,7 +166,7 @@ class DDPM:
         x = ddpm.sample(eps_model, (16, 2), generator=torch.Generator().manual_seed(0))
     """
 
-    __slots__ = ("_betas", "_T", "_variance", "_tab", "_cache", "_frozen")
+    __slots__ = ("_betas", "_T", "_variance", "_tab", "_cache")
 
     def __init_subclass__(cls, **kwargs):
         raise TypeError("DDPM is final: wrap it instead of subclassing")
@@ -185,10 +185,13 @@ class DDPM:
         object.__setattr__(self, "_variance", variance)
         object.__setattr__(self, "_tab", self._build_tables(b, variance))
         object.__setattr__(self, "_cache", {})
-        object.__setattr__(self, "_frozen", True)
 
     def __setattr__(self, name, value):
         raise AttributeError(f"DDPM is immutable: cannot set {name!r}; build a new DDPM instead")
+
+    def __reduce__(self):
+        # copy/deepcopy/pickle rebuild through the constructor (the default slot-state path would setattr).
+        return (_rebuild, (self._betas.clone(), self._T, self._variance))
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -853,6 +856,10 @@ def continuous_vlb(sde: AffineSDE, score_fn: Callable[..., Tensor], x0: Tensor, 
 
 
 # ---------------------------------------------------------------------- helpers
+def _rebuild(betas: Tensor, T: float, variance: str) -> DDPM:
+    return DDPM(betas, T=T, variance=variance)
+
+
 def _check_steps(n, name: str) -> int:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"{name} must be a positive int, got {n!r}")

@@ -6,7 +6,9 @@ exact noise prediction is linear, $\epsilon^*(x_i, i) = \sqrt{1-\bar\alpha_i}(x_
 and every term of the VLB has a closed-form expectation (``_analytic_vlb``).
 """
 
+import copy
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -139,6 +141,9 @@ def test_ddpm_is_immutable_and_final():
     with pytest.raises(TypeError, match="final"):
         class Sub(DDPM):                           # noqa: F841
             pass
+    # copy, deepcopy and pickle rebuild an equal chain
+    for twin in (copy.copy(ddpm), copy.deepcopy(ddpm), pickle.loads(pickle.dumps(ddpm))):
+        assert torch.equal(twin.betas, ddpm.betas) and twin.T == ddpm.T and twin.variance == ddpm.variance
 
 
 @pytest.mark.parametrize("call, exc, text", [
