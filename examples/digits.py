@@ -54,11 +54,13 @@ def _class_figures(clf, x) -> dict:
 
 
 def _grid(ax, imgs, title):
-    import numpy as np
-
+    """A square grid of 8x8 images, separated by light-grey lines (the digits' own margins are white)."""
     n = int(math.sqrt(len(imgs)))
-    tiles = imgs[: n * n, 0].reshape(n, n, 8, 8).permute(0, 2, 1, 3).reshape(n * 8, n * 8)
-    ax.imshow(np.asarray(tiles.clamp(-1, 1)), cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")
+    canvas = torch.full((n * 9 + 1, n * 9 + 1), -0.7)
+    for k in range(n * n):
+        r, c = divmod(k, n)
+        canvas[1 + 9 * r: 9 + 9 * r, 1 + 9 * c: 9 + 9 * c] = imgs[k, 0].clamp(-1, 1)
+    ax.imshow(canvas.numpy(), cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")
     ax.set_title(title, fontsize=10)
     ax.axis("off")
 
@@ -102,6 +104,9 @@ def main(argv=None) -> dict:
                              generator=gen, device=args.device)
     sample_time = time.perf_counter() - t0
     samples = samp.samples.float().cpu().clamp(-1, 1)
+    from safetensors.torch import save_file
+
+    save_file({"samples": samples.contiguous()}, str(out / "samples.safetensors"))  # re-plot without re-sampling
 
     clf = _classifier(x_train, y_train)
     real = _class_figures(clf, x_test)
