@@ -297,6 +297,24 @@ def test_exact_divergence_64d(name):
     assert ((res.log_prob - gm.log_prob_t(x, 1e-5, sde)).abs() / gm.dim).max() < 1e-3
 
 
+@pytest.mark.slow
+def test_trained_model_prefers_held_out_data():
+    # A small eps-MLP trained on 8gaussians (VP): the ODE likelihood of held-out data must beat the
+    # same points shifted by (1, 1) by a wide margin (true gap ~14 nats; measured ~4.5), and be
+    # within 1 nat of the true mean log-density (measured ~0.6 off after 1500 steps). With 256
+    # points the means have standard errors ~0.1 nat, far below both margins.
+    gm = sdegen.named_mixture("8gaussians", dtype=torch.float32)
+    sde = sdegen.VPSDE()
+    data = gm.sample(20000, generator=torch.Generator().manual_seed(0))
+    model = sdegen.ScoreModel(sdegen.nn.MLP(2, hidden=128, depth=3), sde, "eps")
+    out = sdegen.train(model, data, steps=1500, batch_size=256, lr=2e-3, progress=False, seed=0)
+    held = gm.sample(256, generator=torch.Generator().manual_seed(1))
+    r_held = log_likelihood(sde, out.model, held, rtol=1e-4, atol=1e-4, eps=1e-3)
+    r_shift = log_likelihood(sde, out.model, held + 1.0, rtol=1e-4, atol=1e-4, eps=1e-3)
+    assert float(r_held.log_prob.mean()) > float(r_shift.log_prob.mean()) + 2.0
+    assert abs(float(r_held.log_prob.mean()) - float(gm.log_prob(held).mean())) < 1.0
+
+
 @pytest.mark.cuda
 def test_cuda_matches_cpu():
     dev = torch.device("cuda")

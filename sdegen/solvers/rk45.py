@@ -250,7 +250,11 @@ def rk45_integrate(
     ``first_step`` is None) ``+ 6 * (accepted + rejected)`` steps (batched calls in per-sample mode).
 
     Args:
-        fn: ``fn(y, t) -> dy/dt``, ``y`` shaped like ``y0`` ``(B, *D)``, ``t`` a ``(B,)`` tensor.
+        fn: ``fn(y, t) -> dy/dt``, ``y`` shaped like ``y0`` ``(B, *D)``, ``t`` a ``(B,)`` tensor. When
+            no gradient flows through the solve, ``y`` and ``t`` are views of reused work buffers:
+            ``fn`` must not keep references to them after returning (copy what it wants to keep).
+            When ``y0`` or ``fn``'s output requires grad (and grad mode is on), every stage is a
+            fresh tensor and the solve is differentiable.
         y0: initial state ``(B, *D)``; the result keeps its device and dtype.
         t0, t1: start and end time (Python floats).
         rtol, atol: relative and absolute tolerances of the error test.
