@@ -103,6 +103,8 @@ class AffineSDE(SDE):
 
     def _as_t(self, t) -> Tensor:
         if not isinstance(t, Tensor):
+            if isinstance(t, bool) or not isinstance(t, (int, float)):
+                raise TypeError(f"t must be a float or a tensor, got {type(t).__name__}")
             t = torch.tensor([float(t)], dtype=torch.get_default_dtype())
         elif t.ndim == 0:
             t = t.reshape(1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import math
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -79,6 +80,8 @@ class CountingScore:
     def __init__(self, score_fn: Callable[..., Tensor], model_kwargs: dict | None = None):
         if not callable(score_fn):
             raise TypeError(f"score_fn must be callable, got {type(score_fn).__name__}")
+        if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
+            raise TypeError(f"model_kwargs must be a dict of keyword arguments, got {type(model_kwargs).__name__}")
         self.score_fn = score_fn
         self.model_kwargs = dict(model_kwargs or {})
         self.nfe = 0
