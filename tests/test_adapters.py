@@ -196,13 +196,13 @@ def test_adapter_sampling_matches_oracle_moments():
     received = []
     sde, score_fn = from_discrete_eps(lambda x, u: eps(x, u), _linear_betas(100, 1e-4, 0.1))
     eps = _exact_eps_model(gm, sde, 1, received)
-    n = 4000
+    n = 2000
     res = sdegen.sample(sde, score_fn, (n, 2), method="ancestral", steps=99, eps=1 / 100,
                         generator=torch.Generator().manual_seed(5), dtype=F64)
     x = res.samples
-    # Mean: SE = 0.5/sqrt(n) = 0.0079 per coordinate; 5 SE plus the O(1/N) discretization bias.
+    # Mean: SE = 0.5/sqrt(n) = 0.011 per coordinate; 5 SE plus the O(1/N) discretization bias.
     assert (x.mean(0) - 0.5).abs().max() < 5 * 0.5 / math.sqrt(n) + 0.01
-    # Variance: SE of the sample variance = sigma^2 sqrt(2/n) = 0.0056.
+    # Variance: SE of the sample variance = sigma^2 sqrt(2/n) = 0.0079.
     assert (x.var(0) - 0.25).abs().max() < 5 * 0.25 * math.sqrt(2 / n) + 0.01
     assert res.nfe == 100
 
@@ -251,7 +251,8 @@ def test_diffusers_ddpm_loop_equivalence(prediction_type):
     x_T = torch.randn(shape, generator=g_ref, dtype=F64)
     ref = _diffusers_loop(unet, scheduler, x_T, g_ref)
 
-    for timesteps in ("continuous", "round"):
+    # Both time modes give the model the integer steps on this grid; one per prediction type keeps it quick.
+    for timesteps in (("continuous",) if prediction_type == "epsilon" else ("round",)):
         sde, score_fn = from_diffusers(unet, scheduler, timesteps=timesteps)
         res = sdegen.sample(sde, score_fn, shape, method="ancestral", steps=n - 1, eps=1.0 / n,
                             generator=torch.Generator().manual_seed(7), dtype=F64)
