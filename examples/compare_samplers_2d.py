@@ -55,7 +55,7 @@ def methods(sde) -> dict:
         "DDPM ancestral": (fixed("ancestral"), [25, 50, 100, 200, 500, 1000]),  # N > beta_max: beta_i < 1
         "DDIM (eta=0)": (ddim, [5, 10, 20, 50, 100]),
         "Euler-Maruyama": (fixed("euler_maruyama"), [10, 20, 50, 100, 200, 500]),
-        "PC (reverse diffusion + Langevin)": (fixed("pc", snr=0.16), [5, 10, 25, 50, 100, 250]),
+        "PC (annealed Langevin)": (fixed("pc", corrector="annealed_langevin", snr=0.16), [5, 10, 25, 50, 100, 250]),
         "ODE Euler": (fixed("ode_euler"), [10, 20, 50, 100, 200]),
         "ODE Heun": (fixed("ode_heun"), [5, 10, 25, 50, 100]),
         "RK45 (adaptive)": (rk45, [1e-2, 1e-3, 1e-4, 1e-5]),

@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     d.add_argument("--fast", action="store_true", help="a tiny configuration that runs in seconds (for tests)")
     d.add_argument("--dataset", choices=("8gaussians", "anisotropic", "gaussian"), help="2-D data set")
-    d.add_argument("--train-steps", type=int, help="training steps (default 4000; 60 with --fast)")
+    d.add_argument("--train-steps", type=int, help="training steps (default 8000; 60 with --fast)")
     d.add_argument("--n", type=int, help="samples per method (default 2000; 200 with --fast)")
     _common(d)
     d.set_defaults(func=_cmd_demo)

@@ -276,7 +276,7 @@ def error_vs_nfe(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], 
         The figure.
     """
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(5.2, 3.6))
+        fig, ax = plt.subplots(figsize=(7.2, 3.8))
         markers = "osD^v<>ph*"
         for k, (name, (nfe, err)) in enumerate(curves.items()):
             order = np.argsort(np.asarray(nfe, dtype=float))
@@ -290,7 +290,7 @@ def error_vs_nfe(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], 
         ax.set_xlabel("score evaluations (NFE)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="major", alpha=0.3)
-        ax.legend(frameon=False, loc="best")
+        ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: curves stay visible
         if title:
             ax.set_title(title)
         fig.tight_layout()

@@ -207,7 +207,7 @@ def test_demo_writes_table_and_figures_with_counted_nfe(tmp_path):
     assert nfe["DDPM ancestral"] == cfg.ancestral_steps          # one score call per DDPM step, no denoising
     assert nfe["DDIM"] == cfg.ddim_steps
     assert nfe["Euler-Maruyama"] == cfg.sde_steps + 1              # + the final Tweedie denoising step
-    assert nfe["PC (Langevin)"] == 2 * (cfg.sde_steps // 2) + 1    # predictor + 1 corrector step, + denoise
+    assert nfe["PC (annealed Langevin)"] == 2 * (cfg.sde_steps // 2) + 1    # predictor + 1 corrector step, + denoise
     assert all(math.isfinite(r["distance"]) and r["seconds"] >= 0 for r in rows)
     for name in ("samples.png", "trajectories.png", "training_loss.png", "results.json", "table.md"):
         assert (tmp_path / name).stat().st_size > 0
