@@ -272,3 +272,16 @@ def test_diffusers_adapter_runs_other_samplers():
     assert bool(torch.isfinite(res.samples).all()) and res.nfe == 8
     with pytest.raises(TypeError, match="scheduler"):
         from_diffusers(unet, object())
+
+
+@pytest.mark.cuda
+def test_adapters_on_cuda(generator):
+    gm = sdegen.named_mixture("anisotropic")
+    received = []
+    sde, score_fn = from_discrete_eps(lambda x, u: eps(x, u), _cosine_betas(40))
+    eps = _exact_eps_model(gm.to("cuda"), sde, 1, received)
+    x = torch.randn(64, 2, generator=generator, dtype=F64)
+    t = torch.rand(64, generator=generator, dtype=F64) * 0.98 + 0.01
+    out = score_fn(x.cuda(), t.cuda())
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out.cpu(), gm.score(x, t, sde), rtol=1e-9, atol=1e-9)

@@ -139,3 +139,16 @@ def test_chunked_million_samples_peak_rss(tmp_path):
     chunked = runs["chunked"]
     assert chunked["output_mb"] == pytest.approx(1e6 * 2 * 4 / 2**20, abs=0.1)
     assert chunked["peak_rss_mb"] - chunked["baseline_peak_rss_mb"] < 150, out.stdout
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("noise", ["per_chunk", "per_sample"])
+def test_chunked_on_cuda(tmp_path, noise):
+    gm, sde, _ = _job()
+    score = gm.to("cuda", torch.float32).score_fn(sde)
+    res = sample_chunked(sde, score, 300, (2,), batch_size=128, method="euler_maruyama", steps=10, seed=1,
+                         noise=noise, device="cuda", out=tmp_path / "c.npy")
+    again = sample_chunked(sde, score, 300, (2,), batch_size=128, method="euler_maruyama", steps=10, seed=1,
+                           noise=noise, device="cuda")
+    assert again.samples.device.type == "cpu"
+    assert np.array_equal(np.load(tmp_path / "c.npy"), again.samples.numpy())
