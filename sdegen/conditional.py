@@ -305,6 +305,8 @@ def inpaint(sde: AffineSDE, score_fn: Callable[..., Tensor], x_known: Tensor, ma
     stats: dict[str, Any] = {"method": method, **opts}
     with torch.no_grad():
         if method == "smc":
+            if x_T is not None:
+                raise ValueError("method 'smc' draws its own particles; x_T must be None")
             x, traj, n_res = _run_smc(dyn, y, mask, times, opts, generator, progress, record_every)
             stats["resampling_steps"] = n_res
         else:
