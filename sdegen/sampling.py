@@ -158,12 +158,24 @@ def _ddpm_alphas_cumprod(vp: VPSDE, n: int) -> Tensor:
         return torch.cumprod(1 - betas, 0)
 
 
+def _rule(cls):
+    """Builder for a step rule: the tabulated form (coefficients precomputed on the grid) for affine SDEs,
+    the generic form, which calls ``drift`` and ``diffusion`` each step, otherwise."""
+
+    def build(ctx: RunContext, opts: dict) -> AbstractFixedGridSolver:
+        if isinstance(ctx.sde, AffineSDE):
+            return cls.tabulated(ctx.sde, ctx.times)
+        return cls()
+
+    return build
+
+
 _PREDICTORS: dict[str, Callable[[RunContext, dict], AbstractFixedGridSolver]] = {
-    "euler_maruyama": lambda ctx, o: EulerMaruyama(),
-    "reverse_diffusion": lambda ctx, o: ReverseDiffusion(),
+    "euler_maruyama": _rule(EulerMaruyama),
+    "reverse_diffusion": _rule(ReverseDiffusion),
     "ancestral": _build_ancestral,
-    "ode_euler": lambda ctx, o: ODEEuler(),
-    "ode_heun": lambda ctx, o: ODEHeun(),
+    "ode_euler": _rule(ODEEuler),
+    "ode_heun": _rule(ODEHeun),
 }
 _CORRECTORS = {"langevin": LangevinCorrector, "annealed_langevin": AnnealedLangevinCorrector, None: None}
 

@@ -7,13 +7,21 @@ step $\Delta t = t_1 - t_0 < 0$; these rules are deterministic and ignore ``dw``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from .._utils import append_dims
+from ..sdes import AffineSDE
 from .base import AbstractFixedGridSolver, Dynamics
+from .sde_steps import _as_rows, linear_update
+
+
+def _velocity_coefs(sde: AffineSDE, t: Tensor) -> tuple[Tensor, Tensor]:
+    r"""$(a(t), -\tfrac12 g(t)^2)$: the probability-flow velocity of an affine SDE is $a x - \tfrac12 g^2 s$."""
+    return sde.drift_coef(t), -0.5 * sde.diffusion(t).square()
 
 __all__ = ["ODEEuler", "ODEHeun"]
 
@@ -23,11 +31,25 @@ class ODEEuler(AbstractFixedGridSolver):
     r"""Explicit Euler on the probability-flow ODE: $x_1 = x_0 + v(x_0, t_0)\,\Delta t$, with
     $v = f - \tfrac12 g^2 s$. Order 1 (global error $O(|\Delta t|)$); one score evaluation per step."""
 
+    table: tuple | None = field(default=None, repr=False)
     order: ClassVar[float] = 1.0
     stochastic: ClassVar[bool] = False
     evals_per_step: ClassVar[int] = 1
 
+    @classmethod
+    def tabulated(cls, sde: AffineSDE, times: Tensor) -> "ODEEuler":
+        r"""Affine SDE, coefficients precomputed in float64: $x_1 = (1 + a\Delta t)x_0 - \tfrac12 g^2\Delta t\, s$."""
+        t = times.detach().to("cpu", torch.float64)
+        a, h = _velocity_coefs(sde, t[:-1])
+        dt = t[1:] - t[:-1]
+        return cls(_as_rows(1 + a * dt, h * dt, torch.zeros_like(dt)))
+
+    def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
+        return 0 if self.table is not None else None
+
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
+        if self.table is not None:
+            return linear_update(self.table[state], x, dyn.score(x, t0), None), state + 1
         return x + dyn.ode_drift(x, t0) * append_dims(t1 - t0, x.ndim), state
 
 
@@ -42,11 +64,30 @@ class ODEHeun(AbstractFixedGridSolver):
     Order 2; two score evaluations per step.
     """
 
+    table: tuple | None = field(default=None, repr=False)
     order: ClassVar[float] = 2.0
     stochastic: ClassVar[bool] = False
     evals_per_step: ClassVar[int] = 2
 
+    @classmethod
+    def tabulated(cls, sde: AffineSDE, times: Tensor) -> "ODEHeun":
+        r"""Affine SDE, with $v(x, t) = a(t)x + h(t)s$, $h = -\tfrac12 g^2$, and $(\Delta t, a_0, h_0, a_1, h_1)$
+        precomputed in float64 for every step."""
+        t = times.detach().to("cpu", torch.float64)
+        a0, h0 = _velocity_coefs(sde, t[:-1])
+        a1, h1 = _velocity_coefs(sde, t[1:])
+        return cls(_as_rows(t[1:] - t[:-1], a0, h0, a1, h1))
+
+    def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
+        return 0 if self.table is not None else None
+
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
+        if self.table is not None:
+            dt, a0, h0, a1, h1 = self.table[state]
+            v0 = torch.add(x * a0, dyn.score(x, t0), alpha=h0)
+            x_pred = torch.add(x, v0, alpha=dt)
+            v1 = torch.add(x_pred * a1, dyn.score(x_pred, t1), alpha=h1)
+            return x.add(v0.add_(v1), alpha=0.5 * dt), state + 1
         dt = append_dims(t1 - t0, x.ndim)
         v0 = dyn.ode_drift(x, t0)
         v1 = dyn.ode_drift(x + v0 * dt, t1)

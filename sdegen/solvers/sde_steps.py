@@ -22,12 +22,25 @@ from .._utils import append_dims
 from ..sdes import AffineSDE
 from .base import AbstractFixedGridSolver, Dynamics
 
-__all__ = ["EulerMaruyama", "ReverseDiffusion", "Ancestral", "ancestral_table", "ddpm_ancestral_table"]
+__all__ = ["EulerMaruyama", "ReverseDiffusion", "Ancestral", "ancestral_table", "ddpm_ancestral_table",
+           "linear_update"]
 
 
 def _unit_noise(dw: Tensor, t0: Tensor, t1: Tensor) -> Tensor:
     """$z = dw / \\sqrt{|t_1 - t_0|}$: the unit-variance draw behind the loop's Brownian increment."""
     return dw / append_dims((t0 - t1).abs().sqrt(), dw.ndim)
+
+
+def _as_rows(*cols: Tensor) -> tuple:
+    """Per-step coefficient rows as Python floats: read on the host, no device sync inside the loop."""
+    return tuple(zip(*(c.tolist() for c in cols)))
+
+
+def linear_update(coefs, x: Tensor, score: Tensor, dw: Tensor | None) -> Tensor:
+    r"""$a\,x + b\,s + c\,\Delta w$ for Python floats $(a, b, c)$: three fused kernels, any device."""
+    a, b, c = coefs
+    out = torch.add(x * a, score, alpha=b)
+    return out if dw is None else out.add_(dw, alpha=c)
 
 
 @dataclass(frozen=True)
@@ -42,11 +55,26 @@ class EulerMaruyama(AbstractFixedGridSolver):
     Works for any :class:`~sdegen.SDE`.
     """
 
+    table: tuple | None = field(default=None, repr=False)
     order: ClassVar[float] = 1.0
     stochastic: ClassVar[bool] = True
     evals_per_step: ClassVar[int] = 1
 
+    @classmethod
+    def tabulated(cls, sde: AffineSDE, times: Tensor) -> "EulerMaruyama":
+        r"""The same rule for an affine SDE, $f = a(t)x$, with per-step coefficients precomputed in float64:
+        $x_1 = (1 + a\Delta t)\,x_0 - g^2\Delta t\, s + g\,\Delta w$ (fewer kernels per step)."""
+        t = times.detach().to("cpu", torch.float64)
+        t0, dt = t[:-1], t[1:] - t[:-1]
+        g = sde.diffusion(t0)
+        return cls(_as_rows(1 + sde.drift_coef(t0) * dt, -g.square() * dt, g))
+
+    def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
+        return 0 if self.table is not None else None
+
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
+        if self.table is not None:
+            return linear_update(self.table[state], x, dyn.score(x, t0), dw), state + 1
         dt = append_dims(t1 - t0, x.ndim)
         g = append_dims(dyn.diffusion(t0), x.ndim)
         return x + dyn.reverse_drift(x, t0) * dt + g * dw, state
@@ -66,11 +94,25 @@ class ReverseDiffusion(AbstractFixedGridSolver):
     general SDE it coincides with Euler–Maruyama. Order 1, one score evaluation per step.
     """
 
+    table: tuple | None = field(default=None, repr=False)
     order: ClassVar[float] = 1.0
     stochastic: ClassVar[bool] = True
     evals_per_step: ClassVar[int] = 1
 
+    @classmethod
+    def tabulated(cls, sde: AffineSDE, times: Tensor) -> "ReverseDiffusion":
+        r"""The same rule for an affine SDE with the kernel's $(r, q)$ precomputed in float64:
+        $x_1 = (2 - r)\,x_0 + q^2 s + (q/\sqrt{|\Delta t|})\,\Delta w$."""
+        t = times.detach().to("cpu", torch.float64)
+        r, q = sde.transition(t[1:], t[:-1])
+        return cls(_as_rows(2 - r, q.square(), q / (t[:-1] - t[1:]).sqrt()))
+
+    def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
+        return 0 if self.table is not None else None
+
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
+        if self.table is not None:
+            return linear_update(self.table[state], x, dyn.score(x, t0), dw), state + 1
         f, G = dyn.sde.discretize_step(x, t0, t0 - t1)
         G = append_dims(G, x.ndim)
         z = _unit_noise(dw, t0, t1)
@@ -145,10 +187,8 @@ class Ancestral(AbstractFixedGridSolver):
     evals_per_step: ClassVar[int] = 1
 
     def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
-        a, b, c = self.table.to(device=x.device, dtype=x.dtype).unbind(1)
-        return 0, a, b, c
+        return 0, _as_rows(*self.table.unbind(1))
 
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
-        k, a, b, c = state
-        x = a[k] * x + b[k] * dyn.score(x, t0) + c[k] * dw
-        return x, (k + 1, a, b, c)
+        k, rows = state
+        return linear_update(rows[k], x, dyn.score(x, t0), dw), (k + 1, rows)

@@ -227,3 +227,23 @@ def test_langevin_zero_score_takes_no_step():
     t = torch.full((2,), 0.5, dtype=torch.float64)
     out = LangevinCorrector().correct(dyn, x, t, torch.ones(2, dtype=torch.float64), torch.ones_like(x))
     assert torch.equal(out, x)
+
+
+@pytest.mark.parametrize("sde", [sdegen.VPSDE(), sdegen.SubVPSDE(), sdegen.VESDE(sigma_max=10.0)],
+                         ids=["vp", "subvp", "ve"])
+@pytest.mark.parametrize("cls", [EulerMaruyama, ReverseDiffusion, ODEEuler, ODEHeun])
+def test_tabulated_rule_equals_generic(sde, cls):
+    """The precomputed-coefficient fast path is the same update as the generic rule (float64)."""
+    times = torch.linspace(1.0, 1e-3, 6, dtype=torch.float64)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(16, 2, generator=g, dtype=torch.float64)
+    dyn = _dyn(sde)
+    fast, slow = cls.tabulated(sde, times), cls()
+    state = fast.init_state(dyn, x, times[:1].expand(16))
+    for k in range(5):
+        t0, t1 = times[k].expand(16), times[k + 1].expand(16)
+        dw = torch.randn(16, 2, generator=g, dtype=torch.float64) * float(times[k] - times[k + 1]).__abs__() ** 0.5
+        a, state = fast.step(dyn, x, t0, t1, state, dw if cls.stochastic else None)
+        b, _ = slow.step(dyn, x, t0, t1, None, dw if cls.stochastic else None)
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-10), (k, (a - b).abs().max())
+        x = a
