@@ -27,6 +27,9 @@ _LAZY = {
     "log_likelihood": "sdegen.likelihood",
     "bits_per_dim": "sdegen.likelihood",
     "encode": "sdegen.likelihood",
+    "decode": "sdegen.likelihood",
+    "dequantize": "sdegen.likelihood",
+    "LikelihoodResult": "sdegen.likelihood",
     "inpaint": "sdegen.conditional",
     "colorize": "sdegen.conditional",
 }
