@@ -14,7 +14,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SinusoidalEmbedding", "FourierEmbedding", "LabelEmbedding", "make_time_embedding", "TIME_EMBEDDINGS"]
+__all__ = ["SinusoidalEmbedding", "FourierEmbedding", "LabelEmbedding", "make_time_embedding", "TIME_EMBEDDINGS",
+           "condition"]
 
 
 class SinusoidalEmbedding(nn.Module):
@@ -130,3 +131,13 @@ class LabelEmbedding(nn.Module):
             raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null label), "
                              f"got values in [{int(y.min())}, {int(y.max())}]")
         return self.embed(y.to(device=device, dtype=torch.long))
+
+
+def condition(time_embed: nn.Module, label_embed: LabelEmbedding | None, t: Tensor, y, x: Tensor, cls: str) -> Tensor:
+    r"""The conditioning vector $e(\tau) + e(y)$ of a network, ``(B, emb_dim)``; labels on an unconditional net are an error."""
+    emb = time_embed(t.to(x.dtype))
+    if label_embed is not None:
+        return emb + label_embed(y, x.shape[0], x.device)
+    if y is not None:
+        raise ValueError(f"{cls}: got labels y but the net was built with num_classes=None")
+    return emb

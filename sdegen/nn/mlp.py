@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .embeddings import LabelEmbedding, make_time_embedding
+from .embeddings import LabelEmbedding, condition, make_time_embedding
 
 __all__ = ["MLP"]
 
@@ -103,11 +103,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | int | None = None) -> Tensor:
         check_net_input(x, t, (self.dim,), "MLP")
-        emb = self.time_embed(t.to(x.dtype))
-        if self.label_embed is not None:
-            emb = emb + self.label_embed(y, x.shape[0], x.device)
-        elif y is not None:
-            raise ValueError("MLP: got labels y but the net was built with num_classes=None")
+        emb = condition(self.time_embed, self.label_embed, t, y, x, "MLP")
         h = self.inp(x)
         for block in self.blocks:
             h = block(h, emb)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .embeddings import LabelEmbedding, make_time_embedding
+from .embeddings import LabelEmbedding, condition, make_time_embedding
 from .mlp import check_net_input
 
 __all__ = ["UNet"]
@@ -176,11 +176,7 @@ class UNet(nn.Module):
         if x.shape[-1] % factor or x.shape[-2] % factor:
             raise ValueError(f"UNet: height and width must be divisible by {factor} "
                              f"({self.n_levels} levels), got {tuple(x.shape[-2:])}")
-        emb = self.time_embed(t.to(x.dtype))
-        if self.label_embed is not None:
-            emb = emb + self.label_embed(y, x.shape[0], x.device)
-        elif y is not None:
-            raise ValueError("UNet: got labels y but the net was built with num_classes=None")
+        emb = condition(self.time_embed, self.label_embed, t, y, x, "UNet")
         h = self.conv_in(x)
         hs = [h]
         for block in self.down:

@@ -256,7 +256,12 @@ def train(model: ScoreModel, data, *, steps: int, batch_size: int = 128, lr: flo
     fork_devices = [device] if device.type == "cuda" else []
 
     with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(int(seed) + 2)
+        # Seed only the generators this run uses (CPU, and the model's GPU), inside the fork: dropout is
+        # reproducible and the caller's global RNG state is restored on exit.
+        torch.random.default_generator.manual_seed(int(seed) + 2)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(int(seed) + 2)
         history: list[float] = []
         start, ckpt_path = 0, None
         if checkpoint_dir is not None and resume:

@@ -71,7 +71,10 @@ def test_resume_in_process_is_bitwise_exact(tmp_path):
 
 
 def test_load_rebuilds_the_ema_model(tmp_path):
-    res = train(_model(), _data(), steps=5, checkpoint_dir=tmp_path, **OPTS)
+    model = _model()
+    rng_before = torch.get_rng_state()
+    res = train(model, _data(), steps=5, checkpoint_dir=tmp_path, **OPTS)
+    assert torch.equal(torch.get_rng_state(), rng_before)                  # the caller's global RNG is untouched
     loaded = load(tmp_path)
     assert isinstance(loaded.net, MLP) and isinstance(loaded.sde, sdegen.VPSDE)
     assert loaded.parameterization == "eps" and not loaded.training
@@ -184,11 +187,11 @@ def test_sigkill_mid_run_resumes_to_identical_weights(tmp_path):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     straight = launch("straight", 0.0)
-    victim = launch("killed", 0.15)
+    victim = launch("killed", 0.1)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         done = list_checkpoints(tmp_path / "killed")
-        if done and done[0][0] >= 12:
+        if done and done[0][0] >= 8:
             break
         assert victim.poll() is None, victim.communicate()
         time.sleep(0.05)
@@ -196,7 +199,7 @@ def test_sigkill_mid_run_resumes_to_identical_weights(tmp_path):
     victim.wait()
     assert victim.returncode == -signal.SIGKILL
     killed_at = list_checkpoints(tmp_path / "killed")[0][0]
-    assert 12 <= killed_at < 40
+    assert 8 <= killed_at < 40
     resumed = launch("killed", 0.0)
     for proc in (straight, resumed):
         out, err = proc.communicate(timeout=300)
