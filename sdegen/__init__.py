@@ -19,6 +19,7 @@ _LAZY = {
     "METHODS": "sdegen.sampling",
     "DDPM": "sdegen.ddpm",
     "gaussian_kl": "sdegen.ddpm",
+    "continuous_vlb": "sdegen.ddpm",
     "ScoreModel": "sdegen.parameterization",
     "dsm_loss": "sdegen.training",
     "train": "sdegen.training",

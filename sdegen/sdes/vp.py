@@ -105,3 +105,13 @@ class SubVPSDE(_LinearBeta):
         t = self._as_t(t)
         B = self.int_beta(t)
         return torch.exp(-0.5 * B), -torch.expm1(-B)
+
+    def t_from_log_snr(self, log_snr: Tensor) -> Tensor:
+        r"""Closed form. With $y = e^{-B}$ the SNR is $S = y/(1-y)^2$; the root in $(0, 1)$ of
+        $S y^2 - (2S+1) y + S = 0$ gives, with $u = 1/S = e^{-\lambda}$,
+        $B = \logig(1 + 	frac12(u + \sqrt{4u + u^2})ig)$ (written without cancellation), then
+        $t = B^{-1}$."""
+        lam = torch.as_tensor(log_snr)
+        u = torch.exp(-lam.clamp(min=-700.0))
+        B = torch.log1p(0.5 * (u + torch.sqrt(4 * u + u * u)))
+        return self.t_from_int_beta(B).clamp(0, self.T)
