@@ -21,6 +21,16 @@ from sdegen.demo import DemoConfig, run_demo, sliced_wasserstein
 COMMANDS = ("demo", "train", "sample", "likelihood", "bench", "info")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these problems are tiny, and on a shared machine a second thread mostly
+    waits to be scheduled (measured: an example's fast mode 41 s with two threads, 12 s with one)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ---------------------------------------------------------------------- parsing
 @pytest.mark.parametrize("text, key, value", [
     ("steps=10", "steps", 10),

@@ -7,14 +7,26 @@ finishes, writes at least one PNG into ``--out``, and every PNG it writes is a r
 """
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.py"))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these problems are tiny, and on a shared machine a second thread mostly
+    waits to be scheduled (measured: an example's fast mode 41 s with two threads, 12 s with one)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def test_examples_are_discovered():
@@ -37,8 +49,9 @@ def test_example_runs_in_fast_mode(path, tmp_path, monkeypatch):
     if callable(getattr(module, "main", None)):
         module.main(["--fast", "--out", str(out)])
     else:
+        env = dict(os.environ, OMP_NUM_THREADS="1")
         proc = subprocess.run([sys.executable, str(path), "--fast", "--out", str(out)], capture_output=True,
-                              text=True, timeout=300)
+                              text=True, timeout=300, env=env)
         assert proc.returncode == 0, proc.stderr[-2000:]
     pngs = sorted(out.rglob("*.png"))
     assert pngs, f"{path.name} wrote no figure into --out"
