@@ -45,7 +45,7 @@ for method in methods:
                             generator=torch.Generator().manual_seed(7))
         out[f"sample.{method}.{dtype}"] = res.samples
         out[f"nfe.{method}.{dtype}"] = torch.tensor(res.nfe)
-    if fixed:
+    if fixed and method != "torchsde":   # torchsde ignores seeds: see test_seeded_sampling_is_repeatable
         res = sdegen.sample(sde, score, (16, 2), method=method, steps=steps, dtype=torch.float64,
                             seeds=PerSampleNoise.from_offset(100, 16, (16, 2), dtype=torch.float64))
         out[f"seeded.{method}"] = res.samples
@@ -134,6 +134,24 @@ def test_sample_k_does_not_depend_on_its_batch_mates(method, opts):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     else:
         assert all(torch.equal(a, b) for a, b in pairs)
+
+
+SEEDS_IGNORED = {"torchsde": "torchsde runner: seeds= only sets x_T; the Brownian path comes from an "
+                             "unseeded source, so two calls with the same seeds differ"}
+
+
+@pytest.mark.parametrize("method", [
+    pytest.param(m, marks=[pytest.mark.xfail(strict=True, reason=SEEDS_IGNORED[m])] if m in SEEDS_IGNORED else [])
+    for m in sdegen.METHODS])
+def test_seeded_sampling_is_repeatable(method):
+    steps = 30 if sdegen.METHODS[method].fixed_grid else None
+
+    def draw():
+        noise = PerSampleNoise([3, 1, 4, 1 << 50], (4, 2), dtype=torch.float64)
+        return sdegen.sample(sdegen.VPSDE(), _per_sample_score, (4, 2), method=method, steps=steps,
+                             dtype=torch.float64, seeds=noise).samples
+
+    assert torch.equal(draw(), draw())
 
 
 def test_seeded_sampling_differs_across_seeds_and_matches_the_prior_draw():
