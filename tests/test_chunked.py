@@ -129,16 +129,16 @@ def test_torch_compile_score_with_native_solvers(method):
 
 @pytest.mark.slow
 def test_chunked_million_samples_peak_rss(tmp_path):
-    """The memory figure: 1e6 2-D samples in chunks of 1e4 stay within 150 MB above the baseline
-    (the process after imports and a warm-up), whereas the output alone is 7.6 MB and one 1e6 batch of
-    the mixture score needs several (B, K, d) float32 temporaries of 64 MB."""
+    """The memory figure: 1e6 2-D samples in chunks of 1e4 stay within 50 MB above the baseline
+    (the process after imports and a warm-up; measured +7 MB, 243 MB peak in all), whereas one batch
+    of 1e6 peaks at +480 MB (several (B, K, d) float32 temporaries of 64 MB in the mixture score)."""
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "backend.py"), "--memory", "--n", "1000000",
                           "--batch-size", "10000", "--steps", "5", "--json", str(tmp_path / "m.json")],
                          check=True, capture_output=True, text=True, cwd=ROOT)
     runs = json.loads((tmp_path / "m.json").read_text())
     chunked = runs["chunked"]
     assert chunked["output_mb"] == pytest.approx(1e6 * 2 * 4 / 2**20, abs=0.1)
-    assert chunked["peak_rss_mb"] - chunked["baseline_peak_rss_mb"] < 150, out.stdout
+    assert chunked["peak_rss_mb"] - chunked["baseline_peak_rss_mb"] < 50, out.stdout
 
 
 @pytest.mark.cuda
