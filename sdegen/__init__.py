@@ -31,6 +31,7 @@ _LAZY = {
     "decode": "sdegen.likelihood",
     "dequantize": "sdegen.likelihood",
     "LikelihoodResult": "sdegen.likelihood",
+    "PerSampleNoise": "sdegen._rng",
     "inpaint": "sdegen.conditional",
     "colorize": "sdegen.conditional",
 }
