@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .._utils import append_dims, check_positive
-from .base import Dynamics, StepSizeError
+from .base import Dynamics, NonFiniteError, StepSizeError
 
 __all__ = ["AdaptiveSDE", "adaptive_sde_integrate"]
 
@@ -186,6 +186,7 @@ def adaptive_sde_integrate(
     idx = None  # the running samples; None = all of them (no gathers on the common path)
     # A sample is done when it reaches t_end; steps that would land within this gap land on t_end.
     tiny = 1e-12 * max(1.0, abs(t_start))
+    bad_streak = 0
     for k in range(opts.max_steps):
         z = noise(k).to(**kw) if noise is not None else torch.randn(x.shape, generator=generator, **kw)
         sel = (lambda v: v) if idx is None else (lambda v: v[idx])  # noqa: E731
@@ -204,6 +205,18 @@ def adaptive_sde_integrate(
         else:
             err = (err2.sum() / (n_per * xa.shape[0])).sqrt().expand(xa.shape[0])
         ok = err <= 1.0
+        # A non-finite proposal is rejected like any other; if it stays non-finite while the step
+        # shrinks, the score itself is NaN/inf there: stop with the time instead of crawling on.
+        nonfinite = ~torch.isfinite(err)
+        if bool(nonfinite.any()):
+            bad_streak += 1
+            if bad_streak >= 3:
+                t_bad = float(ta[nonfinite][0])
+                raise NonFiniteError(f"adaptive_sde: the proposal stayed non-finite for {bad_streak} shrinking "
+                                     f"steps at t={t_bad:.6g}; the score function likely returns NaN/inf there",
+                                     step=k, t=t_bad, x=x)
+        else:
+            bad_streak = 0
         # Next step: the classical controller, bounded; after a rejection it never grows.
         fac = (opts.safety * err.clamp_min(1e-10).pow(-opts.exponent)).clamp(opts.min_factor, opts.max_factor)
         fac = torch.where(ok, fac, fac.clamp_max(opts.safety))

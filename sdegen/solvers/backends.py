@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .._utils import check_floating, check_positive
-from .base import StepSizeError
+from .base import NonFiniteError, StepSizeError
 from .rk45 import initial_step_size
 
 __all__ = ["torchdiffeq_integrate", "scipy_integrate", "torchsde_integrate",
@@ -44,6 +44,20 @@ def _check_common(y0: Tensor, t0, t1) -> tuple[float, float]:
             raise TypeError(f"{name} must be a finite Python float, got {v!r}")
         out.append(float(v))
     return out[0], out[1]
+
+
+def _finite(out: Tensor, t, backend: str, calls: int) -> Tensor:
+    """Raise :class:`NonFiniteError` naming the time if the right-hand side is NaN/inf.
+
+    The external integrators would otherwise fail later with their own step-size errors (or, for
+    torchsde, carry NaN to the end). This check reads one flag per evaluation: a host sync that these
+    reference backends already pay (torchdiffeq's and scipy's step control read values every step).
+    """
+    if not bool(torch.isfinite(out).all()):
+        tv = float(t) if not isinstance(t, Tensor) else float(t.reshape(-1)[0])
+        raise NonFiniteError(f"{backend}: the right-hand side became non-finite at evaluation {calls} "
+                             f"(t={tv:.6g}); the score function likely returned NaN/inf there", step=calls, t=tv)
+    return out
 
 
 def _time_vec(t: Tensor | float, y: Tensor) -> Tensor:
@@ -85,7 +99,7 @@ def torchdiffeq_integrate(fn: Callable[[Tensor, Tensor], Tensor], y0: Tensor, t0
 
     def func(t: Tensor, y: Tensor) -> Tensor:
         calls[0] += 1
-        return fn(y, _time_vec(t, y))
+        return _finite(fn(y, _time_vec(t, y)), t, "torchdiffeq", calls[0])
 
     if t0 == t1:
         return y0, {"nfe_solver": 0, "solver": solver}
@@ -144,7 +158,7 @@ def scipy_integrate(fn: Callable[[Tensor, Tensor], Tensor], y0: Tensor, t0: floa
     def fun(t: float, y: np.ndarray) -> np.ndarray:
         calls[0] += 1
         yt = torch.from_numpy(y).to(device=device, dtype=dtype).reshape(shape)
-        out = fn(yt, _time_vec(float(t), yt))
+        out = _finite(fn(yt, _time_vec(float(t), yt)), t, "scipy", calls[0])
         return out.detach().to("cpu", torch.float64).reshape(-1).numpy()
 
     if t0 == t1:
@@ -181,7 +195,7 @@ class _NegatedTimeSDE(torch.nn.Module):
     def f(self, s: Tensor, y: Tensor) -> Tensor:
         self.drift_calls += 1
         yt = y.reshape(self._shape)
-        out = self._drift(yt, _time_vec(self._sign * s, yt))
+        out = _finite(self._drift(yt, _time_vec(self._sign * s, yt)), self._sign * s, "torchsde", self.drift_calls)
         return (self._sign * out).reshape(y.shape)
 
     def g(self, s: Tensor, y: Tensor) -> Tensor:
