@@ -123,12 +123,13 @@ def test_samples_right_distribution_cheap(sde_name, case):
 @pytest.mark.slow
 @pytest.mark.parametrize("sde_name", list(SDES))
 def test_langevin_corrector_right_distribution_16d(sde_name):
-    """The SNR-rule Langevin corrector (per-sample norms) in 16-D, where per-sample norms concentrate.
+    """The SNR-rule Langevin corrector (per-sample score norms) in 16-D, where those norms concentrate.
 
-    In 2-D the per-sample ratio $\\lVert z\\rVert/\\lVert s\\rVert$ is heavy-tailed (an F(2,2)-like law with
-    infinite mean), so the SNR rule takes huge steps near modes; the annealed rule is the one to use there.
+    In 2-D the per-sample $d/\\lVert s_b\\rVert^2$ is heavy-tailed (the score vanishes at modes), so the SNR
+    rule takes huge steps there; the annealed rule is the one to use in low dimension. The unadjusted
+    Langevin step has an O(step) stationary bias, which snr = 0.05 keeps below the check's resolution.
     """
-    res, gm = run_method(sde_name, "pc", 500, mixture="mixture16", n=N_SAMPLES, corrector="langevin", snr=0.1)
+    res, gm = run_method(sde_name, "pc", 500, mixture="mixture16", n=N_SAMPLES, corrector="langevin", snr=0.05)
     check = distribution_check(res.samples, gm)
     assert check["ok"], check
 

@@ -7,9 +7,11 @@ $$x \leftarrow x + \epsilon\, s(x, t) + \sqrt{2\epsilon}\, z, \qquad z \sim \mat
 which leaves $p_t$ invariant as $\epsilon \to 0$ (Song et al. 2021, Alg. 4 and 5). Step sizes:
 
 * ``LangevinCorrector`` (signal-to-noise rule, Alg. 5):
-  $\epsilon_b = 2\alpha\,(r\,\lVert z_b\rVert / \lVert s(x_b, t)\rVert)^2$ with the target ratio
-  $r$ = ``snr``. The norms are **per sample** $b$: a sample's step never depends on the other samples of
-  its batch (the reference implementation averages the norms over the batch, which couples them).
+  $\epsilon_b = 2\alpha\,(r\,\sqrt d / \lVert s(x_b, t)\rVert)^2$ with the target ratio $r$ = ``snr``
+  and $\sqrt d = \sqrt{\mathbb E\lVert z\rVert^2}$ the noise norm. The score norm is **per sample** $b$:
+  a sample's step never depends on the other samples of its batch (the reference implementation
+  averages the norms over the batch, which couples them). The realised $\lVert z_b\rVert$ is not used:
+  a step computed from the draw it multiplies injects $(d+2)/d$ times the intended noise variance.
 * ``AnnealedLangevinCorrector`` (Alg. 4, as in NCSN): $\epsilon = 2\alpha\,(r\, s(t))^2$ with $s(t)$
   the marginal std (needs an :class:`~sdegen.AffineSDE`).
 
@@ -19,6 +21,7 @@ and non-affine SDEs: 1), which makes the rule work for every affine SDE (sub-VP 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -60,8 +63,10 @@ def _langevin_update(x: Tensor, score: Tensor, step: Tensor, noise: Tensor) -> T
 class LangevinCorrector(AbstractCorrector):
     r"""Langevin corrector with the signal-to-noise step rule (Song et al. 2021, Alg. 5), per sample.
 
-    $\epsilon_b = 2\alpha (\text{snr}\,\lVert z_b\rVert_2/\lVert s(x_b,t)\rVert_2)^2$; where the score is
-    exactly zero the step is 0 (no information to move along).
+    $\epsilon_b = 2\alpha (\text{snr}\,\sqrt d/\lVert s(x_b,t)\rVert_2)^2$ ($d$ = entries per sample); where
+    the score is exactly zero the step is 0 (no information to move along). In very low dimension the
+    per-sample $\lVert s_b\rVert$ is often near 0 close to a mode, so steps are heavy-tailed; prefer
+    ``"annealed_langevin"`` there.
 
     Args:
         snr: target signal-to-noise ratio $r > 0$ (0.16 in the paper's CIFAR-10 runs).
@@ -72,7 +77,10 @@ class LangevinCorrector(AbstractCorrector):
     def correct(self, dyn: Dynamics, x: Tensor, t: Tensor, alpha: Tensor, noise: Tensor) -> Tensor:
         score = dyn.score(x, t)
         grad_norm = score.flatten(1).norm(dim=1)
-        noise_norm = noise.flatten(1).norm(dim=1)
+        # E||z||^2 = d, not the realised ||z_b||: a step computed from the very draw it scales would
+        # inject (d + 2)/d times the intended noise variance (E[||z||^2 z_j^2] = d + 2), a bias the
+        # reference hides by averaging norms over the batch.
+        noise_norm = math.sqrt(x[0].numel())
         step = 2 * alpha * (self.snr * noise_norm / grad_norm.clamp_min(torch.finfo(x.dtype).tiny)).square()
         step = torch.where(grad_norm > 0, step, torch.zeros_like(step))
         return _langevin_update(x, score, step, noise)

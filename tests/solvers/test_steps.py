@@ -207,7 +207,7 @@ def test_corrector_step_is_per_sample(corrector):
 
 
 def test_langevin_snr_rule_per_sample_value():
-    r"""$\epsilon_b = 2\alpha(r\lVert z_b\rVert/\lVert s_b\rVert)^2$ and $x + \epsilon s + \sqrt{2\epsilon} z$, sample by sample."""
+    r"""$\epsilon_b = 2\alpha(r\sqrt d/\lVert s_b\rVert)^2$ and $x + \epsilon s + \sqrt{2\epsilon} z$, sample by sample."""
     sde = sdegen.VESDE()
     x = torch.tensor([[1.0, 2.0], [0.0, -3.0]], dtype=torch.float64)
     noise = torch.tensor([[0.5, -1.0], [2.0, 0.0]], dtype=torch.float64)
@@ -216,8 +216,26 @@ def test_langevin_snr_rule_per_sample_value():
     alpha = torch.tensor([1.0, 0.5], dtype=torch.float64)
     out = LangevinCorrector(snr=0.3).correct(dyn, x, t, alpha, noise)
     for b in range(2):
-        eps = 2 * float(alpha[b]) * (0.3 * float(noise[b].norm()) / float(x[b].norm())) ** 2
+        eps = 2 * float(alpha[b]) * (0.3 * math.sqrt(2) / float(x[b].norm())) ** 2
         assert torch.allclose(out[b], x[b] - eps * x[b] + math.sqrt(2 * eps) * noise[b], atol=1e-12)
+
+
+def test_langevin_step_does_not_use_its_own_noise_norm():
+    """Injected noise variance per coordinate is 2*eps exactly: the step is independent of z.
+
+    With eps from the realised ||z_b|| the variance of sqrt(2 eps) z_j would be (d+2)/d times too large
+    (2x in 2-D). 200,000 draws: se of the variance estimate is sqrt(2/200000) = 0.3 %; tolerance 5 se.
+    """
+    sde = sdegen.VESDE()
+    n, d = 200_000, 2
+    x = torch.ones(n, d, dtype=torch.float64)
+    dyn = _dyn(sde, lambda x, t: torch.zeros_like(x) + 1.0)     # ||s|| = sqrt(2): eps = 2 * 0.5^2 = 0.5
+    noise = torch.randn(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t = torch.full((n,), 0.5, dtype=torch.float64)
+    out = LangevinCorrector(snr=0.5).correct(dyn, x, t, torch.ones(n, dtype=torch.float64), noise)
+    eps = 2 * (0.5 * math.sqrt(d) / math.sqrt(d)) ** 2
+    ratio = float((out - x - eps).var()) / (2 * eps)
+    assert abs(ratio - 1) < 5 * math.sqrt(2 / (n * d)), ratio
 
 
 def test_langevin_zero_score_takes_no_step():
