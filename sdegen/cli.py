@@ -236,12 +236,16 @@ def _cmd_sample(args) -> int:
     sde, score_fn, tail, _ = _score_source(args, device)
     dtype = torch.float64 if args.float64 else torch.float32
     shape = (args.n, *tail)
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        from .distributed import sample_distributed
+    # In chunks (--batch-size) or under torchrun: the seed plan of sdegen.chunked, so that one process
+    # and any number of ranks give the same samples for the same --seed and --batch-size.
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.batch_size is not None:
+        from .distributed import sample_distributed, world
 
-        res = sample_distributed(sde, score_fn, shape, method=args.method, steps=args.steps, seed=args.seed,
-                                 device=device, dtype=dtype, **opts)
-        if res is None:  # not rank 0: rank 0 writes the gathered result
+        if opts.get("steps") is None and args.steps is not None:
+            opts["steps"] = args.steps
+        res = sample_distributed(sde, score_fn, args.n, tail, batch_size=args.batch_size or args.n,
+                                 method=args.method, seed=args.seed, device=device, dtype=dtype, **opts)
+        if world()[0] != 0:  # every rank holds the gathered samples; rank 0 writes them
             return 0
     else:
         from .sampling import sample
@@ -401,7 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="steps for fixed-grid methods")
     s.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. --opt rtol=1e-4 --opt corrector=langevin (repeatable)")
-    s.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
+    s.add_argument("--n", "--num-samples", dest="n", type=int, default=1000,
+                   help="number of samples (default 1000); under torchrun write --num-samples (torchrun "
+                        "itself would take --n for an abbreviation of its own options)")
+    s.add_argument("--batch-size", type=int, default=None,
+                   help="sample in chunks of this many with a per-chunk seed plan (under torchrun the chunks "
+                        "are dealt round-robin to the ranks; the result does not depend on the number of ranks)")
     s.add_argument("--out", default="outputs/samples.npz", help=".npz (arrays) or .png (figure)")
     _common(s)
     s.set_defaults(func=_cmd_sample)

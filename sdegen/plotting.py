@@ -267,8 +267,9 @@ def error_vs_nfe(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], 
     Args:
         curves: ``{method: (nfe values, error values)}``.
         ylabel: what the error is (e.g. "sliced Wasserstein to data").
-        floor: optional horizontal line: the error measured between two exact sample sets of the same
-            size, below which differences are noise.
+        floor: optional noise floor: the error between two exact sample sets of the same size, below
+            which differences are noise. A float draws a line; ``(low, mean, high)`` draws the mean as a
+            line over a shaded band (e.g. the range over several exact-vs-exact pairs).
         title: figure title.
         logy: log scale on the error axis.
 
@@ -283,7 +284,10 @@ def error_vs_nfe(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], 
             ax.plot(np.asarray(nfe, dtype=float)[order], np.asarray(err, dtype=float)[order],
                     marker=markers[k % len(markers)], ms=4, lw=1.2, label=name)
         if floor is not None:
-            ax.axhline(floor, color="0.3", ls="--", lw=0.9, label=floor_label)
+            lo, mid, hi = (floor, floor, floor) if np.ndim(floor) == 0 else floor
+            ax.axhline(mid, color="0.3", ls="--", lw=0.9, label=floor_label)
+            if hi > lo:
+                ax.axhspan(lo, hi, color="0.5", alpha=0.15, lw=0)
         ax.set_xscale("log")
         if logy:
             ax.set_yscale("log")

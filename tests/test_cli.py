@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -253,11 +254,11 @@ def test_sliced_wasserstein_of_a_shift_is_its_projected_length():
     # sqrt(1/8 / 4096) / (1/2) = 1.1 %; 4 standard errors of SW2^2 are 4.4 %, i.e. 2.2 % of SW2.
     x = torch.randn(200, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     mu = torch.tensor([0.3, -0.4], dtype=torch.float64)
-    d = sliced_wasserstein(x, x + mu, n_projections=4096)
+    d = sliced_wasserstein(x, x + mu, n_proj=4096)
     assert abs(d - 0.5 / math.sqrt(2)) < 0.022 * 0.5 / math.sqrt(2)
     assert sliced_wasserstein(x, x.flip(0)) == 0.0                 # order does not matter
-    with pytest.raises(ValueError, match="shape"):
-        sliced_wasserstein(x, x[:10])
+    with pytest.raises(ValueError, match="dimension"):
+        sliced_wasserstein(x, torch.cat([x, x], 1))
 
 
 @pytest.mark.cuda
@@ -273,3 +274,22 @@ def test_sample_on_cuda_through_the_cli(tmp_path):
                    "--quiet", "--out", str(tmp_path / "s.npz")])
     assert rc == 0
     assert np.load(tmp_path / "s.npz")["samples"].shape == (64, 2)
+
+
+def test_sample_under_torchrun_equals_one_process_with_the_same_chunks(tmp_path):
+    # Two gloo ranks deal the chunks of the seed plan between them; one process with the same
+    # --batch-size computes every chunk itself: the gathered samples must be identical.
+    torchrun = Path(sys.executable).with_name("torchrun")
+    common = ["sample", "--oracle", "gaussian", "--method", "ode_euler", "--steps", "5", "--num-samples", "20",
+              "--batch-size", "8", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port", "29741", "-m", "sdegen.cli", *common,
+                           "--out", str(tmp_path / "dist.npz")], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert cli.main(common + ["--out", str(tmp_path / "one.npz")]) == 0
+    dist = np.load(tmp_path / "dist.npz")
+    one = np.load(tmp_path / "one.npz")
+    assert dist["samples"].shape == (20, 2)
+    np.testing.assert_array_equal(dist["samples"], one["samples"])
+    assert int(dist["nfe"]) == int(one["nfe"]) == 3 * 5          # 3 chunks (8, 8, 4), 5 Euler steps each
