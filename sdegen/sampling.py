@@ -28,7 +28,7 @@ from ._utils import check_positive
 from .sdes import SDE, AffineSDE, VPSDE
 from .solvers.base import AbstractFixedGridSolver, CountingScore, Dynamics, NonFiniteError, SampleResult, \
     integrate_fixed_grid
-from .solvers.correctors import AnnealedLangevinCorrector, LangevinCorrector, PredictorCorrector
+from .solvers.correctors import AnnealedLangevinCorrector, LangevinCorrector, PredictorCorrector, langevin_alpha
 from .solvers.ode_steps import ODEEuler, ODEHeun
 from .solvers.sde_steps import Ancestral, EulerMaruyama, ReverseDiffusion, ancestral_table, ddpm_ancestral_table
 from .solvers.adaptive_sde import ADAPTIVE_SDE_OPTIONS, run_adaptive_sde
@@ -190,7 +190,9 @@ def _build_pc(ctx: RunContext, opts: dict) -> AbstractFixedGridSolver:
     pred = predictor(ctx, opts)
     if corrector is None:
         return pred          # PC without a corrector is exactly the predictor: no extra evaluations
-    return PredictorCorrector(pred, corrector(snr=float(opts["snr"])), n_corr, ctx.unit_draw())
+    t = ctx.times            # after the predictor's builder, which may have replaced the grid
+    alphas = tuple(langevin_alpha(ctx.sde, t[:-1], t[1:]).tolist())
+    return PredictorCorrector(pred, corrector(snr=float(opts["snr"])), n_corr, ctx.unit_draw(), alphas)
 
 
 def _choice(value, table: Mapping, name: str):

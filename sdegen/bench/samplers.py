@@ -130,7 +130,11 @@ def backends(batch: int, steps: int, repeats: int, tol: float) -> dict:
 
     try:
         a, b = _median_pair(em, tsde, repeats)
-        res["em_vs_torchsde"] = {"native_s": a, "torchsde_s": b, "speedup": b / a, "steps": steps, "batch": batch}
+        # the same number of bare score calls, to compare what each loop adds on top of the network
+        x, t = torch.randn(batch, 2), torch.full((batch,), 0.5)
+        _, bare = _median_pair(lambda: None, _bare_calls(net, x, t, em().nfe), repeats)
+        res["em_vs_torchsde"] = {"native_s": a, "torchsde_s": b, "bare_score_s": bare, "speedup": b / a,
+                                 "overhead_ratio": (b - bare) / max(a - bare, 1e-12), "steps": steps, "batch": batch}
     except ImportError as e:  # optional dependency
         res["em_vs_torchsde"] = {"skipped": str(e)}
 
@@ -246,7 +250,8 @@ def _run(out_dir: pathlib.Path, quick: bool) -> dict:
         "trivial_op_us": _trivial_op_us(),
         "overhead_4096": overhead(4096, 25 if quick else 100, reps),
         "overhead_16": overhead(16, 100 if quick else 500, reps),
-        "backends": backends(256, 100 if quick else 500, reps, 1e-4),
+        "backends_16": backends(16, 100 if quick else 500, reps, 1e-4),
+        "backends_4096": backends(4096, 25 if quick else 100, reps, 1e-4),
         "accuracy": accuracy(1000 if quick else 4000, quick),
     }
     (out_dir / "samplers.json").write_text(json.dumps(result, indent=2))
@@ -257,4 +262,4 @@ def _run(out_dir: pathlib.Path, quick: bool) -> dict:
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     res = run(pathlib.Path(args[0] if args else "bench_results"), quick="--quick" in sys.argv)
-    print(json.dumps({k: res[k] for k in ("overhead_4096", "overhead_16", "backends")}, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if k != "accuracy"}, indent=1))

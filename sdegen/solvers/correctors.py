@@ -36,11 +36,11 @@ __all__ = ["AbstractCorrector", "LangevinCorrector", "AnnealedLangevinCorrector"
            "langevin_alpha"]
 
 
-def langevin_alpha(dyn: Dynamics, t0: Tensor, t1: Tensor) -> Tensor:
-    r"""$\alpha = m(t_0)^2 / m(t_1)^2$ for an affine SDE (VP: $\approx 1 - \beta_i$), else ones. ``(B,)``."""
-    if isinstance(dyn.sde, AffineSDE):
-        m0, _ = dyn.sde.marginal(t0)
-        m1, _ = dyn.sde.marginal(t1)
+def langevin_alpha(sde, t0: Tensor, t1: Tensor) -> Tensor:
+    r"""$\alpha = m(t_0)^2 / m(t_1)^2$ for an affine SDE (VP: $\approx 1 - \beta_i$), else ones; shaped like ``t0``."""
+    if isinstance(sde, AffineSDE):
+        m0, _ = sde.marginal(t0)
+        m1, _ = sde.marginal(t1)
         return (m0 / m1).square()
     return torch.ones_like(t0)
 
@@ -48,8 +48,9 @@ def langevin_alpha(dyn: Dynamics, t0: Tensor, t1: Tensor) -> Tensor:
 class AbstractCorrector:
     """One Langevin-type update at a fixed time; subclasses are frozen dataclasses holding options."""
 
-    def correct(self, dyn: Dynamics, x: Tensor, t: Tensor, alpha: Tensor, noise: Tensor) -> Tensor:
-        """Return the corrected ``x`` (``(B, *D)``) at time ``t`` (``(B,)``) using the unit draw ``noise``."""
+    def correct(self, dyn: Dynamics, x: Tensor, t: Tensor, alpha: Tensor | float, noise: Tensor) -> Tensor:
+        """Return the corrected ``x`` (``(B, *D)``) at time ``t`` (``(B,)``) using the unit draw ``noise``;
+        ``alpha``: ``(B,)`` or a float."""
         raise NotImplementedError
 
 
@@ -74,7 +75,7 @@ class LangevinCorrector(AbstractCorrector):
 
     snr: float = 0.16
 
-    def correct(self, dyn: Dynamics, x: Tensor, t: Tensor, alpha: Tensor, noise: Tensor) -> Tensor:
+    def correct(self, dyn: Dynamics, x: Tensor, t: Tensor, alpha: Tensor | float, noise: Tensor) -> Tensor:
         score = dyn.score(x, t)
         grad_norm = score.flatten(1).norm(dim=1)
         # E||z||^2 = d, not the realised ||z_b||: a step computed from the very draw it scales would
@@ -99,7 +100,7 @@ class AnnealedLangevinCorrector(AbstractCorrector):
 
     snr: float = 0.16
 
-    def correct(self, dyn: Dynamics, x: Tensor, t: Tensor, alpha: Tensor, noise: Tensor) -> Tensor:
+    def correct(self, dyn: Dynamics, x: Tensor, t: Tensor, alpha: Tensor | float, noise: Tensor) -> Tensor:
         _, std = dyn.affine.marginal(t)
         score = dyn.score(x, t)
         return _langevin_update(x, score, 2 * alpha * (self.snr * std).square(), noise)
@@ -119,12 +120,15 @@ class PredictorCorrector(AbstractFixedGridSolver):
         corrector: an :class:`AbstractCorrector` or ``None``.
         corrector_steps: corrector updates per step, >= 1.
         draw: ``draw(k) -> Tensor`` shaped like ``x``, unit Gaussian; required with a corrector.
+        alphas: optional per-step $\alpha$ as Python floats, precomputed on the grid (see
+            :func:`langevin_alpha`); otherwise computed from ``t0``, ``t1`` each step.
     """
 
     predictor: AbstractFixedGridSolver
     corrector: AbstractCorrector | None = None
     corrector_steps: int = 1
     draw: Callable[[int], Tensor] | None = None
+    alphas: tuple | None = None
 
     @property
     def order(self) -> float:  # type: ignore[override]
@@ -140,14 +144,14 @@ class PredictorCorrector(AbstractFixedGridSolver):
         return self.predictor.evals_per_step + extra
 
     def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
-        return self.predictor.init_state(dyn, x, t0), 0
+        return self.predictor.init_state(dyn, x, t0), 0, 0
 
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
-        pstate, k = state
+        pstate, k, i = state
         if self.corrector is not None:
-            alpha = langevin_alpha(dyn, t0, t1)
+            alpha = self.alphas[i] if self.alphas is not None else langevin_alpha(dyn.sde, t0, t1)
             for _ in range(self.corrector_steps):
                 x = self.corrector.correct(dyn, x, t0, alpha, self.draw(k))
                 k += 1
         x, pstate = self.predictor.step(dyn, x, t0, t1, pstate, dw)
-        return x, (pstate, k)
+        return x, (pstate, k, i + 1)

@@ -265,3 +265,22 @@ def test_tabulated_rule_equals_generic(sde, cls):
         b, _ = slow.step(dyn, x, t0, t1, None, dw if cls.stochastic else None)
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-10), (k, (a - b).abs().max())
         x = a
+
+
+def test_pc_tabulated_alpha_equals_per_step_alpha():
+    """PC's precomputed alpha_k = m(t_k)^2/m(t_{k+1})^2 gives the same steps as computing it each step."""
+    from sdegen.solvers.correctors import langevin_alpha
+
+    sde = sdegen.SubVPSDE()
+    times = torch.linspace(1.0, 1e-3, 5, dtype=torch.float64)
+    draws = torch.randn(4, 8, 2, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    x0 = torch.randn(8, 2, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    outs = []
+    for alphas in (None, tuple(langevin_alpha(sde, times[:-1], times[1:]).tolist())):
+        pc = PredictorCorrector(ODEEuler(), LangevinCorrector(0.2), 1, draw=lambda k: draws[k], alphas=alphas)
+        x, state, dyn = x0, None, _dyn(sde)
+        state = pc.init_state(dyn, x, times[0].expand(8))
+        for k in range(4):
+            x, state = pc.step(dyn, x, times[k].expand(8), times[k + 1].expand(8), state, None)
+        outs.append(x)
+    assert torch.allclose(outs[0], outs[1], rtol=1e-12, atol=1e-12)
