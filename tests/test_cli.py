@@ -18,18 +18,9 @@ import torch
 
 from sdegen import cli
 from sdegen.demo import DemoConfig, run_demo, sliced_wasserstein
+from _threads import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 COMMANDS = ("demo", "train", "sample", "likelihood", "bench", "info")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these problems are tiny, and on a shared machine a second thread mostly
-    waits to be scheduled (measured: an example's fast mode 41 s with two threads, 12 s with one)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------------- parsing

@@ -13,20 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from _threads import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.py"))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these problems are tiny, and on a shared machine a second thread mostly
-    waits to be scheduled (measured: an example's fast mode 41 s with two threads, 12 s with one)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_examples_are_discovered():
