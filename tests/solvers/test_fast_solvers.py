@@ -241,3 +241,28 @@ def test_cuda_matches_cpu(method):
         torch.testing.assert_close(gpu.samples.cpu(), cpu.samples, rtol=1e-9, atol=1e-9)
     else:
         assert torch.isfinite(gpu.samples).all()
+
+
+def test_heun_vs_euler_trajectory_error():
+    # Issue 8 asks Heun >= 5x lower trajectory error than Euler at NFE 10-20 on VP. Measured (Gaussian
+    # data, exact flow, 64 draws): NOT reached on any grid -- at NFE 19 heun_karras's error is LARGER than
+    # ode_euler's by 6.6x (karras), 4.3x (uniform), 1.9x (quadratic), 5.3x (log_snr); ode_heun (uniform t)
+    # by 1.0-2.4x at NFE 10-20. VP(0.1, 20) has sigma_max ~ 152, and
+    # Heun's steps in sigma cross the data scale sigma ~ 0.5 in a few large, badly resolved steps, while
+    # Euler in t on VP moves an almost stationary state. Heun's second order shows where sigma is the
+    # natural variable: on VE at NFE 39 it is ~14x better than Euler; that is what is asserted here,
+    # with the VP shortfall pinned so a change in either direction is noticed.
+    gm = sdegen.named_mixture("gaussian")
+
+    def errors(sde, nfe, grid):
+        x_T = sde.prior_sample((64, 2), generator=torch.Generator().manual_seed(2), dtype=F64)
+        exact = gaussian_flow(sde, x_T)
+        err = lambda **kw: float((sdegen.sample(sde, gm.score_fn(sde), None, x_T=x_T, **kw).samples  # noqa: E731
+                                  - exact).norm(dim=1).mean())
+        return err(method="ode_euler", steps=nfe), err(method="heun_karras", steps=(nfe + 1) // 2, grid=grid)
+
+    euler, heun = errors(sdegen.VESDE(), 39, "karras")
+    assert heun * 5 <= euler, (euler, heun)
+    for grid in ("karras", "uniform", "quadratic", "log_snr"):
+        euler, heun = errors(sdegen.VPSDE(), 19, grid)
+        assert heun > euler, (grid, euler, heun)  # the shortfall on VP (see above)
