@@ -39,7 +39,7 @@ _LAZY = {
     "inpaint": "sdegen.conditional",
     "colorize": "sdegen.conditional",
 }
-_LAZY_MODULES = {"nn", "adapters", "guidance", "grids", "data", "training", "solvers", "distributed"}
+_LAZY_MODULES = {"nn", "adapters", "guidance", "grids", "data", "training", "solvers", "distributed", "chunked"}
 
 
 def __getattr__(name):
