@@ -27,7 +27,9 @@ from sdegen.chunked import sample_chunked
 from sdegen.conditional import inpaint
 
 
-def tour() -> None:
+def tour(n: int = 2000) -> dict:
+    """Run the five backend uses; return the sample sets for the figure."""
+    panels = {}
     gm = sdegen.named_mixture("8gaussians")
     g = torch.Generator().manual_seed(0)
 
@@ -41,9 +43,10 @@ def tour() -> None:
         return -sde_ref.marginal(t)[1][:, None] * gm.score(x, t, sde_ref)
 
     sde, score_fn = adapters.from_discrete_eps(eps_model, betas, first_step=0)
-    res = sdegen.sample(sde, score_fn, (2000, 2), method="ancestral", steps=199, eps=1 / 200, generator=g,
+    res = sdegen.sample(sde, score_fn, (n, 2), method="ancestral", steps=199, eps=1 / 200, generator=g,
                         dtype=torch.float64)
     radius = res.samples.norm(dim=1)
+    panels[f"eps-model adapter\nancestral, {res.nfe} NFE"] = res.samples
     print(f"[eps adapter]  ancestral, {res.nfe} NFE: mean radius {radius.mean():.3f} (exact 2.0 + O(std^2))")
 
     # 2. An EDM-style denoiser D(x, sigma): the exact one of the mixture under the VE SDE.
@@ -54,8 +57,9 @@ def tour() -> None:
 
     sde_ve, score_ve = adapters.from_denoiser(denoiser, 0.002, 80.0)
     t_min = float(sde_ve.t_from_sigma(torch.tensor(0.002)))
-    res = sdegen.sample(sde_ve, score_ve, (2000, 2), method="ode_heun", steps=60, eps=t_min, generator=g,
+    res = sdegen.sample(sde_ve, score_ve, (n, 2), method="ode_heun", steps=60, eps=t_min, generator=g,
                         dtype=torch.float64)
+    panels[f"EDM denoiser adapter\nHeun, {res.nfe} NFE"] = res.samples
     print(f"[denoiser]     probability-flow Heun from t_min={t_min:.4f}: mean radius "
           f"{res.samples.norm(dim=1).mean():.3f}")
 
@@ -67,28 +71,41 @@ def tour() -> None:
         return gm.score(x, t, vp) if y is None else upper.score(x, t, vp)
 
     guided = guidance.classifier_free(cond_score, scale=1.0, null_kwargs={"y": None})
-    res = sdegen.sample(vp, guided, (1000, 2), method="reverse_diffusion", steps=200, generator=g,
+    res = sdegen.sample(vp, guided, (n // 2, 2), method="reverse_diffusion", steps=200, generator=g,
                         dtype=torch.float64, model_kwargs={"y": 0})
+    panels["classifier-free guidance\nclass 0 (upper modes)"] = res.samples
     print(f"[guidance]     fraction of class-0 samples in the upper half: {(res.samples[:, 1] > 0).double().mean():.3f}")
 
     # 4. Inpainting: know x_0 = 2 (the right-most mode column), sample x_1 | x_0 with the SMC sampler.
-    x_known = torch.zeros(500, 2, dtype=torch.float64)
+    x_known = torch.zeros(n // 4, 2, dtype=torch.float64)
     x_known[:, 0] = 1.41
     res = inpaint(vp, gm.score_fn(vp), x_known, torch.tensor([[1, 0]]), method="smc", steps=100, particles=16,
                   generator=g)
+    panels["inpainting (SMC)\nx1 given x0 = 1.41"] = res.samples
     print(f"[inpaint/smc]  x1 | x0=1.41: fraction above 0 = {(res.samples[:, 1] > 0).double().mean():.3f} "
           f"(exact 0.5 by symmetry), {res.stats['resampling_steps']} resampling steps")
 
     # 5. A large job in chunks, streamed to disk.
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "samples.npy")
-        res = sample_chunked(vp, gm.score_fn(vp), 20000, (2,), batch_size=5000, method="euler_maruyama", steps=50,
+        res = sample_chunked(vp, gm.score_fn(vp), 10 * n, (2,), batch_size=5000, method="euler_maruyama", steps=50,
                              seed=1, out=out)
         import numpy as np
 
         arr = np.load(out, mmap_mode="r")
         print(f"[chunked]      {arr.shape} written in {res.seconds:.1f}s over {len(res.chunks)} chunks, "
               f"{res.nfe} NFE")
+    return panels
+
+
+def save_figure(panels: dict, out: str) -> str:
+    """Scatter every sample set over the 8-gaussians density and save ``out/backend.png``."""
+    from sdegen import plotting
+
+    gm = sdegen.named_mixture("8gaussians")
+    fig = plotting.scatter_panels(panels, log_prob=gm.log_prob, lim=3.0, ncols=4)
+    os.makedirs(out, exist_ok=True)
+    return plotting.save(fig, os.path.join(out, "backend.png"))
 
 
 # ---------------------------------------------------------------------------------------------- memory figure
@@ -140,12 +157,15 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--compare", action="store_true", help="also run the whole job as one batch")
     p.add_argument("--json", default=None, help="write the memory figures here")
+    p.add_argument("--fast", action="store_true", help="fewer samples (for the test suite)")
+    p.add_argument("--out", default="outputs/backend", help="folder for the figure")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     if args.memory:
         memory(args.n, args.batch_size, args.steps, args.json, args.compare)
     else:
-        tour()
+        path = save_figure(tour(n=400 if args.fast else 2000), args.out)
+        print(f"figure: {path}")
 
 
 if __name__ == "__main__":
