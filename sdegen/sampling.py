@@ -218,8 +218,15 @@ def _adaptive_ode_runner(module: str, fn_name: str, returns_trajectory: bool):
 
 def _run_torchsde(ctx: RunContext, **opts):
     fn = _backend("sdegen.solvers.backends", "torchsde_integrate")()
+    generator = ctx.generator
+    if ctx.noise is not None:
+        # torchsde draws its own Brownian path from one seed; with per-sample seeds, derive that seed
+        # from the seeded noise so that the same seeds give the same samples (one host read). The path
+        # is shared by the batch, so torchsde samples stay repeatable but not batch-invariant.
+        z = ctx.noise(0).reshape(-1)[:64].to("cpu", torch.float64)
+        generator = torch.Generator().manual_seed(int((z * 1e6).round().abs().sum().item()) % 2**62)
     y, stats = fn(ctx.dyn.reverse_drift, ctx.dyn.diffusion, ctx.x, ctx.sde.T, ctx.eps, steps=ctx.steps,
-                  generator=ctx.generator, **opts)
+                  generator=generator, **opts)
     return y, None, _times_from(stats, None, ctx), dict(stats)
 
 
@@ -333,6 +340,51 @@ def _check_dtype(dtype) -> torch.dtype:
     return dtype
 
 
+def _per_sample_noise(seeds, shape):
+    """``seeds=`` as given: ``None``; an int offset (sample k gets seed offset + k); a list/tuple/1-D
+    integer tensor of per-sample seeds; or a noise object with ``prior`` and ``__call__(i)``."""
+    if seeds is None or callable(getattr(seeds, "prior", None)):
+        return seeds
+    from ._rng import PerSampleNoise
+
+    B = int(tuple(shape)[0])
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        return PerSampleNoise.from_offset(seeds, B)
+    if isinstance(seeds, (list, tuple, Tensor, range)):
+        if len(seeds) != B:
+            raise ValueError(f"seeds must have one seed per sample ({B}), got {len(seeds)}")
+        return PerSampleNoise(seeds)
+    raise TypeError("seeds must be an int offset, a sequence of ints, or an object with prior(shape, device, "
+                    f"dtype) and __call__(i), got {type(seeds).__name__}")
+
+
+class _BoundNoise:
+    """A per-sample noise object bound to the state's shape, device and dtype (so a ``PerSampleNoise``
+    made without them gives draws like ``x``)."""
+
+    def __init__(self, noise, x: Tensor):
+        self._noise, self._shape, self._device, self._dtype = noise, tuple(x.shape), x.device, x.dtype
+        self._kw = _accepts_kwargs(noise)
+
+    def prior(self, shape=None, device=None, dtype=None) -> Tensor:
+        return self._noise.prior(shape or self._shape, device or self._device, dtype or self._dtype)
+
+    def __call__(self, i: int) -> Tensor:
+        if self._kw:
+            return self._noise(i, shape=self._shape, device=self._device, dtype=self._dtype)
+        return self._noise(i).to(device=self._device, dtype=self._dtype)
+
+
+def _accepts_kwargs(fn) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return all(k in params for k in ("shape", "device", "dtype"))
+
+
 def _start_state(sde: SDE, shape, x_T, device, dtype, generator, seeds) -> Tensor:
     if x_T is None:
         dtype = _check_dtype(torch.get_default_dtype() if dtype is None else dtype)
@@ -393,9 +445,11 @@ def sample(sde: SDE, score_fn: Callable[..., Tensor], shape, *, method: str, ste
         return_trajectory: ``True`` keeps every state, an int ``k`` every k-th (bounded memory).
         x_T: start from this ``(B, *D)`` tensor instead of a prior draw.
         model_kwargs: keyword arguments passed to every ``score_fn`` call (e.g. class labels).
-        seeds: optional per-sample noise: an object with ``prior(shape, device, dtype)`` (unit draws for
-            $x_T$) and ``__call__(i)`` (the unit draws of step ``i``), making each sample independent of
-            its batch-mates.
+        seeds: optional per-sample noise making sample ``k`` independent of its batch-mates: an int
+            offset (sample ``k`` uses seed ``offset + k``), a sequence of ints (one per sample), or
+            an object with ``prior(shape, device, dtype)`` and ``__call__(i)`` such as
+            :class:`sdegen.PerSampleNoise`. Fixed-grid methods then give sample ``k`` bitwise the
+            same whatever the batch; adaptive methods only with per-sample step control.
         **method_options: the method's options (unknown ones are an error listing the valid ones).
 
     Returns:
@@ -419,10 +473,9 @@ def sample(sde: SDE, score_fn: Callable[..., Tensor], shape, *, method: str, ste
         record_every = return_trajectory
     else:
         raise ValueError(f"return_trajectory must be a bool or an int >= 1, got {return_trajectory!r}")
-    if seeds is not None and not callable(getattr(seeds, "prior", None)):
-        raise TypeError(f"seeds must provide prior(shape, device, dtype) and __call__(i), got {type(seeds).__name__}")
     if shape is None and x_T is None:
         raise ValueError("shape must be given (B, *D) unless x_T is")
+    seeds = _per_sample_noise(seeds, shape if shape is not None else tuple(x_T.shape))
     counted = CountingScore(score_fn, model_kwargs)
     dyn = Dynamics(sde, counted)
     denoise = opts.pop("denoise")
@@ -431,6 +484,8 @@ def sample(sde: SDE, score_fn: Callable[..., Tensor], shape, *, method: str, ste
         times = None
         if spec.fixed_grid:
             times = torch.linspace(sde.T, eps, steps + 1, dtype=torch.float64)
+        if seeds is not None:
+            seeds = _BoundNoise(seeds, x)
         ctx = RunContext(sde, dyn, x, eps, steps, generator, seeds, bool(progress), record_every, method, times)
         x, traj, times, stats = spec.run(ctx, **opts)
         t_end = float(times[-1])

@@ -224,7 +224,7 @@ def _bad(**kw):
     ({"denoise": "yes"}, TypeError, "denoise must be a bool"),
     ({"shape": None}, ValueError, "shape must be given"),
     ({"sde": "vp", "score": lambda x, t: -x}, TypeError, "sde must be an sdegen.SDE"),
-    ({"seeds": object()}, TypeError, "seeds must provide prior"),
+    ({"seeds": object()}, TypeError, "seeds must be an int offset"),
 ])
 def test_bad_input(kw, err, match):
     with pytest.raises(err, match=match):

@@ -136,8 +136,7 @@ def test_sample_k_does_not_depend_on_its_batch_mates(method, opts):
         assert all(torch.equal(a, b) for a, b in pairs)
 
 
-SEEDS_IGNORED = {"torchsde": "torchsde runner: seeds= only sets x_T; the Brownian path comes from an "
-                             "unseeded source, so two calls with the same seeds differ"}
+SEEDS_IGNORED: dict = {}  # torchsde now derives its Brownian seed from the per-sample noise
 
 
 @pytest.mark.parametrize("method", [
