@@ -14,7 +14,8 @@ method over a range of NFE, it measures
 plus the variance-error table on $\mathcal N(0.5, 0.5^2)$ 2-D data under VP(0.1, 20) (the DDPM linear
 schedule), computed exactly for the ODE methods (their maps are affine for Gaussian data).
 Writes ``solvers.json``, ``summary.md`` and ``bench_solvers_*.png`` into ``out_dir`` and copies the
-figures to ``docs/figures/`` when that folder exists in the working directory.
+figures to ``docs/figures/`` (and ``summary.md`` to ``docs/benchmarks/solvers_summary.txt``) when that
+folder exists in the working directory and ``quick`` is off.
 """
 
 from __future__ import annotations
@@ -347,7 +348,9 @@ def run(out_dir, quick: bool = False, *, problems=None, nfes=None, n: int | None
         for p in figs:
             shutil.copy(p, docs / p.name)
         (docs.parent / "benchmarks").mkdir(exist_ok=True)
-        shutil.copy(out_dir / "summary.md", docs.parent / "benchmarks" / "solvers_summary.md")
+        # .txt, not .md: every .md under docs/ must be a page in the mkdocs nav (tests/test_docs.py);
+        # the content is markdown, for pasting into the README.
+        shutil.copy(out_dir / "summary.md", docs.parent / "benchmarks" / "solvers_summary.txt")
     return {"wall_s": result["wall_s"], "files": [str(p) for p in figs] + [str(out_dir / "solvers.json")]}
 
 
