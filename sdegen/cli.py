@@ -227,6 +227,15 @@ def _data_shape(directory: str, model) -> tuple[int, ...]:
                    f"it was not written by `sdegen train`")
 
 
+def _leave_process_group() -> None:
+    """Wait for every rank, then tear the group down (a gloo group left open aborts at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _cmd_sample(args) -> int:
     import torch
 
@@ -244,10 +253,18 @@ def _cmd_sample(args) -> int:
 
         if opts.get("steps") is None and args.steps is not None:
             opts["steps"] = args.steps
-        res = sample_distributed(sde, score_fn, args.n, tail, batch_size=args.batch_size or args.n,
-                                 method=args.method, seed=args.seed, device=device, dtype=dtype, **opts)
-        if world()[0] != 0:  # every rank holds the gathered samples; rank 0 writes them
+        try:
+            res = sample_distributed(sde, score_fn, args.n, tail, batch_size=args.batch_size or args.n,
+                                     method=args.method, seed=args.seed, device=device, dtype=dtype, **opts)
+            rank = world()[0]
+            if rank == 0:  # every rank holds the gathered samples; rank 0 writes them
+                _write_samples(args.out, res.samples.detach().to("cpu"), args, res.nfe)
+        finally:
+            _leave_process_group()
+        if rank != 0:
             return 0
+        print(f"{args.n} samples, method {args.method}, NFE {res.nfe} -> {args.out}")
+        return 0
     else:
         from .sampling import sample
 

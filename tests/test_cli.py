@@ -289,7 +289,7 @@ def test_sample_under_torchrun_equals_one_process_with_the_same_chunks(tmp_path)
     common = ["sample", "--oracle", "gaussian", "--method", "ode_euler", "--steps", "5", "--num-samples", "20",
               "--batch-size", "8", "--quiet"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port", "29741", "-m", "sdegen.cli", *common,
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "sdegen.cli", *common,
                            "--out", str(tmp_path / "dist.npz")], capture_output=True, text=True, timeout=300,
                           env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
