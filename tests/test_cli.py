@@ -18,7 +18,6 @@ import torch
 
 from sdegen import cli
 from sdegen.demo import DemoConfig, run_demo, sliced_wasserstein
-from _threads import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 COMMANDS = ("demo", "train", "sample", "likelihood", "bench", "info")
 

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from _threads import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.py"))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -12,15 +12,6 @@ from sdegen.sampling import METHODS, sample
 from sdegen.solvers.base import NonFiniteError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: on a shared 2-core machine a parallel op waits for a busy core's time slice
-    (10 ms each); these tensors are small, so one thread is also the fastest when the machine is idle."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 GM = sdegen.named_mixture("gaussian")
 ALL_METHODS = list(METHODS)
 FIXED = {"euler_maruyama": 1, "reverse_diffusion": 1, "ancestral": 1, "pc": 2, "ode_euler": 1, "ode_heun": 2}

@@ -32,16 +32,6 @@ Z_MAX = 5.0
 KS_ALPHA = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: on a shared 2-core machine a parallel op waits for a busy core's time slice
-    (10 ms each); these tensors are small, so one thread is also the fastest when the machine is idle."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def distribution_check(x: torch.Tensor, gm: sdegen.GaussianMixture, *, seed: int = 0, n_proj: int = 8) -> dict:
     """Return the z-scores and KS p-values of ``x`` against ``gm`` and whether all pass."""
     x = x.to(torch.float64).reshape(x.shape[0], -1)

@@ -25,16 +25,6 @@ from sdegen.solvers.sde_steps import (Ancestral, EulerMaruyama, ReverseDiffusion
 MU, V = 0.5, 0.25          # data N(0.5, 0.5^2 I): named_mixture("gaussian")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: on a shared 2-core machine a parallel op waits for a busy core's time slice
-    (10 ms each); these tensors are small, so one thread is also the fastest when the machine is idle."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gaussian_score(sde):
     def score(x, t):
         m, s = sde.marginal(t)
