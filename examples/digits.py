@@ -2,11 +2,11 @@ r"""Train a small U-Net score model on scikit-learn's 8×8 digits (CPU), sample,
 
 Usage::
 
-    OMP_NUM_THREADS=2 python examples/digits.py --threads 2 --out out/digits  # the full run (~20 min on 2 CPU cores)
+    OMP_NUM_THREADS=2 python examples/digits.py --threads 2 --out out/digits  # the full run (~27 min, 2 shared cores)
     python examples/digits.py --fast --out /tmp/digits                        # a smoke run (seconds)
     python examples/digits.py --plot-only --out out/digits                    # redraw the figure of a finished run
 
-The defaults (400 training steps, 256 samples, 100 sampler steps) are sized for about 20 minutes on
+The defaults (400 training steps, 256 samples, 100 sampler steps) are sized for 20-30 minutes on
 two shared CPU cores; more steps (e.g. ``--steps 3000``) give cleaner samples where time allows.
 
 Outputs in ``--out``: ``digits_samples.png`` (an 8×8 grid of samples next to 8×8 real held-out digits),
