@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._utils import as_time, check_floating
+from ._utils import check_floating
 from .sdes import AffineSDE
 
 __all__ = ["GaussianMixture", "named_mixture", "MIXTURE_NAMES"]
@@ -190,8 +190,6 @@ class GaussianMixture:
         if x.ndim < 2 or x[0].numel() != self.dim:
             raise ValueError(f"{name} must have shape (B, {self.dim}) (or (B, *D) with prod(D) = {self.dim}), "
                              f"got {tuple(x.shape)}")
-        if x.device != self.device and self.device.type != x.device.type:
-            pass  # parameters are moved to x's device on demand
         return x.reshape(x.shape[0], self.dim)
 
     def log_prob(self, x: Tensor) -> Tensor:
