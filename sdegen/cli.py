@@ -19,7 +19,7 @@ import sys
 __all__ = ["main", "build_parser", "parse_option"]
 
 SDE_NAMES = ("vp", "subvp", "ve")
-BENCH_NAMES = ("samplers", "solvers", "likelihood")   # what `sdegen bench all` runs
+BENCH_NAMES = ("samplers", "solvers", "likelihood", "overhead")   # what `sdegen bench all` runs
 BENCH_EXTRA = ("soak", "device")                       # on request only: long (soak) or GPU timings (device)
 
 
@@ -457,11 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
     lk.set_defaults(func=_cmd_likelihood)
 
     b = sub.add_parser("bench", help="run the benchmarks (JSON + plots)",
-                       description="Run the sampler, solver and likelihood benchmarks; results are JSON files "
+                       description="Run the sampler, solver, likelihood and overhead benchmarks; results are JSON files "
                        "and PNG plots in --out. The benchmarks fix their own seeds and devices "
                        "(--seed and --device are accepted for uniformity and not used).")
     b.add_argument("which", nargs="?", default="all", choices=(*BENCH_NAMES, *BENCH_EXTRA, "all"),
-                   help="which benchmark (all = samplers, solvers and likelihood)")
+                   help="which benchmark (all = samplers, solvers, likelihood and overhead)")
     b.add_argument("--out", default="bench_results", help="output folder (default: bench_results)")
     b.add_argument("--quick", action="store_true", help="a reduced grid for smoke runs")
     _common(b)

@@ -82,6 +82,14 @@ class AffineSDE(SDE):
             raise NotImplementedError(f"{type(self).__name__} must override diffusion or pass g=")
         return eval_time_fn(self._g_fn, t, "g")
 
+    def ode_coefs(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        r"""$(a(t), -\tfrac12 g(t)^2)$: the probability-flow velocity of an affine SDE is
+        $v(x, t) = a(t)\,x - \tfrac12 g(t)^2\,\nabla_x\log p_t(x)$. ``(B,) -> ((B,), (B,))``.
+
+        Solvers call this once per score evaluation, so subclasses override it when both
+        coefficients share work (VP: both are $-\tfrac12\beta(t)$, returned as the same tensor)."""
+        return self.drift_coef(t), -0.5 * self.diffusion(t).square()
+
     def drift(self, x: Tensor, t: Tensor) -> Tensor:
         r"""$f(x, t) = a(t)\,x$. ``x``: ``(B, *D)``, ``t``: ``(B,)``."""
         return append_dims(self.drift_coef(t), x.ndim) * x

@@ -54,6 +54,11 @@ class VESDE(AffineSDE):
     def diffusion(self, t: Tensor) -> Tensor:
         return self.sigma_schedule(t) * math.sqrt(2 * self._log_ratio / self.T)
 
+    def ode_coefs(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        r"""$a = 0$, $-\tfrac12 g^2 = -\sigma(t)^2 \log(\sigma_\max/\sigma_\min)/T$ (see :meth:`AffineSDE.ode_coefs`)."""
+        h = torch.exp(t * (2 * self._log_ratio / self.T)) * (-self.sigma_min ** 2 * self._log_ratio / self.T)
+        return torch.zeros_like(t), h
+
     def marginal(self, t) -> tuple[Tensor, Tensor]:
         r"""$m = 1$, $s = \sqrt{\sigma(t)^2 - \sigma_\min^2} = \sigma_\min\sqrt{\exp(2 t \log(\sigma_\max/\sigma_\min)/T) - 1}$."""
         t = self._as_t(t)

@@ -34,7 +34,8 @@ class _LinearBeta(AffineSDE):
 
     def beta(self, t: Tensor) -> Tensor:
         r"""$\beta(t) = \beta_\min + (t/T)(\beta_\max - \beta_\min)$. ``(B,)``."""
-        return self.beta_min + (t / self.T) * (self.beta_max - self.beta_min)
+        # Two tensor ops, not three: beta is evaluated with every score call of an ODE solver.
+        return (t * ((self.beta_max - self.beta_min) / self.T)).add_(self.beta_min)
 
     def int_beta(self, t: Tensor) -> Tensor:
         r"""$B(t) = \int_0^t \beta = \beta_\min t + \tfrac{t^2}{2T}(\beta_\max - \beta_\min)$. ``(B,)``."""
@@ -66,6 +67,12 @@ class VPSDE(_LinearBeta):
 
     def diffusion(self, t: Tensor) -> Tensor:
         return self.beta(t).sqrt()
+
+    def ode_coefs(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        r"""$a = -\tfrac12 g^2 = -\tfrac12\beta(t)$: one tensor for both (see :meth:`AffineSDE.ode_coefs`)."""
+        k = (self.beta_max - self.beta_min) / self.T
+        c = (t * (-0.5 * k)).add_(-0.5 * self.beta_min)
+        return c, c
 
     def marginal(self, t) -> tuple[Tensor, Tensor]:
         r"""$m = e^{-B/2}$, $s = \sqrt{1 - e^{-B}}$ (computed as ``sqrt(-expm1(-B))``)."""

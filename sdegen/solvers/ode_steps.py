@@ -20,8 +20,9 @@ from .sde_steps import _as_rows, linear_update
 
 
 def _velocity_coefs(sde: AffineSDE, t: Tensor) -> tuple[Tensor, Tensor]:
-    r"""$(a(t), -\tfrac12 g(t)^2)$: the probability-flow velocity of an affine SDE is $a x - \tfrac12 g^2 s$."""
-    return sde.drift_coef(t), -0.5 * sde.diffusion(t).square()
+    r"""$(a(t), -\tfrac12 g(t)^2)$ as two distinct tensors (:meth:`AffineSDE.ode_coefs` may share one)."""
+    a, h = sde.ode_coefs(t)
+    return a, (h.clone() if h is a else h)
 
 __all__ = ["ODEEuler", "ODEHeun"]
 

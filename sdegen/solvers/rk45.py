@@ -366,6 +366,29 @@ class _ListStepper:
         return self.y
 
 
+_TABLEAU_CACHE: dict = {}
+
+
+def _tableau_tensors(tab: ButcherTableau, device: torch.device, dtype: torch.dtype):
+    """The tableau as device tensors ``(rows of a, b, b_err, c)``, built once per (tableau, device, dtype):
+    rebuilding them costs a few host-to-device copies per solve, a visible share of a small solve."""
+    key = (tab, device, dtype)
+    hit = _TABLEAU_CACHE.get(key)
+    if hit is None:
+        s = tab.stages
+        A = torch.zeros(s, s, dtype=torch.float64)
+        for i, row in enumerate(tab.a):
+            if row:
+                A[i, :i] = torch.tensor(row, dtype=torch.float64)
+        A = A.to(device=device, dtype=dtype)
+        hit = ([A[i, :i] for i in range(s)], torch.tensor(tab.b, dtype=dtype).to(device),
+               torch.tensor(tab.b_err, dtype=dtype).to(device), torch.tensor(tab.c, dtype=dtype).to(device))
+        if len(_TABLEAU_CACHE) > 64:  # user tableaus on many devices: keep the cache bounded
+            _TABLEAU_CACHE.clear()
+        _TABLEAU_CACHE[key] = hit
+    return hit
+
+
 class _BufferStepper:
     r"""Batched steps in preallocated buffers: the fast path when no gradient flows through the solve.
 
@@ -392,15 +415,8 @@ class _BufferStepper:
         self.y = y0.detach().reshape(-1).clone()
         self.ay, self.ay_new = self.y.abs(), torch.empty_like(self.y)
         self.err, self.scale = torch.empty_like(self.y), torch.empty_like(self.y)
-        A = torch.zeros(s, s, dtype=torch.float64)
-        for i, row in enumerate(tab.a):
-            if row:
-                A[i, :i] = torch.tensor(row, dtype=torch.float64)
-        A = A.to(device=dev, dtype=dt_)
-        self.rows = [A[i, :i] for i in range(s)]
-        self.b = torch.tensor(tab.b, dtype=dt_).to(dev)
-        self.b_err = torch.tensor(tab.b_err, dtype=dt_).to(dev)
-        self.cB = torch.tensor(tab.c, dtype=dt_).to(dev)[:, None].expand(s, B).contiguous()
+        self.rows, self.b, self.b_err, c = _tableau_tensors(tab, dev, dt_)
+        self.cB = c[:, None].expand(s, B).contiguous()
         self.tb = torch.empty_like(self.cB)
         self.trow = [self.tb[i] for i in range(s)]
 

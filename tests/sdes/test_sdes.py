@@ -50,6 +50,22 @@ def test_coefficients_closed_form():
     torch.testing.assert_close(ve.drift(x, t), torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE(), VPSDE(0.5, 5.0, T=2.0),
+                                 AffineSDE(a=lambda t: -t, g=lambda t: 1 + t)])
+def test_ode_coefs_and_probability_flow_velocity(sde):
+    """ode_coefs(t) = (a(t), -g(t)^2/2), and the solvers' velocity a x - g^2/2 s equals f - g^2/2 s."""
+    from sdegen.solvers.base import Dynamics
+
+    t = T_GRID * sde.T
+    a, h = sde.ode_coefs(t)
+    torch.testing.assert_close(a, sde.drift_coef(t), rtol=1e-13, atol=0)
+    torch.testing.assert_close(h, -0.5 * sde.diffusion(t) ** 2, rtol=1e-13, atol=0)
+    g = torch.Generator().manual_seed(1)
+    x, s = (torch.randn(t.shape[0], 3, dtype=F64, generator=g) for _ in range(2))
+    v = Dynamics(sde, lambda x_, t_: s).ode_drift(x, t)
+    torch.testing.assert_close(v, sde.drift(x, t) - 0.5 * sde.diffusion(t)[:, None] ** 2 * s, rtol=1e-13, atol=1e-13)
+
+
 @pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE(), VPSDE(0.5, 5.0, T=2.0)])
 def test_marginal_solves_moment_odes(sde):
     """dm/dt = a m and d(s^2)/dt = 2 a s^2 + g^2 (central differences, O(h^2) ~ 1e-9)."""
