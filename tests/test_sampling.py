@@ -146,6 +146,43 @@ def test_vp_ancestral_is_the_ddpm_chain():
         assert torch.allclose(res.samples, a, rtol=tol, atol=tol), (res.samples - a).abs().max()
 
 
+@pytest.mark.parametrize("method", ["euler_maruyama", "reverse_diffusion", "pc", "ode_euler", "ode_heun"])
+@pytest.mark.parametrize("grid", ["quadratic", "log_snr", "karras"])
+def test_grid_option_sets_the_time_grid(method, grid):
+    sde = sdegen.VPSDE()
+    score = Counter(GM.score_fn(sde))
+    res = sample(sde, score, (8, 2), method=method, steps=7, grid=grid, dtype=torch.float64,
+                 generator=torch.Generator().manual_seed(0))
+    want = sdegen.grids.get_grid(grid, sde, 7, 1e-3)
+    n_grid = 8 if METHODS[method].reverse_sde else 7   # reverse-SDE methods add the denoising step at eps
+    torch.testing.assert_close(res.times[:8], want, rtol=0, atol=0)
+    assert len(res.times) == n_grid + 1 and res.nfe == score.calls == 7 * FIXED[method] + (n_grid - 7)
+
+
+def test_user_grid_tensor_sets_the_steps():
+    sde = sdegen.VPSDE()
+    times = sdegen.grids.karras(sde, 6, 1e-3, rho=3.0)
+    for method, nfe in (("ode_heun", 12), ("ode_euler", 6), ("heun_karras", 11), ("dpm_solver", 6)):
+        score = Counter(GM.score_fn(sde))
+        res = sample(sde, score, (4, 2), method=method, grid=times, dtype=torch.float64)
+        # heun_karras' final Euler step (2N - 1 evaluations) must see the user grid's N, not steps' default.
+        assert res.nfe == score.calls == nfe, method
+        torch.testing.assert_close(res.times, times, rtol=0, atol=0)
+
+
+def test_grid_option_errors():
+    sde = sdegen.VPSDE()
+    with pytest.raises(ValueError, match="unknown grid 'nope'; choose one of uniform, quadratic, log_snr, karras"):
+        sample(sde, GM.score_fn(sde), (2, 2), method="ode_euler", steps=3, grid="nope")
+    with pytest.raises(ValueError, match="DDPM chain on its own grid"):
+        sample(sde, GM.score_fn(sde), (2, 2), method="pc", predictor="ancestral", steps=3, grid="quadratic")
+    custom = sdegen.CustomSDE(lambda x, t: -x, lambda t: torch.ones_like(t))
+    with pytest.raises(TypeError, match="'log_snr' grid needs an AffineSDE"):
+        sample(custom, lambda x, t: -x, (2, 2), method="euler_maruyama", steps=3, grid="log_snr")
+    res = sample(custom, lambda x, t: -x, (2, 2), method="euler_maruyama", steps=3, grid="quadratic")
+    torch.testing.assert_close(res.times, sdegen.grids.quadratic(custom, 3, 1e-3), rtol=0, atol=0)
+
+
 def test_trajectory_and_thinning():
     res, _ = _run("euler_maruyama", steps=10, return_trajectory=True)
     assert len(res.trajectory) == 10 + 1 + 1            # start, 10 steps, denoised

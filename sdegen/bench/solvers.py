@@ -44,6 +44,8 @@ def _methods(quick: bool) -> dict:
     m = {
         "ode_euler": ("ode_euler", {}, lambda n: n, _ODE),
         "ode_heun": ("ode_heun", {}, lambda n: max(1, n // 2), _ODE),
+        "ode_heun (quadratic)": ("ode_heun", {"grid": "quadratic"}, lambda n: max(1, n // 2), _ODE),
+        "ode_euler (quadratic)": ("ode_euler", {"grid": "quadratic"}, lambda n: n, _ODE),
         "heun_karras": ("heun_karras", {}, lambda n: (n + 1) // 2, _ODE),
         "dpm_solver-2": ("dpm_solver", {"order": 2}, lambda n: n, _ODE),
         "dpm_solver-3": ("dpm_solver", {}, lambda n: n, _ODE),
@@ -254,6 +256,7 @@ def _plots(result, out_dir: pathlib.Path) -> list[pathlib.Path]:
 
 # benchmark label -> the method timed in the overhead table
 _OVERHEAD_OF = {"ode_euler": "ode_euler", "ode_heun": "ode_heun", "heun_karras": "heun_karras",
+                "ode_heun (quadratic)": "ode_heun", "ode_euler (quadratic)": "ode_euler",
                 "dpm_solver-2": "dpm_solver", "dpm_solver-3": "dpm_solver", "euler_maruyama": "euler_maruyama"}
 
 
@@ -265,6 +268,31 @@ def _row_line(r, floor, overhead) -> str:
     ov = overhead.get(_OVERHEAD_OF.get(r["method"], ""))
     ov = f"{ov['overhead']:.2f}" if ov else "-"
     return (f"| {r['method']}{knob} | {r['nfe']} | {r['sw']:.4f} | {r['sw'] / floor:.2f} | {te} | {ov} |")
+
+
+def _order_ratios(result) -> list[str]:
+    """Trajectory-error ratios at equal NFE: Euler (default uniform grid) over the best Heun, and the best
+    Heun over the best DPM-Solver (issue 8's 5x targets), per problem and NFE."""
+    heuns = ("ode_heun", "ode_heun (quadratic)", "heun_karras")
+    dpms = ("dpm_solver-2", "dpm_solver-3")
+    lines = ["## Order ratios at equal NFE (ODE trajectory error)", "",
+             "Euler / Heun: `ode_euler` (uniform grid) over the best of " + ", ".join(f"`{h}`" for h in heuns)
+             + "; Heun / DPM: that Heun over the best of `dpm_solver` orders 2 and 3. Heun's NFE is "
+             "the even number at or below the Euler NFE (heun_karras: 2N - 1).", "",
+             "| problem | NFE | Euler | best Heun | Euler / Heun | best DPM | Heun / DPM |", "|---|---|---|---|---|---|---|"]
+    for prob in result["problems"]:
+        rows = [r for r in prob["rows"] if "traj_err" in r]
+        for nfe in sorted({r["nfe"] for r in rows if r["method"] == "ode_euler"}):
+            def best(labels):
+                cands = [r for r in rows if r["method"] in labels and nfe - 1 <= r["nfe"] <= nfe]
+                return min(cands, key=lambda r: r["traj_err"]) if cands else None
+            e, h, d = best(("ode_euler",)), best(heuns), best(dpms)
+            if not (e and h and d):
+                continue
+            lines.append(f"| {prob['mixture']} / {prob['sde']} | {nfe} | {e['traj_err']:.2e} | {h['method']} "
+                         f"{h['traj_err']:.2e} | {e['traj_err'] / h['traj_err']:.1f} | {d['method']} {d['traj_err']:.2e} | "
+                         f"{h['traj_err'] / d['traj_err']:.1f} |")
+    return lines + [""]
 
 
 def _summary(result) -> str:
@@ -297,6 +325,7 @@ def _summary(result) -> str:
         lines += ["", f"Every ODE method converges to the same samples (they map the same x_T): the tightest rk45 "
                   f"run sits at {conv[-1]['sw'] / first['floor']['sw']:.2f}x the floor, so ratios near that value "
                   "mean 'converged', not 'worse than the floor'.", ""]
+    lines += _order_ratios(result)
     lines += ["## Variance error on N(0.5, 0.5²), VP(0.1, 20) (exact: ODE maps are affine)", "",
               "| method | NFE | variance error |", "|---|---|---|"]
     for label, rs in result["variance"].items():

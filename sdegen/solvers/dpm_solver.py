@@ -206,9 +206,10 @@ def build_dpm_solver(ctx, opts: dict) -> DPMSolver:
     under VP they give a variance error of about 0.5 % at 10 NFE and 0.6 % at 20."""
     from ..grids import get_grid
 
-    grid_opts = {"rho": opts["rho"]} if opts["grid"] == "karras" else {}
+    grid_opts = {"rho": opts["rho"]} if isinstance(opts["grid"], str) and opts["grid"] == "karras" else {}
     ctx.times = get_grid(opts["grid"], ctx.sde, ctx.steps, ctx.eps, **grid_opts)
-    solver = DPMSolver(order=opts["order"], prediction=opts["prediction"], n_steps=ctx.steps,
+    # A user grid (a tensor) sets the number of steps itself.
+    solver = DPMSolver(order=opts["order"], prediction=opts["prediction"], n_steps=ctx.times.numel() - 1,
                        lower_order_final=bool(opts["lower_order_final"]))
     # Affine SDEs: per-step coefficients once, on the host, in float64 (others get the step's
     # own error naming the AffineSDE requirement).

@@ -162,9 +162,10 @@ def build_heun_karras(ctx, opts: dict) -> HeunKarras:
     returns the solver. ``ctx``: a :class:`sdegen.sampling.RunContext` (``sde``, ``steps``, ``eps``)."""
     from ..grids import get_grid
 
-    grid_opts = {"rho": opts["rho"]} if opts["grid"] == "karras" else {}
+    grid_opts = {"rho": opts["rho"]} if isinstance(opts["grid"], str) and opts["grid"] == "karras" else {}
     ctx.times = get_grid(opts["grid"], ctx.sde, ctx.steps, ctx.eps, **grid_opts)
-    solver = HeunKarras(n_steps=ctx.steps, s_churn=float(opts["s_churn"]), s_tmin=float(opts["s_tmin"]),
+    # A user grid (a tensor) sets the number of steps itself (final_euler and churn need it).
+    solver = HeunKarras(n_steps=ctx.times.numel() - 1, s_churn=float(opts["s_churn"]), s_tmin=float(opts["s_tmin"]),
                         s_tmax=float(opts["s_tmax"]), s_noise=float(opts["s_noise"]),
                         final_euler=bool(opts["final_euler"]))
     # Not affine: the generic step raises the clear "needs an AffineSDE" error on its first call.
