@@ -3,7 +3,8 @@
 ``sdegen bench overhead --out OUT`` (or ``python -m sdegen.bench.overhead OUT``) writes
 ``overhead.json`` and ``overhead.png``:
 
-* ``per_step_us``: for each fixed-grid method, the time of a 500-step run at batch 16 minus the time
+* ``per_step_us``: for each fixed-grid method (``pc``: reverse diffusion + one Langevin corrector step,
+  two evaluations per step), the time of a 500-step run at batch 16 minus the time
   of its bare score calls, per step (best of 3, one thread, a trivially cheap score). Issue 3's target
   is 30 µs; the k-diffusion and diffusers loops measure 65–210 µs per step on this kind of machine.
 * ``rk45_vs_scipy``: wall time of ``method="rk45"`` and ``method="scipy"`` (``solve_ivp`` RK45, the
@@ -30,7 +31,7 @@ from ..oracle import named_mixture
 from ..sampling import sample
 from ..sdes import VPSDE
 
-FIXED = ("euler_maruyama", "ode_euler", "ode_heun", "ancestral", "reverse_diffusion", "dpm_solver", "heun_karras")
+FIXED = ("euler_maruyama", "ode_euler", "ode_heun", "ancestral", "reverse_diffusion", "pc", "dpm_solver", "heun_karras")
 PER_STEP_TARGET_US = 30.0
 RK45_TARGET_RATIO = 2.0
 

@@ -21,7 +21,6 @@ and non-affine SDEs: 1), which makes the rule work for every affine SDE (sub-VP 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -55,9 +54,9 @@ class AbstractCorrector:
 
 
 def _langevin_update(x: Tensor, score: Tensor, step: Tensor, noise: Tensor) -> Tensor:
-    r"""$x + \epsilon s + \sqrt{2\epsilon} z$ with a per-sample step $\epsilon$ ``(B,)``."""
+    r"""$x + \epsilon s + \sqrt{2\epsilon} z$ with a per-sample step $\epsilon$ ``(B,)`` (four kernels)."""
     step = append_dims(step, x.ndim)
-    return x + step * score + (2 * step).sqrt() * noise
+    return torch.addcmul(x, step, score).addcmul_(step.mul(2.0).sqrt_(), noise)
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ class LangevinCorrector(AbstractCorrector):
     r"""Langevin corrector with the signal-to-noise step rule (Song et al. 2021, Alg. 5), per sample.
 
     $\epsilon_b = 2\alpha (\text{snr}\,\sqrt d/\lVert s(x_b,t)\rVert_2)^2$ ($d$ = entries per sample); where
-    the score is exactly zero the step is 0 (no information to move along). In very low dimension the
+    the score is zero (or so small that the step overflows) the step is 0 (no information to move along). In very low dimension the
     per-sample $\lVert s_b\rVert$ is often near 0 close to a mode, so steps are heavy-tailed; prefer
     ``"annealed_langevin"`` there.
 
@@ -77,13 +76,14 @@ class LangevinCorrector(AbstractCorrector):
 
     def correct(self, dyn: Dynamics, x: Tensor, t: Tensor, alpha: Tensor | float, noise: Tensor) -> Tensor:
         score = dyn.score(x, t)
-        grad_norm = score.flatten(1).norm(dim=1)
+        flat = score.flatten(1)
+        sq = torch.linalg.vecdot(flat, flat)                      # ||s_b||^2, (B,)
         # E||z||^2 = d, not the realised ||z_b||: a step computed from the very draw it scales would
         # inject (d + 2)/d times the intended noise variance (E[||z||^2 z_j^2] = d + 2), a bias the
         # reference hides by averaging norms over the batch.
-        noise_norm = math.sqrt(x[0].numel())
-        step = 2 * alpha * (self.snr * noise_norm / grad_norm.clamp_min(torch.finfo(x.dtype).tiny)).square()
-        step = torch.where(grad_norm > 0, step, torch.zeros_like(step))
+        d = x[0].numel()
+        # 2 alpha snr^2 d / ||s||^2; 1/0 = inf (and overflow) become a zero step.
+        step = torch.reciprocal(sq).mul_(2 * alpha * self.snr**2 * d).nan_to_num_(posinf=0.0)
         return _langevin_update(x, score, step, noise)
 
 
