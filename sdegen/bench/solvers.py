@@ -173,7 +173,9 @@ def _variance_table(nfes):
 
 
 def _overhead(batch: int, nfe_steps: int = 20) -> dict:
-    r"""time(sampler) / time(bare score calls) with an MLP-sized score (2-256-256-2, SiLU) at ``batch``."""
+    r"""time(sampler) / time(bare score calls) with an MLP-sized score (2-256-256-2, SiLU) at ``batch``, for
+    every native solver (fixed-grid ones at ``nfe_steps`` steps, ancestral at 40 -- the DDPM chain of
+    VPSDE(0.1, 20) needs more than 20 --, rk45 at rtol = 1e-3, adaptive_sde at 0.05)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 256), torch.nn.SiLU(), torch.nn.Linear(256, 256), torch.nn.SiLU(),
                               torch.nn.Linear(256, 2))
@@ -184,13 +186,20 @@ def _overhead(batch: int, nfe_steps: int = 20) -> dict:
     sde = sdegen.VPSDE()
     x_T = sde.prior_sample((batch, 2), generator=torch.Generator().manual_seed(0))
     out = {}
-    cases = {"ode_euler": {}, "ode_heun": {}, "heun_karras": {}, "dpm_solver": {}, "euler_maruyama": {"denoise": False}}
+    # Every native solver: fixed-grid ones at `nfe_steps` steps, adaptive ones at a tolerance.
+    cases = {"ode_euler": {}, "ode_heun": {}, "heun_karras": {}, "dpm_solver": {},
+             "euler_maruyama": {"denoise": False}, "reverse_diffusion": {"denoise": False},
+             "ancestral": {"steps": 40}, "pc": {"denoise": False, "corrector": "annealed_langevin"},
+             "rk45": {"rtol": 1e-3, "atol": 1e-3, "steps": None},
+             "adaptive_sde": {"rtol": 0.05, "atol": 0.05, "steps": None, "denoise": False}}
     with torch.no_grad():
         for method, opts in cases.items():
+            opts = dict(opts)
+            steps = opts.pop("steps", nfe_steps)
             ratios = []
             for _ in range(3):
                 t0 = time.perf_counter()
-                res = sdegen.sample(sde, score, None, x_T=x_T, method=method, steps=nfe_steps,
+                res = sdegen.sample(sde, score, None, x_T=x_T, method=method, steps=steps,
                                     generator=torch.Generator().manual_seed(1), **opts)
                 t_s = time.perf_counter() - t0
                 t = torch.full((batch,), 0.5)
@@ -255,7 +264,8 @@ def _plots(result, out_dir: pathlib.Path) -> list[pathlib.Path]:
 
 
 # benchmark label -> the method timed in the overhead table
-_OVERHEAD_OF = {"ode_euler": "ode_euler", "ode_heun": "ode_heun", "heun_karras": "heun_karras",
+_OVERHEAD_OF = {"ode_euler": "ode_euler", "ode_heun": "ode_heun", "heun_karras": "heun_karras", "rk45": "rk45",
+                "adaptive_sde": "adaptive_sde", "ddpm_ancestral": "ancestral",
                 "ode_heun (quadratic)": "ode_heun", "ode_euler (quadratic)": "ode_euler",
                 "dpm_solver-2": "dpm_solver", "dpm_solver-3": "dpm_solver", "euler_maruyama": "euler_maruyama"}
 
