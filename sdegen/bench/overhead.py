@@ -69,7 +69,7 @@ def _scores(sde) -> dict:
             "oracle": gm.score_fn(sde)}
 
 
-def rk45_vs_scipy(tols=(1e-3, 1e-5, 1e-7), batches=(16, 4096), repeats: int = 5) -> list[dict]:
+def rk45_vs_scipy(tols=(1e-3, 1e-4, 1e-5), batches=(16, 4096), repeats: int = 5) -> list[dict]:
     """Wall time and solver overhead of ``rk45`` and ``scipy`` at the same tolerance (one row per case)."""
     sde = VPSDE()
     rows = []
@@ -132,7 +132,7 @@ def run(out_dir, quick: bool = False) -> dict:
     try:
         result = {
             "per_step_us": per_step_overhead(steps=100 if quick else 500, repeats=1 if quick else 3),
-            "rk45_vs_scipy": rk45_vs_scipy(tols=(1e-3,) if quick else (1e-3, 1e-5, 1e-7),
+            "rk45_vs_scipy": rk45_vs_scipy(tols=(1e-3,) if quick else (1e-3, 1e-4, 1e-5),
                                            batches=(16,) if quick else (16, 4096), repeats=1 if quick else 5),
             "targets": {"per_step_us": PER_STEP_TARGET_US, "rk45_over_scipy": RK45_TARGET_RATIO},
             "torch": torch.__version__, "threads": 1,

@@ -28,6 +28,7 @@ wrong"), which an adaptive loop cannot avoid because the number of further steps
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -212,6 +213,13 @@ def _check_args(y0, t0, t1, rtol, atol, max_steps, first_step):
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
     if first_step is not None:
         check_positive(first_step, "first_step")
+    res = 10 * torch.finfo(y0.dtype).eps
+    if rtol < res and atol < res:
+        # scipy raises such an rtol to 100 eps silently; here the user's value stays, with the reason
+        # why it will cost many rejected steps (the error estimate is then rounding noise).
+        warnings.warn(f"rk45: rtol={rtol:g} and atol={atol:g} are below the resolution of {y0.dtype} "
+                      f"(10 eps = {res:.1e}); rounding errors dominate the error estimate and steps will be "
+                      "rejected repeatedly: integrate in float64 for such tolerances", RuntimeWarning, stacklevel=3)
 
 
 def rk45_integrate(

@@ -175,6 +175,18 @@ def test_float32_keeps_dtype():
     torch.testing.assert_close(y1, torch.full_like(y0, math.exp(-1.0)), rtol=0, atol=1e-4)
 
 
+def test_tolerance_below_dtype_resolution_warns():
+    import warnings
+
+    y0 = torch.ones(5, 2, dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match="below the resolution of torch.float32"):
+        rk45_integrate(linear(-1.0), y0, 0.0, 0.1, rtol=1e-9, atol=1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rk45_integrate(linear(-1.0), y0, 0.0, 0.1, rtol=1e-5, atol=1e-9)         # rtol resolvable: quiet
+        rk45_integrate(linear(-1.0), y0.double(), 0.0, 0.1, rtol=1e-9, atol=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------- per-sample
 def test_per_sample_equals_each_sample_alone():
     # Each sample has its own controller and RMS norm: the batched per-sample solve must reproduce
