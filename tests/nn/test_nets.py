@@ -34,11 +34,14 @@ def test_unet_shapes(size, mults, generator):
 
 
 def test_unet_batch_independent(generator):
-    # GroupNorm (not BatchNorm): each sample's output must not depend on the rest of the batch.
+    # GroupNorm (not BatchNorm): each sample's output must not depend on the rest of the batch. A batch
+    # statistic would move outputs by O(0.1-1); float32 kernels chosen per batch size differ by
+    # rounding only, up to 1.7e-6 on outputs of size ~1.5 over 30 initialisations: atol 1e-5.
+    torch.manual_seed(0)  # the init draws from the global RNG: fixed, whatever ran before
     net = _randomize_output(UNet(1, channels=8, num_res_blocks=1)).eval()
     x = torch.randn(4, 1, 8, 8, generator=generator)
     t = torch.rand(4, generator=generator)
-    torch.testing.assert_close(net(x, t)[:2], net(x[:2], t[:2]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(net(x, t)[:2], net(x[:2], t[:2]), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cls,shape", [(MLP, (6, 2)), (UNet, (6, 1, 8, 8))])
