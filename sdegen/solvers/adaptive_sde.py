@@ -191,7 +191,11 @@ def adaptive_sde_integrate(
         z = noise(k).to(**kw) if noise is not None else torch.randn(x.shape, generator=generator, **kw)
         sel = (lambda v: v) if idx is None else (lambda v: v[idx])  # noqa: E731
         xa, ta = sel(x), sel(t)
-        ha, dw = stack.take(all_idx if idx is None else idx, sel(h), sel(z))
+        if stack.nonempty:
+            ha, dw = stack.take(all_idx if idx is None else idx, sel(h), sel(z))
+        else:  # no rejected increments pending (the common case): a fresh draw, as take() would give
+            ha = sel(h)
+            dw = sel(z) * append_dims(ha.sqrt(), nd)
         g0 = append_dims(dyn.diffusion(ta), nd)
         t1 = torch.where(ta - ha - t_end <= tiny, torch.full_like(ta, t_end), ta - ha)
         hh = append_dims(ta - t1, nd)

@@ -111,8 +111,15 @@ class Dynamics:
     def reverse_drift(self, x: Tensor, t: Tensor, score: Tensor | None = None) -> Tensor:
         if score is None:
             score = self.score_fn(x, t)
-        g2 = append_dims(self.sde.diffusion(t).square(), x.ndim)
-        return self.sde.drift(x, t) - g2 * score
+        sde = self.sde
+        if isinstance(sde, AffineSDE):
+            # f - g^2 s = a x + 2 h s with (a, h) = sde.ode_coefs(t) (see ode_drift).
+            a, h = sde.ode_coefs(t)
+            if a is h:
+                return torch.add(x, score, alpha=2.0) * append_dims(a, x.ndim)
+            return torch.addcmul(x * append_dims(a, x.ndim), append_dims(2.0 * h, x.ndim), score)
+        g2 = append_dims(sde.diffusion(t).square(), x.ndim)
+        return sde.drift(x, t) - g2 * score
 
     def ode_drift(self, x: Tensor, t: Tensor, score: Tensor | None = None) -> Tensor:
         if score is None:

@@ -64,6 +64,8 @@ def test_ode_coefs_and_probability_flow_velocity(sde):
     x, s = (torch.randn(t.shape[0], 3, dtype=F64, generator=g) for _ in range(2))
     v = Dynamics(sde, lambda x_, t_: s).ode_drift(x, t)
     torch.testing.assert_close(v, sde.drift(x, t) - 0.5 * sde.diffusion(t)[:, None] ** 2 * s, rtol=1e-13, atol=1e-13)
+    r = Dynamics(sde, lambda x_, t_: s).reverse_drift(x, t)
+    torch.testing.assert_close(r, sde.drift(x, t) - sde.diffusion(t)[:, None] ** 2 * s, rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(), VESDE(), VPSDE(0.5, 5.0, T=2.0)])
