@@ -16,4 +16,6 @@ def test_overhead_quick_writes_json_and_plot(tmp_path):
         # initial derivative + the first-step probe + one 6-stage step.
         assert r["ratio"] == r["scipy_ms"] / r["rk45_ms"]
         assert r["rk45_nfe"] >= 8 and r["scipy_nfe"] >= 8
+    assert [r["score"] for r in data["em_vs_torchsde"]] == ["trivial", "oracle"]
+    assert all(r["ratio"] == r["torchsde_ms"] / r["euler_maruyama_ms"] for r in data["em_vs_torchsde"])
     assert set(summary["rk45_over_scipy"]) == {f"{r['score']}/B=16/tol=0.001" for r in data["rk45_vs_scipy"]}

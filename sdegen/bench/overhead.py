@@ -16,6 +16,9 @@
   are not (equal NFE then means equal time, on any implementation). Where that overhead is under
   10 % of either wall time it is timing noise and ``overhead_ratio`` is ``null``.
 
+* ``em_vs_torchsde``: the native Euler–Maruyama against ``method="torchsde"`` with its Euler solver,
+  500 steps on the same grid, a trivial and the oracle score, batch 16 and 4096.
+
 Run it on an idle machine: these are microsecond figures, and the ratios are what to compare.
 """
 
@@ -100,6 +103,27 @@ def rk45_vs_scipy(tols=(1e-3, 1e-4, 1e-5), batches=(16, 4096), repeats: int = 5)
     return rows
 
 
+def em_vs_torchsde(steps: int = 500, batches=(16, 4096), repeats: int = 3) -> list[dict]:
+    """Wall time of the native ``euler_maruyama`` and ``torchsde`` (``sdeint``, Euler) on the same grid."""
+    sde = VPSDE()
+    W = torch.randn(2, 2, generator=torch.Generator().manual_seed(0))
+    scores = {"trivial": lambda x, t: x @ W,
+              "oracle": named_mixture("8gaussians", dtype=torch.float32).score_fn(sde)}
+    rows = []
+    with torch.no_grad():
+        for name, score in scores.items():
+            for B in batches:
+                row = {"score": name, "batch": B, "steps": steps}
+                for m, kw in (("euler_maruyama", {}), ("torchsde", {"solver": "euler"})):
+                    run = lambda: sample(sde, score, (B, 2), method=m, steps=steps,  # noqa: E731
+                                         generator=torch.Generator().manual_seed(0), **kw)
+                    run()
+                    row[f"{m}_ms"] = 1e3 * _best(run, repeats)
+                row["ratio"] = row["torchsde_ms"] / row["euler_maruyama_ms"]
+                rows.append(row)
+    return rows
+
+
 def _plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -140,6 +164,8 @@ def run(out_dir, quick: bool = False) -> dict:
             "per_step_us": per_step_overhead(steps=100 if quick else 500, repeats=1 if quick else 3),
             "rk45_vs_scipy": rk45_vs_scipy(tols=(1e-3,) if quick else (1e-3, 1e-4, 1e-5),
                                            batches=(16,) if quick else (16, 4096), repeats=1 if quick else 5),
+            "em_vs_torchsde": em_vs_torchsde(steps=100 if quick else 500, batches=(16,) if quick else (16, 4096),
+                                             repeats=1 if quick else 3),
             "targets": {"per_step_us": PER_STEP_TARGET_US, "rk45_over_scipy": RK45_TARGET_RATIO},
             "torch": torch.__version__, "threads": 1,
         }
@@ -155,6 +181,9 @@ def run(out_dir, quick: bool = False) -> dict:
 def _print(result: dict) -> None:
     for m, us in result["per_step_us"].items():
         print(f"{m:18s} per-step overhead {us:7.1f} us (batch 16)")
+    for r in result.get("em_vs_torchsde", []):
+        print(f"{r['score']:8s} B={r['batch']:5d} {r['steps']} steps: euler_maruyama {r['euler_maruyama_ms']:8.1f} ms, "
+              f"torchsde (euler) {r['torchsde_ms']:8.1f} ms, ratio {r['ratio']:.2f}")
     for r in result["rk45_vs_scipy"]:
         print(f"{r['score']:8s} B={r['batch']:5d} tol={r['tol']:.0e}  rk45 {r['rk45_ms']:8.2f} ms ({r['rk45_nfe']:4d} NFE, "
               f"{r['rk45_overhead_us_per_nfe']:5.1f} us/NFE outside the score)  scipy {r['scipy_ms']:8.2f} ms "
