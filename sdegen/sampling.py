@@ -271,10 +271,11 @@ _GRID = {"grid": "uniform"}
 
 #: Every sampling method by name. Runners take a :class:`RunContext` and the method's options.
 METHODS: dict[str, MethodSpec] = {
-    "euler_maruyama": MethodSpec(_fixed_grid_runner(_PREDICTORS["euler_maruyama"], grid_option=True), reverse_sde=True, options=_GRID,
+    "euler_maruyama": MethodSpec(_fixed_grid_runner(_PREDICTORS["euler_maruyama"], grid_option=True),
+                                 reverse_sde=True, options=_GRID,
                                  doc="reverse SDE, Euler–Maruyama (strong order 1 for additive noise)"),
-    "reverse_diffusion": MethodSpec(_fixed_grid_runner(_PREDICTORS["reverse_diffusion"], grid_option=True), reverse_sde=True,
-                                    options=_GRID,
+    "reverse_diffusion": MethodSpec(_fixed_grid_runner(_PREDICTORS["reverse_diffusion"], grid_option=True),
+                                    reverse_sde=True, options=_GRID,
                                     doc="reverse SDE, the SDE's own discretization reversed (Song et al. eq. 47)"),
     "ancestral": MethodSpec(_fixed_grid_runner(_build_ancestral), reverse_sde=True,
                             doc="ancestral posterior sampling (VP: exactly DDPM; VE: SMLD)"),
@@ -449,8 +450,9 @@ def sample(sde: SDE, score_fn: Callable[..., Tensor], shape, *, method: str, ste
     ``ode_heun``) take ``grid=``: ``"uniform"`` (default), ``"quadratic"``, ``"log_snr"``, ``"karras"``
     (:mod:`sdegen.grids`), or a decreasing tensor of times (which then sets the number of steps).
     ``heun_karras`` and ``dpm_solver`` take ``grid=`` and ``rho=`` with their own defaults. Measured on
-    the exact-score VP problems, ``ode_heun`` gains most from ``grid="quadratic"`` (4-15x lower
-    trajectory error than on the uniform grid at 10-100 NFE; see docs/benchmarks.md).
+    the exact-score VP problems, ``ode_heun`` gains most from ``grid="quadratic"`` (3-9x lower
+    trajectory error than on the uniform grid at 10-100 NFE; see "Heun and the grid" in the docs'
+    sampler guide).
     * ``"rk45"`` (``rtol=1e-5``, ``atol=1e-5``, ...), ``"torchdiffeq"`` (``solver="dopri5"``),
       ``"scipy"`` (``solver="RK45"``): adaptive probability-flow ODE solvers (no ``steps``).
     * ``"torchsde"``: the reverse SDE through ``torchsde.sdeint`` (``solver="euler"``, ...).

@@ -15,7 +15,6 @@
   which decides the wall-time ratio when score calls are cheap, and which the score hides when they
   are not (equal NFE then means equal time, on any implementation). Where that overhead is under
   10 % of either wall time it is timing noise and ``overhead_ratio`` is ``null``.
-
 * ``em_vs_torchsde``: the native Euler–Maruyama against ``method="torchsde"`` with its Euler solver,
   500 steps on the same grid, a trivial and the oracle score, batch 16 and 4096.
 
@@ -40,6 +39,12 @@ PER_STEP_TARGET_US = 30.0
 RK45_TARGET_RATIO = 2.0
 
 
+def _trivial_score():
+    """A linear score ``x @ W`` (fixed W): calls cost ~1 µs, so a run's time is the solver's own."""
+    W = torch.randn(2, 2, generator=torch.Generator().manual_seed(0))
+    return lambda x, t: x @ W
+
+
 def _best(fn, repeats: int = 3) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -52,8 +57,7 @@ def _best(fn, repeats: int = 3) -> float:
 def per_step_overhead(steps: int = 500, batch: int = 16, repeats: int = 3) -> dict:
     """Microseconds per step spent outside the score function, per fixed-grid method."""
     sde = VPSDE()
-    W = torch.randn(2, 2, generator=torch.Generator().manual_seed(0))
-    score = lambda x, t: x @ W  # noqa: E731  (a trivially cheap score)
+    score = _trivial_score()
     x, t = torch.randn(batch, 2), torch.rand(batch)
     bare = _best(lambda: [score(x, t) for _ in range(2000)], repeats) / 2000
     out = {}
@@ -106,8 +110,7 @@ def rk45_vs_scipy(tols=(1e-3, 1e-4, 1e-5), batches=(16, 4096), repeats: int = 5)
 def em_vs_torchsde(steps: int = 500, batches=(16, 4096), repeats: int = 3) -> list[dict]:
     """Wall time of the native ``euler_maruyama`` and ``torchsde`` (``sdeint``, Euler) on the same grid."""
     sde = VPSDE()
-    W = torch.randn(2, 2, generator=torch.Generator().manual_seed(0))
-    scores = {"trivial": lambda x, t: x @ W,
+    scores = {"trivial": _trivial_score(),
               "oracle": named_mixture("8gaussians", dtype=torch.float32).score_fn(sde)}
     rows = []
     with torch.no_grad():

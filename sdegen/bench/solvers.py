@@ -206,7 +206,7 @@ def _overhead(batch: int, nfe_steps: int = 20, repeats: int = 7) -> dict:
             steps = opts.pop("steps", nfe_steps)
             # Sampler and bare calls alternate; the ratio of the two best times (of `repeats`) is the
             # least noisy estimate on a shared machine (timing noise only ever adds time).
-            # `in_score`: the sampler's time over the time spent inside its own score calls, from the same
+            # `over_in_score`: the sampler's time over the time spent inside its own score calls, from the same
             # run -- the solver's own share, insensitive to the machine's load drifting between runs.
             t_s = t_b = t_in = float("inf")
             t = torch.full((batch,), 0.5)
