@@ -109,31 +109,25 @@ class Dynamics:
         return self.score_fn(x, t)
 
     def reverse_drift(self, x: Tensor, t: Tensor, score: Tensor | None = None) -> Tensor:
-        if score is None:
-            score = self.score_fn(x, t)
-        sde = self.sde
-        if isinstance(sde, AffineSDE):
-            # f - g^2 s = a x + 2 h s with (a, h) = sde.ode_coefs(t) (see ode_drift).
-            a, h = sde.ode_coefs(t)
-            if a is h:
-                return torch.add(x, score, alpha=2.0) * append_dims(a, x.ndim)
-            return torch.addcmul(x * append_dims(a, x.ndim), append_dims(2.0 * h, x.ndim), score)
-        g2 = append_dims(sde.diffusion(t).square(), x.ndim)
-        return sde.drift(x, t) - g2 * score
+        return self._drift(x, t, score, 2.0)
 
     def ode_drift(self, x: Tensor, t: Tensor, score: Tensor | None = None) -> Tensor:
+        return self._drift(x, t, score, 1.0)
+
+    def _drift(self, x: Tensor, t: Tensor, score: Tensor | None, k: float) -> Tensor:
+        r"""$f - \tfrac k2 g^2 s$: $k = 1$ the probability flow, $k = 2$ the reverse SDE."""
         if score is None:
             score = self.score_fn(x, t)
         sde = self.sde
         if isinstance(sde, AffineSDE):
-            # v = a x + h s with (a, h) = sde.ode_coefs(t): 2-3 tensor ops instead of ~12, which is most
+            # a x + k h s with (a, h) = sde.ode_coefs(t): 2-3 tensor ops instead of ~12, which is most
             # of an adaptive solver's per-evaluation overhead at small batch.
             a, h = sde.ode_coefs(t)
             if a is h:
-                return torch.add(x, score) * append_dims(a, x.ndim)
-            return torch.addcmul(x * append_dims(a, x.ndim), append_dims(h, x.ndim), score)
+                return torch.add(x, score, alpha=k) * append_dims(a, x.ndim)
+            return torch.addcmul(x * append_dims(a, x.ndim), append_dims(h * k if k != 1.0 else h, x.ndim), score)
         g2 = append_dims(sde.diffusion(t).square(), x.ndim)
-        return sde.drift(x, t) - 0.5 * g2 * score
+        return sde.drift(x, t) - (0.5 * k) * g2 * score
 
     def diffusion(self, t: Tensor) -> Tensor:
         return self.sde.diffusion(t)

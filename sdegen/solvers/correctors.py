@@ -64,9 +64,9 @@ class LangevinCorrector(AbstractCorrector):
     r"""Langevin corrector with the signal-to-noise step rule (Song et al. 2021, Alg. 5), per sample.
 
     $\epsilon_b = 2\alpha (\text{snr}\,\sqrt d/\lVert s(x_b,t)\rVert_2)^2$ ($d$ = entries per sample); where
-    the score is zero (or so small that the step overflows) the step is 0 (no information to move along). In very low dimension the
-    per-sample $\lVert s_b\rVert$ is often near 0 close to a mode, so steps are heavy-tailed; prefer
-    ``"annealed_langevin"`` there.
+    the score is zero (or so small that the step overflows) the step is 0 (no information to move
+    along). In very low dimension the per-sample $\lVert s_b\rVert$ is often near 0 close to a mode,
+    so steps are heavy-tailed; prefer ``"annealed_langevin"`` there.
 
     Args:
         snr: target signal-to-noise ratio $r > 0$ (0.16 in the paper's CIFAR-10 runs).
