@@ -99,6 +99,10 @@ class _BrownianStack:
         r"""Increments for an attempted step of size ``h`` (``(b,)``) for the samples ``idx``, using
         the unit draws ``z``: fresh $\sqrt h z$ on an empty stack, the whole top entry if $h$ covers it
         (the step is shortened to it), else its bridge part (the rest stays). Returns ``(h, dW)``."""
+        if not self.nonempty:
+            # Nothing pending (the common case): the fresh draw, without the gathers and scatters below
+            # (bitwise what they would give: frac = 0 and bridge_sd = sqrt(h)).
+            return h, z * append_dims(h.sqrt(), z.ndim)
         d = self.depth[idx]
         has = d > 0
         top = (d - 1).clamp_min(0)
@@ -191,11 +195,7 @@ def adaptive_sde_integrate(
         z = noise(k).to(**kw) if noise is not None else torch.randn(x.shape, generator=generator, **kw)
         sel = (lambda v: v) if idx is None else (lambda v: v[idx])  # noqa: E731
         xa, ta = sel(x), sel(t)
-        if stack.nonempty:
-            ha, dw = stack.take(all_idx if idx is None else idx, sel(h), sel(z))
-        else:  # no rejected increments pending (the common case): a fresh draw, as take() would give
-            ha = sel(h)
-            dw = sel(z) * append_dims(ha.sqrt(), nd)
+        ha, dw = stack.take(all_idx if idx is None else idx, sel(h), sel(z))
         g0 = append_dims(dyn.diffusion(ta), nd)
         t1 = torch.where(ta - ha - t_end <= tiny, torch.full_like(ta, t_end), ta - ha)
         hh = append_dims(ta - t1, nd)
