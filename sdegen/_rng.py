@@ -1,6 +1,6 @@
 r"""Per-sample seeded Gaussian noise that does not depend on the batch.
 
-:class:`PerSampleNoise` gives sample $k$ of a batch its own seed $s_k$; every draw for that sample
+`PerSampleNoise` gives sample $k$ of a batch its own seed $s_k$; every draw for that sample
 is a pure function of $(s_k, \text{stream}, j)$, where the stream names the use (the prior draw
 $x_T$, or sampler step $i$) and $j$ is the element index inside one sample. Sample $k$ is therefore
 bitwise identical whether it is drawn in a batch of 1, 7 or 1,000, at any position, and on any
@@ -79,7 +79,7 @@ def _mix(z: Tensor) -> Tensor:
 
 
 def splitmix64(v: int) -> int:
-    """The splitmix64 finaliser on one Python int, modulo 2^64 (the reference for :func:`_mix`)."""
+    """The splitmix64 finaliser on one Python int, modulo 2^64 (the reference for `_mix`)."""
     z = v & _MASK64
     z = ((z ^ (z >> 30)) * _M1) & _MASK64
     z = ((z ^ (z >> 27)) * _M2) & _MASK64
@@ -181,7 +181,7 @@ class PerSampleNoise:
     r"""Unit Gaussian noise where sample $k$ depends only on its own seed (final class).
 
     ``noise(i)`` is the $\mathcal N(0, I)$ draw for sampler step $i$ (the ``noise`` callable that
-    :func:`sdegen.solvers.base.integrate_fixed_grid` accepts); ``noise.prior()`` is the unit-normal
+    [`sdegen.solvers.base.integrate_fixed_grid`][sdegen.solvers.base.integrate_fixed_grid] accepts); ``noise.prior()`` is the unit-normal
     draw behind $x_T$ (the caller multiplies by ``sde.prior_std()``). Each is a pure function of
     (seed, stream, element index): calling twice gives the same tensor, and sample $k$ does not
     depend on the other seeds in the batch.

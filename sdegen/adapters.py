@@ -6,11 +6,11 @@ are passed to the wrapped model unchanged.
 
 | adapter | the model predicts | the SDE |
 |---|---|---|
-| :func:`from_discrete_eps` | $\epsilon$ at integer steps of a $\beta$ schedule | :class:`DiscreteVPSDE` |
-| :func:`from_diffusers` | a ``diffusers`` UNet's $\epsilon$, $x_0$ or $v$ | :class:`DiscreteVPSDE` |
-| :func:`from_denoiser` | $D(x, \sigma) \approx \mathbb E[x_0 \mid x]$ (EDM) | :class:`~sdegen.VESDE` |
-| :func:`from_x0` | $\hat x_0(x, t)$ | any :class:`~sdegen.AffineSDE` |
-| :func:`from_v` | $\hat v(x, t)$ | any :class:`~sdegen.AffineSDE` |
+| [`from_discrete_eps`][sdegen.adapters.from_discrete_eps] | $\epsilon$ at integer steps of a $\beta$ schedule | [`DiscreteVPSDE`][sdegen.adapters.DiscreteVPSDE] |
+| [`from_diffusers`][sdegen.adapters.from_diffusers] | a ``diffusers`` UNet's $\epsilon$, $x_0$ or $v$ | [`DiscreteVPSDE`][sdegen.adapters.DiscreteVPSDE] |
+| [`from_denoiser`][sdegen.adapters.from_denoiser] | $D(x, \sigma) \approx \mathbb E[x_0 \mid x]$ (EDM) | [`VESDE`][sdegen.VESDE] |
+| [`from_x0`][sdegen.adapters.from_x0] | $\hat x_0(x, t)$ | any [`AffineSDE`][sdegen.AffineSDE] |
+| [`from_v`][sdegen.adapters.from_v] | $\hat v(x, t)$ | any [`AffineSDE`][sdegen.AffineSDE] |
 
 Conversions (Tweedie, with $x_t = m(t) x_0 + s(t)\epsilon$): $\nabla\log p_t = -\hat\epsilon/s$,
 $\nabla\log p_t = (m\hat x_0 - x)/s^2$, and for $v = m\epsilon - s x_0$ (Salimans & Ho 2022, eq. 11,
@@ -176,7 +176,7 @@ class DiscreteVPSDE(AffineSDE):
 
 # ---------------------------------------------------------------------- score functions
 class _DiscreteStepScore:
-    r"""Score of a discrete-step model on a :class:`DiscreteVPSDE` (picklable; final class).
+    r"""Score of a discrete-step model on a [`DiscreteVPSDE`][sdegen.adapters.DiscreteVPSDE] (picklable; final class).
 
     At time $t$ the model receives the step value $u = tN/T - 1 + \text{first\_step}$ (``"continuous"``,
     a float tensor) or that value rounded to the nearest training step in
@@ -227,7 +227,7 @@ def from_discrete_eps(eps_model: Callable, betas, *, T: float = 1.0, timesteps: 
                       first_step: int = 1, prediction: str = "epsilon") -> tuple[DiscreteVPSDE, Callable]:
     r"""Wrap a discrete-step $\epsilon$-model trained with its own $\beta$ schedule.
 
-    The SDE is :class:`DiscreteVPSDE` (exact $\bar\alpha_i$ at $t_i = iT/N$, $\log\bar\alpha$ linear in
+    The SDE is [`DiscreteVPSDE`][sdegen.adapters.DiscreteVPSDE] (exact $\bar\alpha_i$ at $t_i = iT/N$, $\log\bar\alpha$ linear in
     between) and the score is $\nabla\log p_t(x) \approx -\hat\epsilon(x, u(t))/s(t)$ (Song et al.
     2021, App. B: DDPM is the VP SDE's discretization).
 
@@ -241,7 +241,7 @@ def from_discrete_eps(eps_model: Callable, betas, *, T: float = 1.0, timesteps: 
       The output is still converted with $s(t)$ at the exact $t$.
 
     ``first_step`` is the integer the model was trained to read for the *first* noise level
-    $\bar\alpha_1$: 1 for sdegen's :class:`~sdegen.DDPM` (steps $1..N$), 0 for ``diffusers`` and most
+    $\bar\alpha_1$: 1 for sdegen's [`DDPM`][sdegen.ddpm.DDPM] (steps $1..N$), 0 for ``diffusers`` and most
     PyTorch DDPM code (timesteps $0..N-1$).
 
     Args:
@@ -291,7 +291,7 @@ def from_denoiser(denoiser: Callable, sigma_min: float, sigma_max: float, *, T: 
     The SDE is ``VESDE(sigma_min, sigma_max, T)`` and the score is Tweedie's
     $\nabla\log p_t(x) = (D(x, \sigma) - x)/\sigma^2$ (Karras et al. 2022, eq. 3) with
     $\sigma = s(t) = \sqrt{\sigma_\text{sched}(t)^2 - \sigma_\min^2}$, the exact noise std of $x_t$ under
-    the VE SDE (see :class:`~sdegen.VESDE`); that is the $\sigma$ the denoiser receives, as a ``(B,)``
+    the VE SDE (see [`VESDE`][sdegen.VESDE]); that is the $\sigma$ the denoiser receives, as a ``(B,)``
     tensor: ``denoiser(x, sigma, **model_kwargs)``.
 
     $s(t)$ falls below ``sigma_min`` for $t < t_\min$ = ``sde.t_from_sigma(sigma_min)``
@@ -360,8 +360,8 @@ def from_diffusers(unet, scheduler, *, timesteps: str = "continuous", T: float =
 
     Reads ``scheduler.alphas_cumprod`` ($\bar\alpha$ for timesteps $0..N-1$) and
     ``scheduler.config.prediction_type`` (``"epsilon"``, ``"sample"``, ``"v_prediction"``); builds the
-    :class:`DiscreteVPSDE` with diffusers timestep $k$ at $t = (k+1)T/N$ and calls
-    ``unet(x, k, **model_kwargs).sample`` with ``first_step=0`` (see :func:`from_discrete_eps` for
+    [`DiscreteVPSDE`][sdegen.adapters.DiscreteVPSDE] with diffusers timestep $k$ at $t = (k+1)T/N$ and calls
+    ``unet(x, k, **model_kwargs).sample`` with ``first_step=0`` (see [`from_discrete_eps`][sdegen.adapters.from_discrete_eps] for
     ``timesteps``). Models with a learned variance (``2C`` output channels) use the first ``C``.
     ``diffusers`` is an optional dependency and is not imported here.
 

@@ -2,13 +2,13 @@ r"""Large sampling jobs on one machine: fixed-size chunks, a reproducible seed p
 
 The job "``n_samples`` samples of shape ``sample_shape``" is cut into chunks of ``batch_size``
 (the last one shorter): chunk $c$ holds global samples $[c\,b, \min(n, (c+1)\,b))$. Each chunk is an
-independent :func:`sdegen.sample` call whose randomness is fixed by the **seed plan**:
+independent [`sdegen.sample`][sdegen.chunked.sample] call whose randomness is fixed by the **seed plan**:
 
 - ``noise="per_chunk"`` (default, fastest): chunk $c$ uses a ``torch.Generator`` seeded with
   $\mathrm{splitmix64}(\text{seed} \cdot 2^{32} + c)$. The result depends on ``(seed, batch_size)``
   only, not on which process computes which chunk or in what order.
 - ``noise="per_sample"``: sample $k$ draws its noise from its own counter-based stream
-  (:class:`sdegen._rng.PerSampleNoise` with seed $\text{seed}\cdot 2^{40} + k$), so each sample is
+  (`sdegen._rng.PerSampleNoise` with seed $\text{seed}\cdot 2^{40} + k$), so each sample is
   also independent of ``batch_size``, bitwise.
 
 Chunks are written as they finish into one ``.npy`` file (header first, then the rows in order,
@@ -76,7 +76,7 @@ class ChunkPlan:
         return splitmix64((self.seed << 32) + c) >> 1
 
     def randomness(self, c: int, sample_shape: tuple[int, ...], device, dtype) -> dict[str, Any]:
-        """Keyword arguments for :func:`sdegen.sample`: ``generator=`` or ``seeds=``."""
+        """Keyword arguments for [`sdegen.sample`][sdegen.chunked.sample]: ``generator=`` or ``seeds=``."""
         if self.noise == "per_chunk":
             g = torch.Generator(device=device)
             g.manual_seed(self.chunk_seed(c))
@@ -89,7 +89,7 @@ class ChunkPlan:
 
 @dataclass(frozen=True)
 class ChunkedResult:
-    """What :func:`sample_chunked` returns.
+    """What [`sample_chunked`][sdegen.chunked.sample_chunked] returns.
 
     Attributes:
         samples: ``(n, *shape)`` CPU tensor when no ``out`` file was given, else ``None``.
@@ -112,8 +112,8 @@ class ChunkedResult:
 class NpyStreamWriter:
     r"""Write a C-order ``.npy`` array of known shape row block by row block (or into an ``.npz``).
 
-    The header is written first; :meth:`write` appends rows. Nothing is memory-mapped, so the
-    process holds one block at a time. Use as a context manager; :meth:`close` checks that exactly
+    The header is written first; [`write`][sdegen.chunked.NpyStreamWriter.write] appends rows. Nothing is memory-mapped, so the
+    process holds one block at a time. Use as a context manager; `close` checks that exactly
     ``shape[0]`` rows were written.
     """
 
@@ -173,7 +173,7 @@ def _slice_kwargs(model_kwargs: dict | None, n: int, start: int, stop: int) -> d
 def iter_chunks(plan: ChunkPlan, sde: SDE, score_fn: Callable, sample_shape, chunks: Iterable[int], *,
                 method: str, device=None, dtype=None, model_kwargs: dict | None = None,
                 **sample_options) -> Iterator[tuple[int, Tensor, int]]:
-    """Yield ``(c, samples, nfe)`` for each chunk index in ``chunks``, computed by :func:`sdegen.sample`."""
+    """Yield ``(c, samples, nfe)`` for each chunk index in ``chunks``, computed by [`sdegen.sample`][sdegen.chunked.sample]."""
     for c in chunks:
         start, stop = plan.bounds(c)
         res = sample(sde, score_fn, (stop - start, *sample_shape), method=method, device=device, dtype=dtype,
@@ -194,7 +194,7 @@ def sample_chunked(sde: SDE, score_fn: Callable, n_samples: int, sample_shape, *
     either written to ``out`` as they finish or collected in memory.
 
     Args:
-        sde, score_fn, method, **sample_options: as for :func:`sdegen.sample` (``steps=``, ``eps=``,
+        sde, score_fn, method, **sample_options: as for [`sdegen.sample`][sdegen.chunked.sample] (``steps=``, ``eps=``,
             method options; not ``generator``/``seeds``/``shape``, which the plan sets).
         n_samples: total number of samples $n$.
         sample_shape: ``D``, the shape of one sample (e.g. ``(2,)`` or ``(1, 28, 28)``).
@@ -211,7 +211,7 @@ def sample_chunked(sde: SDE, score_fn: Callable, n_samples: int, sample_shape, *
         progress: a tqdm bar over chunks.
 
     Returns:
-        :class:`ChunkedResult`.
+        [`ChunkedResult`][sdegen.chunked.ChunkedResult].
     """
     plan = ChunkPlan(n_samples, batch_size, seed, noise)
     if isinstance(sample_shape, int):

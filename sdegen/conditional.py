@@ -235,7 +235,7 @@ def inpaint(sde: AffineSDE, score_fn: Callable[..., Tensor], x_known: Tensor, ma
     See the module docstring for the three methods and which are exact. Integrates from ``T`` down to
     ``eps`` on the uniform grid with ``steps`` steps.
 
-    Methods and options (defaults in :data:`INPAINT_METHODS`):
+    Methods and options (defaults in `INPAINT_METHODS`):
 
     - ``"replacement"``: ``steps=500``, ``predictor`` in ``"reverse_diffusion"`` (default),
       ``"euler_maruyama"``, ``"ancestral"``; ``corrector=None`` or ``"langevin"`` (``snr=0.16``,
@@ -261,10 +261,10 @@ def inpaint(sde: AffineSDE, score_fn: Callable[..., Tensor], x_known: Tensor, ma
             ``B`` are repeated per particle).
         transform: optional orthogonal ``(C, C)`` matrix $Q$: ``x_known`` and ``mask`` then describe
             $x' = Qx$ (mixing along dim 1), and the samples are returned as $x = Q^\top x'$.
-        progress: tqdm bar. return_trajectory: as in :func:`sdegen.sample` (in $x'$ coordinates).
+        progress: tqdm bar. return_trajectory: as in [`sdegen.sample`][sdegen.chunked.sample] (in $x'$ coordinates).
 
     Returns:
-        :class:`~sdegen.SampleResult` ``(B, *D)``; ``stats`` has the method, options and, for
+        [`SampleResult`][sdegen.SampleResult] ``(B, *D)``; ``stats`` has the method, options and, for
         ``"smc"``, the number of resampling steps.
 
     Raises:
@@ -422,9 +422,9 @@ def colorize(sde: AffineSDE, score_fn: Callable[..., Tensor], gray: Tensor, *, c
              method: str = "replacement", **options) -> SampleResult:
     r"""Sample colour data ``(B, C, *S)`` whose channel mean is ``gray`` (Song et al. 2021, App. I.2).
 
-    With $Q$ = :func:`gray_transform` (first row $\mathbf 1/\sqrt C$), the grey image fixes
-    $(Qx)_0 = \sqrt C\,\text{gray}$; the other rotated channels are inpainted by :func:`inpaint`
-    with ``transform=Q``, and the result is rotated back. Options as in :func:`inpaint`.
+    With $Q$ = [`gray_transform`][sdegen.conditional.gray_transform] (first row $\mathbf 1/\sqrt C$), the grey image fixes
+    $(Qx)_0 = \sqrt C\,\text{gray}$; the other rotated channels are inpainted by [`inpaint`][sdegen.conditional.inpaint]
+    with ``transform=Q``, and the result is rotated back. Options as in [`inpaint`][sdegen.conditional.inpaint].
 
     Args:
         gray: ``(B, 1, *S)`` channel means (or ``(B, *S)``, a channel axis is added).

@@ -5,10 +5,10 @@ r"""Built-in data sets: 2-D toy distributions and scikit-learn's handwritten dig
 - ``"moons"``: two interleaved half circles with Gaussian noise;
 - ``"swiss_roll"``: the 2-D spiral $r(\theta)(\cos\theta, \sin\theta)$, $\theta \in [1.5\pi, 4.5\pi]$;
 - ``"checkerboard"``: uniform on the 8 dark squares of a 4×4 board on $[-2, 2]^2$;
-- every mixture of :func:`sdegen.named_mixture` with ``d = 2`` (``"8gaussians"``, ``"anisotropic"``,
+- every mixture of [`sdegen.named_mixture`][sdegen.named_mixture] with ``d = 2`` (``"8gaussians"``, ``"anisotropic"``,
   ``"gaussian"``), sampled exactly from the oracle.
 
-Digits: the 1,797 8×8 grey-scale images of :func:`sklearn.datasets.load_digits` (values 0..16, shipped
+Digits: the 1,797 8×8 grey-scale images of `sklearn.datasets.load_digits` (values 0..16, shipped
 inside scikit-learn, no download), scaled to $[-1, 1]$ as $x/8 - 1$, shaped ``(N, 1, 8, 8)``, with a
 fixed stratified train/test split.
 """
@@ -80,7 +80,7 @@ TOY_2D = {"moons": two_moons, "swiss_roll": swiss_roll, "checkerboard": checkerb
 
 
 def toy_2d(name: str, n: int, *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``n`` points of the 2-D set ``name`` (one of :data:`TOY_2D`): ``(n, 2)``."""
+    """``n`` points of the 2-D set ``name`` (one of `TOY_2D`): ``(n, 2)``."""
     if name not in TOY_2D:
         raise ValueError(f"unknown 2-D data set {name!r}; choose one of {', '.join(TOY_2D)}")
     return TOY_2D[name](n, generator=generator, dtype=dtype)
@@ -140,7 +140,7 @@ def mmd2(x: Tensor, y: Tensor, *, bandwidth: float | None = None) -> float:
 
     a two-sample distance between the sets ``x`` ``(n, *D)`` and ``y`` ``(m, *D)`` (flattened), zero in
     expectation when they come from the same distribution. ``bandwidth`` $h$ defaults to
-    :func:`median_bandwidth` of ``y``; compare values only at the same $h$. Computed in float64.
+    [`median_bandwidth`][sdegen.data.median_bandwidth] of ``y``; compare values only at the same $h$. Computed in float64.
     """
     xf = x.reshape(x.shape[0], -1).to(torch.float64)
     yf = y.reshape(y.shape[0], -1).to(device=xf.device, dtype=torch.float64)

@@ -8,7 +8,7 @@ $$q(x_i \mid x_{i-1}) = \mathcal N(\sqrt{\alpha_i}\,x_{i-1},\ \beta_i I), \qquad
 
 **Steps and time.** Integer steps are $i = 1, \dots, N$ (step 0 is the data). Every tensor of
 per-step coefficients (``betas``, ``alphas``, ``alphas_cumprod``) is indexed ``0 .. N-1`` for steps
-``1 .. N``; :attr:`DDPM.alpha_bar` has $N+1$ entries with $\bar\alpha_0 = 1$ so that
+``1 .. N``; [`DDPM.alpha_bar`][sdegen.ddpm.DDPM.alpha_bar] has $N+1$ entries with $\bar\alpha_0 = 1$ so that
 ``alpha_bar[i]`` is $\bar\alpha_i$. The map between step and forward time used by every sampler and
 adapter is $t_i = i\,T/N$ and back $i = \mathrm{round}(t N / T)$.
 
@@ -40,9 +40,9 @@ from .sdes.base import _check_shape
 __all__ = ["DDPM", "VLBResult", "ContinuousVLBResult", "gaussian_kl", "discretized_gaussian_log_likelihood",
            "continuous_vlb", "VARIANCES", "DECODERS"]
 
-#: Reverse-step variances accepted by :class:`DDPM`.
+#: Reverse-step variances accepted by [`DDPM`][sdegen.ddpm.DDPM].
 VARIANCES = ("posterior", "beta")
-#: Decoders $p_\theta(x_0 \mid x_1)$ accepted by :meth:`DDPM.vlb`.
+#: Decoders $p_\theta(x_0 \mid x_1)$ accepted by [`DDPM.vlb`][sdegen.ddpm.DDPM.vlb].
 DECODERS = ("gaussian", "discretized")
 
 EpsModel = Callable[..., Tensor]
@@ -126,7 +126,7 @@ class VLBResult:
 
 @dataclass(frozen=True)
 class ContinuousVLBResult:
-    r"""The continuous-time bound of :func:`continuous_vlb`, per sample, in nats.
+    r"""The continuous-time bound of [`continuous_vlb`][sdegen.ddpm.continuous_vlb], per sample, in nats.
 
     Attributes:
         prior: $\mathrm{KL}(q(x_T \mid x_0)\,\|\,p_T)$, ``(B,)``.
@@ -237,7 +237,7 @@ class DDPM:
         (Song et al. 2021, App. B), and the same ``T``.
 
         Raises:
-            TypeError: ``vp`` is not a :class:`~sdegen.VPSDE`.
+            TypeError: ``vp`` is not a [`VPSDE`][sdegen.VPSDE].
             ValueError: some $\beta_i \ge 1$, i.e. ``n_steps <= beta_max * T`` (too few steps).
         """
         if not isinstance(vp, VPSDE):
@@ -420,7 +420,7 @@ class DDPM:
         return r * (x - c * eps_hat)
 
     def x0_from_eps(self, x_i: Tensor, i, eps_hat: Tensor) -> Tensor:
-        r"""$\hat x_0 = (x_i - \sqrt{1-\bar\alpha_i}\,\hat\epsilon)/\sqrt{\bar\alpha_i}$, the inverse of :meth:`q_sample`."""
+        r"""$\hat x_0 = (x_i - \sqrt{1-\bar\alpha_i}\,\hat\epsilon)/\sqrt{\bar\alpha_i}$, the inverse of [`q_sample`][sdegen.ddpm.DDPM.q_sample]."""
         ii = self._steps(i, x_i, lo=0)
         a = append_dims(self._coef("sqrt_ab", ii, x_i), x_i.ndim)
         s = append_dims(self._coef("sqrt_1mab", ii, x_i), x_i.ndim)
@@ -496,7 +496,7 @@ class DDPM:
                     generator: torch.Generator | None = None, device: torch.device | str | None = None,
                     dtype: torch.dtype | None = None, x_T: Tensor | None = None, progress: bool = False,
                     model_kwargs: dict | None = None) -> Tensor:
-        r"""DDIM sampling on the sub-sequence :meth:`ddim_steps` (Song, Meng & Ermon 2021, eq. 12 and 16).
+        r"""DDIM sampling on the sub-sequence [`ddim_steps`][sdegen.ddpm.DDPM.ddim_steps] (Song, Meng & Ermon 2021, eq. 12 and 16).
 
         From $\tau = \tau_k$ to $\tau' = \tau_{k-1}$, with $\hat\epsilon = \epsilon_\theta(x, \tau)$ and
         $\hat x_0 = (x - \sqrt{1-\bar\alpha_\tau}\hat\epsilon)/\sqrt{\bar\alpha_\tau}$:
@@ -511,13 +511,13 @@ class DDPM:
         ``x_T``), then one ``torch.randn(shape)`` per step only when ``eta > 0``.
 
         Args:
-            eps_model: ``eps_model(x, i, **model_kwargs)`` as in :meth:`sample`.
+            eps_model: ``eps_model(x, i, **model_kwargs)`` as in [`sample`][sdegen.ddpm.DDPM.sample].
             shape: ``(B, *D)`` (may be ``None`` when ``x_T`` is given).
             steps: S, the number of model evaluations, ``1 <= S <= N``.
             eta: $\eta \ge 0$.
             generator: source of all randomness.
-            device: as in :meth:`sample`.
-            dtype: as in :meth:`sample`.
+            device: as in [`sample`][sdegen.ddpm.DDPM.sample].
+            dtype: as in [`sample`][sdegen.ddpm.DDPM.sample].
             x_T: start here instead of drawing $x_N$.
             progress: show a tqdm bar.
             model_kwargs: extra keyword arguments for ``eps_model``.
@@ -585,10 +585,10 @@ class DDPM:
     def eps_model_from_score(self, score_fn: Callable[..., Tensor]) -> EpsModel:
         r"""A continuous score as a DDPM ε-model: $\epsilon(x, i) = -\sqrt{1-\bar\alpha_i}\,s(x, t_i)$, $t_i = iT/N$.
 
-        The inverse of :meth:`score_fn` at the grid times, so ``ddpm.sample(ddpm.eps_model_from_score(s))``
+        The inverse of [`score_fn`][sdegen.ddpm.DDPM.score_fn] at the grid times, so ``ddpm.sample(ddpm.eps_model_from_score(s))``
         equals ``sdegen.sample(vp, s, method="ancestral", steps=N)``. It uses the chain's
         $\sqrt{1-\bar\alpha_i}$, which differs from the SDE's $s(t_i)$ by $O(1/N)$ for
-        :meth:`from_vp` chains (zero for :meth:`from_alphas_cumprod` with $\bar\alpha_i = m(t_i)^2$).
+        [`from_vp`][sdegen.ddpm.DDPM.from_vp] chains (zero for [`from_alphas_cumprod`][sdegen.ddpm.DDPM.from_alphas_cumprod] with $\bar\alpha_i = m(t_i)^2$).
         """
         if not callable(score_fn):
             raise TypeError(f"score_fn must be callable score_fn(x, t), got {type(score_fn).__name__}")
@@ -639,7 +639,7 @@ class DDPM:
         zero for ``variance="posterior"``):
 
         - ``"kl"``: ``gaussian_kl`` of the posterior and the model, summed over dimensions;
-        - ``"eps"``: $\lambda_i\|\epsilon - \hat\epsilon\|^2 + c_i$ with :meth:`eps_weight` (Ho et al. 2020, eq. 12);
+        - ``"eps"``: $\lambda_i\|\epsilon - \hat\epsilon\|^2 + c_i$ with [`eps_weight`][sdegen.ddpm.DDPM.eps_weight] (Ho et al. 2020, eq. 12);
         - ``"snr"``: $\tfrac{r_i}2(\mathrm{SNR}_{i-1} - \mathrm{SNR}_i)\|x_0 - \hat x_0\|^2 + c_i$ (Kingma et al. 2021, eq. 13).
 
         Returns:
@@ -693,7 +693,7 @@ class DDPM:
         - ``"gaussian"`` (default, for continuous data): $\mathcal N(x_0; \mu_\theta, \beta_1 I)$,
           a density, so bits/dim is in density units (no dequantization offset);
         - ``"discretized"`` (for 8-bit data scaled to $[-1, 1]$): the Gaussian mass of each data bin
-          (:func:`discretized_gaussian_log_likelihood`), a probability, so the bound is a true
+          ([`discretized_gaussian_log_likelihood`][sdegen.ddpm.discretized_gaussian_log_likelihood]), a probability, so the bound is a true
           discrete NLL and bits/dim compares with published numbers.
 
         **Which variance.** The bound uses the chain's ``variance``. With ``"beta"`` and the exact
@@ -714,7 +714,7 @@ class DDPM:
             n_terms: None (all terms) or the number K of sampled terms.
 
         Returns:
-            :class:`VLBResult`, nats and bits/dim, ``(B,)`` each.
+            [`VLBResult`][sdegen.ddpm.VLBResult], nats and bits/dim, ``(B,)`` each.
         """
         check_floating(x0, "x0")
         if decoder not in DECODERS:
@@ -783,7 +783,7 @@ def continuous_vlb(sde: AffineSDE, score_fn: Callable[..., Tensor], x0: Tensor, 
       - \mathbb E\log\mathcal N(x_0; \hat x_0(x_\epsilon, \epsilon), \sigma(\epsilon)^2 I)$$
 
     with $\mathrm{SNR} = m^2/s^2$, $x_t = m(t)x_0 + s(t)\epsilon$ and $\hat x_0$ from the score by
-    Tweedie (Kingma et al. 2021, eq. 17 and App. E). It is the limit of :meth:`DDPM.vlb`: the
+    Tweedie (Kingma et al. 2021, eq. 17 and App. E). It is the limit of [`DDPM.vlb`][sdegen.ddpm.DDPM.vlb]: the
     DDPM's $L_{i-1} = \tfrac12(\mathrm{SNR}_{i-1} - \mathrm{SNR}_i)\|x_0 - \hat x_0\|^2$ are Riemann
     sums of the integral, and its decoder $L_0$ becomes the Gaussian decoder at $\epsilon \approx T/N$.
     The integral diverges like $\tfrac D2\log(1/\epsilon)$ and the decoder like
@@ -797,7 +797,7 @@ def continuous_vlb(sde: AffineSDE, score_fn: Callable[..., Tensor], x0: Tensor, 
     the decoder's ``torch.randn``.
 
     Args:
-        sde: any :class:`~sdegen.AffineSDE` (VP, sub-VP, VE, user-defined).
+        sde: any [`AffineSDE`][sdegen.AffineSDE] (VP, sub-VP, VE, user-defined).
         score_fn: ``score_fn(x, t)``.
         x0: ``(B, *D)``.
         eps: the truncation time, ``0 < eps < T``.
@@ -805,7 +805,7 @@ def continuous_vlb(sde: AffineSDE, score_fn: Callable[..., Tensor], x0: Tensor, 
         generator: source of all randomness.
 
     Returns:
-        :class:`ContinuousVLBResult`, ``(B,)`` nats each.
+        [`ContinuousVLBResult`][sdegen.ddpm.ContinuousVLBResult], ``(B,)`` nats each.
     """
     if not isinstance(sde, AffineSDE):
         raise TypeError(f"sde must be an sdegen.AffineSDE, got {type(sde).__name__}")

@@ -31,7 +31,7 @@ DATASETS_2D = ("8gaussians", "anisotropic", "gaussian")
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Settings of the demo; :meth:`fast` shrinks everything for tests (seconds instead of minutes).
+    """Settings of the demo; [`fast`][sdegen.demo.DemoConfig.fast] shrinks everything for tests (seconds instead of minutes).
 
     Attributes:
         dataset: a 2-D oracle mixture name (``"8gaussians"``, ``"anisotropic"``, ``"gaussian"``).
@@ -157,7 +157,7 @@ def run_demo(out_dir: str | os.PathLike = "outputs/demo", *, config: DemoConfig 
     Args:
         out_dir: folder for ``samples.png``, ``trajectories.png``, ``training_loss.png``,
             ``results.json`` and ``table.md`` (created).
-        config: :class:`DemoConfig` (default: the full demo, about two minutes on two CPU cores).
+        config: [`DemoConfig`][sdegen.demo.DemoConfig] (default: the full demo, about two minutes on two CPU cores).
         device: where to train and sample.
         seed: seeds data, initial weights, training and every sampler.
         progress: show progress bars.

@@ -2,17 +2,17 @@ r"""Scale-out with ``torch.distributed``: sampling split across ranks, data-para
 
 Launch with ``torchrun --nproc_per_node=K script.py`` (or ``torch.multiprocessing`` spawn); the
 functions here join the process group from the environment if it is not initialised yet
-(:func:`init_from_env`: ``gloo`` on CPU, ``nccl`` when CUDA is available), and run as a single
+([`init_from_env`][sdegen.distributed.init_from_env]: ``gloo`` on CPU, ``nccl`` when CUDA is available), and run as a single
 process when there is no distributed environment at all.
 
-**Sampling** (:func:`sample_distributed`). The job uses the chunk plan of
-:mod:`sdegen.chunked`: chunk $c$ has its own seed derived from ``(seed, c)`` (or per-sample seeds),
+**Sampling** ([`sample_distributed`][sdegen.distributed.sample_distributed]). The job uses the chunk plan of
+[`sdegen.chunked`][sdegen.chunked]: chunk $c$ has its own seed derived from ``(seed, c)`` (or per-sample seeds),
 and rank $r$ of $W$ computes chunks $c \equiv r \pmod W$. Since a chunk's samples depend only on the
 plan, the gathered result is **identical** to ``sample_chunked`` in one process with the same
 ``seed``, ``batch_size`` and ``noise`` (and for ``noise="per_sample"`` independent of
 ``batch_size`` too), for any number of ranks.
 
-**Training** (:func:`train_distributed`). Data parallelism around :func:`sdegen.train`: rank 0's
+**Training** ([`train_distributed`][sdegen.distributed.train_distributed]). Data parallelism around [`sdegen.train`][sdegen.training.train]: rank 0's
 initial weights are broadcast, each rank draws its own batches (seed ``seed + rank``), and the
 gradients are averaged over ranks before every optimiser step, so all ranks keep identical weights
 (the update of DistributedDataParallel, Li et al. 2020). Only rank 0 writes checkpoints.
@@ -76,7 +76,7 @@ def sample_distributed(sde: SDE, score_fn: Callable, n_samples: int, sample_shap
                        **sample_options) -> ChunkedResult:
     r"""Draw ``n_samples`` samples split across the ranks of the process group and gather them.
 
-    Rank $r$ computes chunks $c \equiv r \pmod W$ of the :class:`~sdegen.chunked.ChunkPlan`. Then:
+    Rank $r$ computes chunks $c \equiv r \pmod W$ of the [`ChunkPlan`][sdegen.chunked.ChunkPlan]. Then:
 
     - ``out=None``: the chunks are all-gathered; **every** rank returns the full ``(n, *shape)``
       CPU tensor in global order.
@@ -84,7 +84,7 @@ def sample_distributed(sde: SDE, score_fn: Callable, n_samples: int, sample_shap
       a shard file, rank 0 merges the shards into ``out`` chunk by chunk in global order and removes
       them; every rank returns the path (``samples=None``).
 
-    ``nfe`` is the total over all ranks. Arguments as in :func:`sdegen.chunked.sample_chunked`.
+    ``nfe`` is the total over all ranks. Arguments as in [`sdegen.chunked.sample_chunked`][sdegen.chunked.sample_chunked].
     With no process group this is ``sample_chunked`` in one process.
     """
     init_from_env()
@@ -172,28 +172,28 @@ class _GradAverager:
 
 
 def train_distributed(model, data, *, steps: int, checkpoint_dir=None, seed: int = 0, **train_options: Any):
-    r"""Data-parallel :func:`sdegen.train` over the ranks of the process group.
+    r"""Data-parallel [`sdegen.train`][sdegen.training.train] over the ranks of the process group.
 
     Each rank passes its own ``data`` (the full set, or its shard) and draws batches with seed
     ``seed + rank``; the global batch is ``W * batch_size``. Before training, rank 0's parameters and
     buffers are broadcast. During training every parameter's gradient is all-reduced and divided by
     $W$ as soon as backpropagation produces it, before clipping and the optimiser step, so every rank
     applies the same update (this is DistributedDataParallel's synchronous update; it is done with
-    gradient hooks because :func:`sdegen.train` owns the forward call and saves the plain module).
+    gradient hooks because [`sdegen.train`][sdegen.training.train] owns the forward call and saves the plain module).
 
     Checkpoints: only rank 0 writes to ``checkpoint_dir`` (the other ranks train without one).
-    Resuming a multi-rank run from an existing checkpoint is refused: :func:`sdegen.train` restores
+    Resuming a multi-rank run from an existing checkpoint is refused: [`sdegen.train`][sdegen.training.train] restores
     one RNG state and checks the seed, which cannot give each rank its own batches; resume it on
     one process, or start a fresh directory.
 
     Args:
-        model: :class:`~sdegen.ScoreModel`, same architecture on every rank.
-        data, steps, **train_options: as for :func:`sdegen.train`.
+        model: [`ScoreModel`][sdegen.parameterization.ScoreModel], same architecture on every rank.
+        data, steps, **train_options: as for [`sdegen.train`][sdegen.training.train].
         checkpoint_dir: rank 0's checkpoint directory (visible to all ranks for resuming).
         seed: base seed.
 
     Returns:
-        The :class:`TrainResult` of this rank (identical weights on every rank).
+        The [`TrainResult`][sdegen.training.TrainResult] of this rank (identical weights on every rank).
     """
     from .training import train  # the training stack is only needed here
 

@@ -12,7 +12,7 @@ The grids differ in where they spend their steps:
 | ``"karras"`` | uniform in $\sigma^{1/\rho}$, $\sigma = s/m$ | Karras et al. 2022 (EDM), eq. 5 |
 
 The last two are defined through the SDE's noise schedule (``sde.log_snr``, ``sde.sigma`` and their
-inverses ``sde.t_from_log_snr``, ``sde.t_from_sigma``), so they work for any :class:`AffineSDE`.
+inverses ``sde.t_from_log_snr``, ``sde.t_from_sigma``), so they work for any [`AffineSDE`][sdegen.grids.AffineSDE].
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def uniform(sde: SDE, steps: int, eps: float = 1e-3) -> Tensor:
     r"""Uniform grid $t_i = T - i\,(T - \epsilon)/n$, $i = 0..n$.
 
     Args:
-        sde: any :class:`~sdegen.SDE` (only ``sde.T`` is used).
+        sde: any [`SDE`][sdegen.SDE] (only ``sde.T`` is used).
         steps: number of steps $n \ge 1$.
         eps: the final time $\epsilon \in (0, T)$.
 
@@ -113,7 +113,7 @@ def karras(sde: SDE, steps: int, eps: float = 1e-3, *, rho: float = 7.0) -> Tens
     (= log-SNR) grid.
 
     Args:
-        sde: an :class:`~sdegen.AffineSDE`.
+        sde: an [`AffineSDE`][sdegen.AffineSDE].
         steps: number of steps $n \ge 1$.
         eps: final time.
         rho: the exponent $\rho > 0$.
@@ -137,7 +137,7 @@ def karras_sigmas(sigma_max: float, sigma_min: float, steps: int, rho: float = 7
     return (a + i * (b - a)) ** rho
 
 
-#: Grid names accepted by :func:`get_grid` (and the ``grid=`` option of the fast samplers).
+#: Grid names accepted by [`get_grid`][sdegen.grids.get_grid] (and the ``grid=`` option of the fast samplers).
 GRIDS: dict[str, Callable[..., Tensor]] = {
     "uniform": uniform,
     "quadratic": quadratic,
@@ -147,7 +147,7 @@ GRIDS: dict[str, Callable[..., Tensor]] = {
 
 
 def get_grid(name: str | Tensor, sde: SDE, steps: int, eps: float = 1e-3, **options) -> Tensor:
-    r"""The time grid called ``name`` (one of :data:`GRIDS`), or a user grid checked and returned.
+    r"""The time grid called ``name`` (one of `GRIDS`), or a user grid checked and returned.
 
     Args:
         name: ``"uniform"``, ``"quadratic"``, ``"log_snr"`` or ``"karras"``; or a 1-D tensor of

@@ -36,7 +36,7 @@ def _check_scale(scale, name: str = "scale") -> float:
 
 
 class _ClassifierFree:
-    """Picklable classifier-free guided score (final class); see :func:`classifier_free`."""
+    """Picklable classifier-free guided score (final class); see [`classifier_free`][sdegen.guidance.classifier_free]."""
 
     def __init__(self, score_fn: Callable, scale: float, null_kwargs: dict, batched: bool):
         self.score_fn, self.scale, self.null_kwargs, self.batched = score_fn, scale, null_kwargs, batched
@@ -113,7 +113,7 @@ def classifier_free(score_fn: Callable, scale: float, null_kwargs: Mapping[str, 
 
 
 class _Classifier:
-    """Picklable classifier-guided score (final class); see :func:`classifier`."""
+    """Picklable classifier-guided score (final class); see [`classifier`][sdegen.guidance.classifier]."""
 
     def __init__(self, score_fn: Callable, grad_fn: Callable, scale: float):
         self.score_fn, self.grad_fn, self.scale = score_fn, grad_fn, scale
@@ -137,7 +137,7 @@ def classifier(score_fn: Callable, grad_log_prob: Callable, scale: float = 1.0) 
         grad_log_prob: ``grad_log_prob(x, t, **model_kwargs) -> (B, *D)``, the gradient in $x$ of the
             log-probability of the wanted class under a classifier of *noisy* inputs $x_t$ (it
             receives the sampler's ``model_kwargs``, e.g. the labels ``y``). Build one from a
-            log-probability with :func:`classifier_grad`.
+            log-probability with [`classifier_grad`][sdegen.guidance.classifier_grad].
         scale: guidance scale $w$.
 
     Returns:
@@ -151,7 +151,7 @@ def classifier(score_fn: Callable, grad_log_prob: Callable, scale: float = 1.0) 
 
 
 class _AutogradGrad:
-    """Picklable autograd gradient of a log-probability (final class); see :func:`classifier_grad`."""
+    """Picklable autograd gradient of a log-probability (final class); see [`classifier_grad`][sdegen.guidance.classifier_grad]."""
 
     def __init__(self, log_prob: Callable):
         self.log_prob = log_prob

@@ -53,7 +53,7 @@ _MAX_VJP_ENTRIES = 1 << 24
 
 @dataclass(frozen=True)
 class LikelihoodResult:
-    r"""Result of :func:`log_likelihood`.
+    r"""Result of [`log_likelihood`][sdegen.likelihood.log_likelihood].
 
     Attributes:
         log_prob: ``(B,)`` $\log p_\epsilon(x)$ in nats (``prior_log_prob + delta_log_prob``).
@@ -235,7 +235,7 @@ def log_likelihood(
     the oracle's exact $p_T$).
 
     Args:
-        sde: the forward SDE (any :class:`~sdegen.SDE`).
+        sde: the forward SDE (any [`SDE`][sdegen.SDE]).
         score_fn: ``score_fn(x, t, **model_kwargs)`` approximating $\nabla_x\log p_t(x)$; must be
             differentiable in ``x`` (autograd).
         x: ``(B, *D)`` data points (treated as samples of $p_\epsilon$).
@@ -258,7 +258,7 @@ def log_likelihood(
             ``solver=`` for the backends).
 
     Returns:
-        :class:`LikelihoodResult` with ``log_prob`` ``(B,)`` in nats, its two parts, the latent
+        [`LikelihoodResult`][sdegen.likelihood.LikelihoodResult] with ``log_prob`` ``(B,)`` in nats, its two parts, the latent
         $x_T$, ``nfe`` and ``stats``.
 
     Raises:
@@ -345,13 +345,13 @@ def encode(sde: SDE, score_fn: Callable[..., Tensor], x: Tensor, *, rtol: float 
     r"""Map data to its latent $x_T$ along the probability-flow ODE, from $t=\epsilon$ up to $T$.
 
     $x_T = x + \int_\epsilon^T \big[f(x_t, t) - \tfrac12 g(t)^2 s_\theta(x_t, t)\big]\,dt$ (Song et al.
-    2021, eq. 13, Sec. 4.3 "uniquely identifiable encoding"). :func:`decode` (or ``sample(...,
+    2021, eq. 13, Sec. 4.3 "uniquely identifiable encoding"). [`decode`][sdegen.likelihood.decode] (or ``sample(...,
     x_T=z)``) inverts it up to the solver tolerance.
 
     Args:
         sde, score_fn: the SDE and the score (``score_fn(x, t, **model_kwargs)``).
         x: ``(B, *D)`` data, read as samples at time ``eps``.
-        rtol, atol, eps, method, per_sample, progress: as in :func:`log_likelihood`.
+        rtol, atol, eps, method, per_sample, progress: as in [`log_likelihood`][sdegen.likelihood.log_likelihood].
         **solver_options: passed to the integrator.
 
     Returns:
@@ -368,10 +368,10 @@ def encode(sde: SDE, score_fn: Callable[..., Tensor], x: Tensor, *, rtol: float 
 def decode(sde: SDE, score_fn: Callable[..., Tensor], z: Tensor, *, rtol: float = 1e-5, atol: float = 1e-5,
            eps: float = 1e-5, method: str = "rk45", per_sample: bool = False, progress: bool = False,
            model_kwargs: dict | None = None, **solver_options) -> Tensor:
-    r"""Inverse of :func:`encode`: integrate the probability-flow ODE from $T$ down to $\epsilon$.
+    r"""Inverse of [`encode`][sdegen.likelihood.encode]: integrate the probability-flow ODE from $T$ down to $\epsilon$.
 
     Args:
-        z: ``(B, *D)`` latents at time ``T``. Other arguments as in :func:`encode`.
+        z: ``(B, *D)`` latents at time ``T``. Other arguments as in [`encode`][sdegen.likelihood.encode].
 
     Returns:
         ``(B, *D)`` data at time ``eps``.

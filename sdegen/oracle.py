@@ -284,7 +284,7 @@ _MIXTURES = {
     "mixture64": lambda dtype, device: _random_mixture(64, 6, 64, dtype, device),
     "gaussian": _gaussian,
 }
-#: Names accepted by :func:`named_mixture`.
+#: Names accepted by [`named_mixture`][sdegen.oracle.named_mixture].
 MIXTURE_NAMES = tuple(_MIXTURES)
 
 

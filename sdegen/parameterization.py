@@ -1,4 +1,4 @@
-r"""Parameterizations: turn a raw network into a score function for any :class:`~sdegen.AffineSDE`.
+r"""Parameterizations: turn a raw network into a score function for any [`AffineSDE`][sdegen.AffineSDE].
 
 With the marginal $x_t = m(t)\,x_0 + s(t)\,\epsilon$ (``mean_coef`` $m$, ``std`` $s$, $\sigma = s/m$),
 a network output $F$ is read as one of
@@ -23,7 +23,7 @@ $c_\text{noise} = \tfrac14\log\sigma$, and $\hat x_0 = c_\text{skip}\tilde x + c
 F_\theta(c_\text{in}\tilde x, c_\text{noise})$.
 
 **Network inputs.** Except for EDM, the network sees ``(x, t / T)``; EDM's sees
-``(c_in * x / m, c_noise)``. :meth:`ScoreModel.net_inputs` returns them.
+``(c_in * x / m, c_noise)``. [`ScoreModel.net_inputs`][sdegen.parameterization.ScoreModel.net_inputs] returns them.
 
 Every conversion goes through the SDE's Tweedie helpers (``x0_from_score``, ``score_from_x0``,
 ``eps_from_score``, ``score_from_eps``), so user-defined affine SDEs work unchanged.
@@ -64,14 +64,14 @@ class ScoreModel(nn.Module):
     r"""A network read through a parameterization: callable as ``score_fn(x, t, **model_kwargs)``.
 
     Args:
-        net: a module ``net(x, t, **model_kwargs) -> x-shaped`` (e.g. :class:`sdegen.nn.MLP`).
-        sde: the :class:`~sdegen.AffineSDE` whose marginal $(m(t), s(t))$ defines the conversions.
+        net: a module ``net(x, t, **model_kwargs) -> x-shaped`` (e.g. [`sdegen.nn.MLP`][sdegen.nn.MLP]).
+        sde: the [`AffineSDE`][sdegen.AffineSDE] whose marginal $(m(t), s(t))$ defines the conversions.
         parameterization: one of ``"score"``, ``"eps"``, ``"x0"``, ``"v"``, ``"edm"`` (see the module
             docstring for the formulas).
         sigma_data: $\sigma_d$ of the EDM preconditioning (ignored otherwise).
 
-    Calling the model returns the score $\nabla_x \log p_t(x)$; :meth:`eps`, :meth:`x0`, :meth:`v`
-    and :meth:`score` give each prediction. ``x``: ``(B, *D)``; ``t``: ``(B,)`` (or a float) in
+    Calling the model returns the score $\nabla_x \log p_t(x)$; [`eps`][sdegen.parameterization.ScoreModel.eps], [`x0`][sdegen.parameterization.ScoreModel.x0], [`v`][sdegen.parameterization.ScoreModel.v]
+    and [`score`][sdegen.parameterization.ScoreModel.forward] give each prediction. ``x``: ``(B, *D)``; ``t``: ``(B,)`` (or a float) in
     forward time ``[0, T]``; avoid ``t = 0`` where $s = 0$ (the score is undefined there).
 
     Raises:
@@ -148,7 +148,7 @@ class ScoreModel(nn.Module):
         return self.sde.x0_from_score(x, t, self.score_from_raw(x, t, out))
 
     def raw_from_score(self, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
-        r"""Inverse of :meth:`score_from_raw`: the output a perfect network would give for ``score``."""
+        r"""Inverse of [`score_from_raw`][sdegen.parameterization.ScoreModel.score_from_raw]: the output a perfect network would give for ``score``."""
         p, sde = self.parameterization, self.sde
         if p == "score":
             return score

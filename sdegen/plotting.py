@@ -2,7 +2,7 @@ r"""Figures in one consistent style: samples over density contours, sample grids
 
 Every function draws with matplotlib's non-interactive ``Agg`` backend (selected on import here,
 so figures work on headless machines), takes tensors or arrays on any device (copied to the host
-once, at the end of the work), and returns the ``matplotlib.figure.Figure`` it made; :func:`save`
+once, at the end of the work), and returns the ``matplotlib.figure.Figure`` it made; [`save`][sdegen.plotting.save]
 writes it as PNG and closes it. Nothing here is imported by the library core (front ends only).
 
 Time convention in trajectory plots: forward time $t \in [0, T]$ with data at $t = 0$; a reverse
@@ -85,7 +85,7 @@ def density_grid(log_prob: Callable[[torch.Tensor], torch.Tensor], lim: float, n
 
 
 def plot_density(ax, grid, *, filled: bool = True) -> None:
-    """Draw the target density from :func:`density_grid` as shaded contours (the background)."""
+    """Draw the target density from [`density_grid`][sdegen.plotting.density_grid] as shaded contours (the background)."""
     X, Y, P = grid
     levels = np.linspace(0.0, P.max(), 8)[1:]  # skip level 0: it would shade the whole panel
     if filled:

@@ -1,4 +1,4 @@
-r"""``sdegen.sample``: one entry point for every sampler, driven by the explicit :data:`METHODS` table.
+r"""``sdegen.sample``: one entry point for every sampler, driven by the explicit [`METHODS`][sdegen.sampling.METHODS] table.
 
 Forward time runs from 0 (data) to ``sde.T`` (noise); every sampler starts from the prior at ``T``
 and integrates *down* to ``eps`` (the truncation time, default ``1e-3``), either the reverse-time SDE
@@ -7,12 +7,12 @@ $$dx = [f(x,t) - g(t)^2 \nabla_x \log p_t(x)]\,dt + g(t)\,d\bar w \qquad \text{(
 
 or the probability-flow ODE $dx/dt = f(x,t) - \tfrac12 g(t)^2 \nabla_x \log p_t(x)$ (eq. 13). Fixed-grid
 methods use the uniform grid $t_k = T - k (T - \epsilon)/N$, $k = 0..N$ (``N = steps``) unless given
-``grid=`` (a name of :data:`sdegen.grids.GRIDS` or a tensor of times), and the one loop
-:func:`~sdegen.solvers.base.integrate_fixed_grid`. Reverse-SDE methods end with one Tweedie denoising
+``grid=`` (a name of `sdegen.grids.GRIDS` or a tensor of times), and the one loop
+[`integrate_fixed_grid`][sdegen.solvers.base.integrate_fixed_grid]. Reverse-SDE methods end with one Tweedie denoising
 step $\hat x_0 = (x + s(\epsilon)^2 \nabla\log p_\epsilon(x))/m(\epsilon)$ (``denoise=True``, one more score
 evaluation, counted in ``nfe``).
 
-Adding a method is one entry in :data:`METHODS`: a :class:`MethodSpec` with the runner, its options
+Adding a method is one entry in [`METHODS`][sdegen.sampling.METHODS]: a `MethodSpec` with the runner, its options
 and their defaults.
 """
 
@@ -44,10 +44,10 @@ __all__ = ["sample", "METHODS", "MethodSpec", "RunContext"]
 # ---------------------------------------------------------------------------------------------- plumbing
 @dataclass
 class RunContext:
-    r"""Everything a method runner needs (built and validated by :func:`sample`).
+    r"""Everything a method runner needs (built and validated by [`sample`][sdegen.sampling.sample]).
 
     Attributes:
-        sde: the forward SDE. dyn: the SDE with the *counted* score (:class:`Dynamics`).
+        sde: the forward SDE. dyn: the SDE with the *counted* score ([`Dynamics`][sdegen.sampling.Dynamics]).
         x: ``(B, *D)`` start state $x_T$. eps: final time. steps: step count (``None`` for adaptive
         methods). generator, noise: randomness (``noise``: a per-sample noise object or ``None``).
         progress: show a tqdm bar. record_every: keep every k-th state (``None``: no trajectory).
@@ -129,7 +129,7 @@ _RUNNER_OWNED = frozenset({"progress", "record_every", "generator", "steps"})
 
 def _fixed_grid_runner(build: Callable[[RunContext, dict], AbstractFixedGridSolver], *, grid_option: bool = False):
     """A runner that builds a fixed-grid solver and drives it with the one loop. With ``grid_option`` the
-    method's ``grid`` option (a name of :data:`sdegen.grids.GRIDS` or a user tensor of times) sets
+    method's ``grid`` option (a name of `sdegen.grids.GRIDS` or a user tensor of times) sets
     ``ctx.times`` before the build (heun_karras and dpm_solver read their grid options themselves)."""
 
     def run(ctx: RunContext, **opts):
@@ -161,7 +161,7 @@ def _build_ancestral(ctx: RunContext, opts: dict) -> Ancestral:
 
 
 def _ddpm_alphas_cumprod(vp: VPSDE, n: int) -> Tensor:
-    r"""$\bar\alpha_i$ of ``vp.discretize(n)``; until :mod:`sdegen.ddpm` exists, the same chain computed here:
+    r"""$\bar\alpha_i$ of ``vp.discretize(n)``; until [`sdegen.ddpm`][sdegen.ddpm] exists, the same chain computed here:
     $\beta_i = (\beta_\min + \tfrac{i-1}{N-1}(\beta_\max - \beta_\min))\,T/N$ (Song et al. 2021, App. B)."""
     try:
         return vp.discretize(n).alphas_cumprod
@@ -265,11 +265,11 @@ def _backend(module: str, name: str) -> Callable[[], Callable]:
 
 
 _TOL = {"rtol": 1e-5, "atol": 1e-5}
-#: The ``grid`` option of the generic fixed-grid methods (see :mod:`sdegen.grids`).
+#: The ``grid`` option of the generic fixed-grid methods (see [`sdegen.grids`][sdegen.grids]).
 _GRID = {"grid": "uniform"}
 
 
-#: Every sampling method by name. Runners take a :class:`RunContext` and the method's options.
+#: Every sampling method by name. Runners take a `RunContext` and the method's options.
 METHODS: dict[str, MethodSpec] = {
     "euler_maruyama": MethodSpec(_fixed_grid_runner(_PREDICTORS["euler_maruyama"], grid_option=True),
                                  reverse_sde=True, options=_GRID,
@@ -435,11 +435,11 @@ def sample(sde: SDE, score_fn: Callable[..., Tensor], shape, *, method: str, ste
            model_kwargs: dict | None = None, seeds=None, **method_options) -> SampleResult:
     r"""Draw samples by integrating the reverse-time SDE or the probability-flow ODE from ``T`` to ``eps``.
 
-    Methods (see :data:`METHODS`; each step rule's docstring gives its update and order):
+    Methods (see [`METHODS`][sdegen.sampling.METHODS]; each step rule's docstring gives its update and order):
 
-    * ``"euler_maruyama"``: $x \leftarrow x + [f - g^2 s]\Delta t + g\,\Delta w$ (:class:`EulerMaruyama`).
-    * ``"reverse_diffusion"``: $x \leftarrow x - f_i + G_i^2 s + G_i z$ (:class:`ReverseDiffusion`).
-    * ``"ancestral"``: posterior sampling; for :class:`~sdegen.VPSDE` exactly the DDPM chain of
+    * ``"euler_maruyama"``: $x \leftarrow x + [f - g^2 s]\Delta t + g\,\Delta w$ ([`EulerMaruyama`][sdegen.sampling.EulerMaruyama]).
+    * ``"reverse_diffusion"``: $x \leftarrow x - f_i + G_i^2 s + G_i z$ ([`ReverseDiffusion`][sdegen.sampling.ReverseDiffusion]).
+    * ``"ancestral"``: posterior sampling; for [`VPSDE`][sdegen.VPSDE] exactly the DDPM chain of
       ``sde.discretize(steps)`` on $t_i = iT/N$ (``eps`` ignored, no denoising); VE: SMLD.
     * ``"pc"``: ``predictor=`` one of ``"reverse_diffusion"`` (default), ``"euler_maruyama"``,
       ``"ancestral"``, ``"ode_euler"``, ``"ode_heun"``; ``corrector="langevin"`` (default),
@@ -448,7 +448,7 @@ def sample(sde: SDE, score_fn: Callable[..., Tensor], shape, *, method: str, ste
 
     The generic fixed-grid methods (``euler_maruyama``, ``reverse_diffusion``, ``pc``, ``ode_euler``,
     ``ode_heun``) take ``grid=``: ``"uniform"`` (default), ``"quadratic"``, ``"log_snr"``, ``"karras"``
-    (:mod:`sdegen.grids`), or a decreasing tensor of times (which then sets the number of steps).
+    ([`sdegen.grids`][sdegen.grids]), or a decreasing tensor of times (which then sets the number of steps).
     ``heun_karras`` and ``dpm_solver`` take ``grid=`` and ``rho=`` with their own defaults. Measured on
     the exact-score VP problems, ``ode_heun`` gains most from ``grid="quadratic"`` (3-9x lower
     trajectory error than on the uniform grid at 10-100 NFE; see "Heun and the grid" in the docs'
@@ -465,7 +465,7 @@ def sample(sde: SDE, score_fn: Callable[..., Tensor], shape, *, method: str, ste
         sde: the forward SDE.
         score_fn: ``score_fn(x, t, **model_kwargs)`` returning a tensor shaped like ``x``.
         shape: ``(B, *D)``; may be ``None`` when ``x_T`` is given.
-        method: a key of :data:`METHODS`.
+        method: a key of [`METHODS`][sdegen.sampling.METHODS].
         steps: number of steps of fixed-grid methods (default 1000); adaptive methods take none.
         eps: final time, in ``(0, T)``.
         generator: source of every random draw (same state, same samples).
@@ -478,12 +478,12 @@ def sample(sde: SDE, score_fn: Callable[..., Tensor], shape, *, method: str, ste
         seeds: optional per-sample noise making sample ``k`` independent of its batch-mates: an int
             offset (sample ``k`` uses seed ``offset + k``), a sequence of ints (one per sample), or
             an object with ``prior(shape, device, dtype)`` and ``__call__(i)`` such as
-            :class:`sdegen.PerSampleNoise`. Fixed-grid methods then give sample ``k`` bitwise the
+            `sdegen.PerSampleNoise`. Fixed-grid methods then give sample ``k`` bitwise the
             same whatever the batch; adaptive methods only with per-sample step control.
         **method_options: the method's options (unknown ones are an error listing the valid ones).
 
     Returns:
-        :class:`SampleResult` with ``samples`` ``(B, *D)``, ``nfe`` (counted score calls), ``trajectory``
+        [`SampleResult`][sdegen.sampling.SampleResult] with ``samples`` ``(B, *D)``, ``nfe`` (counted score calls), ``trajectory``
         (``[(t, x), ...]`` or ``None``), ``times`` (float64 grid visited) and ``stats``.
 
     Raises:

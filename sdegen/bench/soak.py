@@ -15,7 +15,7 @@ model). After a warm-up (allocator pools, lazy imports, caches), we record per i
 Memory growth is the RSS difference between the first and last iteration after warm-up, and the
 slope of a least-squares line through the per-iteration RSS (MiB per iteration), which is robust
 to one-off allocator jumps. A separate section times the noise sources at batch 1,000 side by side:
-:class:`~sdegen._rng.PerSampleNoise` against ``torch.randn`` and one ``torch.Generator`` per sample.
+`PerSampleNoise` against ``torch.randn`` and one ``torch.Generator`` per sample.
 
 Writes ``soak.json`` and ``soak.png`` to ``out_dir``.
 """

@@ -1,6 +1,6 @@
 r"""Solver benchmark against exact ground truth (issue 8): ``sdegen bench solvers``.
 
-For each oracle problem (a :func:`sdegen.named_mixture` under VP, sub-VP or VE, exact score) and each
+For each oracle problem (a [`sdegen.named_mixture`][sdegen.named_mixture] under VP, sub-VP or VE, exact score) and each
 method over a range of NFE, it measures
 
 (a) the sliced Wasserstein-2 and energy distances of the samples to exact data samples, with the
@@ -131,7 +131,7 @@ def _problem(sde_name, mix, n, nfes, quick, n_traj=256):
 
 
 def _cached_problem(out_dir: pathlib.Path, sde_name, mix, n, nfes, quick):
-    r""":func:`_problem`, kept in ``out_dir/problems/`` so that an interrupted run resumes where it stopped
+    r"""`_problem`, kept in ``out_dir/problems/`` so that an interrupted run resumes where it stopped
     (a rerun with the same ``n``, ``nfes`` and ``quick`` reuses finished problems)."""
     path = out_dir / "problems" / f"{sde_name}_{mix}_n{n}_nfe{'-'.join(map(str, nfes))}{'_quick' if quick else ''}.json"
     if path.exists():

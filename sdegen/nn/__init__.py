@@ -1,5 +1,5 @@
 r"""Score networks: ``net(x, t, y=None) -> x-shaped``. Raw networks know nothing of SDEs; wrap one in
-:class:`sdegen.ScoreModel` to get a score function. Imports torch only."""
+[`sdegen.ScoreModel`][sdegen.parameterization.ScoreModel] to get a score function. Imports torch only."""
 
 from .embeddings import FourierEmbedding, LabelEmbedding, SinusoidalEmbedding
 from .mlp import MLP

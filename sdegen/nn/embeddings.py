@@ -1,6 +1,6 @@
-r"""Time and label embeddings shared by :class:`~sdegen.nn.MLP` and :class:`~sdegen.nn.UNet`.
+r"""Time and label embeddings shared by [`MLP`][sdegen.nn.MLP] and [`UNet`][sdegen.nn.UNet].
 
-The networks see a scalar "time input" per sample, shape ``(B,)``. :class:`sdegen.ScoreModel` passes
+The networks see a scalar "time input" per sample, shape ``(B,)``. [`sdegen.ScoreModel`][sdegen.parameterization.ScoreModel] passes
 $t/T \in [0, 1]$ for the score/eps/x0/v parameterizations and EDM's $c_\text{noise} = \tfrac14\log\sigma$
 for the EDM one, so an embedding must resolve values of order $10^{-3}$ to $1$.
 
@@ -83,7 +83,7 @@ TIME_EMBEDDINGS = ("sinusoidal", "fourier")
 
 
 def make_time_embedding(kind: str, dim: int) -> nn.Module:
-    """Build the time embedding named ``kind`` (one of :data:`TIME_EMBEDDINGS`)."""
+    """Build the time embedding named ``kind`` (one of `TIME_EMBEDDINGS`)."""
     if kind == "sinusoidal":
         return SinusoidalEmbedding(dim)
     if kind == "fourier":
@@ -94,7 +94,7 @@ def make_time_embedding(kind: str, dim: int) -> nn.Module:
 class LabelEmbedding(nn.Module):
     r"""Class-label embedding with an extra *null* label for classifier-free guidance (Ho & Salimans 2022).
 
-    Labels are integers in ``[0, num_classes)``; the index ``num_classes`` (:attr:`null_label`) means
+    Labels are integers in ``[0, num_classes)``; the index ``num_classes`` (`null_label`) means
     "no label". ``y=None`` embeds the null label for the whole batch, a Python int is broadcast.
 
     Args:

@@ -72,7 +72,7 @@ class MLP(nn.Module):
         dropout: dropout inside the residual blocks.
 
     Call: ``net(x, t, y=None)`` with ``x`` ``(B, dim)``, ``t`` ``(B,)`` (the time input chosen by
-    :class:`sdegen.ScoreModel`) and ``y`` ``(B,)`` integer labels; returns ``(B, dim)``.
+    [`sdegen.ScoreModel`][sdegen.parameterization.ScoreModel]) and ``y`` ``(B,)`` integer labels; returns ``(B, dim)``.
     """
 
     def __init__(self, dim: int, hidden: int = 128, depth: int = 3, *, time_embedding: str = "sinusoidal",

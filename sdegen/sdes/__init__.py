@@ -1,4 +1,4 @@
-"""SDE classes: the abstract :class:`SDE`, :class:`AffineSDE`, VP, sub-VP, VE and user SDEs."""
+"""SDE classes: the abstract [`SDE`][sdegen.sdes.SDE], [`AffineSDE`][sdegen.sdes.AffineSDE], VP, sub-VP, VE and user SDEs."""
 
 from .affine import AffineSDE
 from .base import SDE, CustomSDE, ReverseSDE

@@ -32,7 +32,7 @@ class AffineSDE(SDE):
     r"""Affine SDE $dx = a(t)\,x\,dt + g(t)\,dw$ with its Gaussian transition kernel.
 
     Give ``a`` and ``g`` as callables of a ``(B,)`` time tensor (or subclass and override
-    :meth:`drift_coef`, :meth:`diffusion` and, where known in closed form, :meth:`marginal`).
+    [`drift_coef`][sdegen.sdes.affine.AffineSDE.drift_coef], [`diffusion`][sdegen.sdes.affine.AffineSDE.diffusion] and, where known in closed form, [`marginal`][sdegen.sdes.affine.AffineSDE.marginal]).
     Without a closed form, ``marginal`` is computed numerically: $\log m$ and
     $V = \int_0^t g^2/m^2$ are tabulated once in float64 on ``grid_size`` intervals with nested
     8-point Gauss–Legendre quadrature and evaluated by cubic Hermite interpolation using the exact
@@ -187,7 +187,7 @@ class AffineSDE(SDE):
         return self.diffusion(t).square() / (2 * m * s)
 
     def t_from_log_snr(self, log_snr: Tensor) -> Tensor:
-        r"""Inverse of :meth:`log_snr` (which decreases in $t$); 64 bisection steps in float64.
+        r"""Inverse of [`log_snr`][sdegen.sdes.affine.AffineSDE.log_snr] (which decreases in $t$); 64 bisection steps in float64.
 
         Values outside the range of ``log_snr`` on ``[0, T]`` clamp to the ends.
         """
@@ -204,7 +204,7 @@ class AffineSDE(SDE):
         return (0.5 * (lo + hi)).to(lam.dtype if lam.is_floating_point() else torch.get_default_dtype())
 
     def t_from_sigma(self, sigma: Tensor) -> Tensor:
-        r"""Inverse of :meth:`sigma`: the $t$ with $s(t)/m(t) = \sigma$."""
+        r"""Inverse of [`sigma`][sdegen.sdes.affine.AffineSDE.sigma]: the $t$ with $s(t)/m(t) = \sigma$."""
         sigma = torch.as_tensor(sigma)
         return self.t_from_log_snr(-2 * sigma.log())
 
@@ -219,7 +219,7 @@ class AffineSDE(SDE):
         return r, q2.sqrt()
 
     def discretize_step(self, x: Tensor, t: Tensor, dt) -> tuple[Tensor, Tensor]:
-        r"""Exact Gaussian step over $[t-\Delta t, t]$: $f_i = (r - 1)x$, $G_i = q$ (see :meth:`transition`).
+        r"""Exact Gaussian step over $[t-\Delta t, t]$: $f_i = (r - 1)x$, $G_i = q$ (see [`transition`][sdegen.sdes.affine.AffineSDE.transition]).
 
         For VP this is the DDPM step with $\beta_i = 1 - m(t)^2/m(t-\Delta t)^2$; for VE it is the SMLD
         step with $G_i^2 = \sigma(t)^2 - \sigma(t-\Delta t)^2$ (Song et al. 2021, App. E).
@@ -236,7 +236,7 @@ class AffineSDE(SDE):
         return (x + append_dims(s.square(), x.ndim) * score) / append_dims(m, x.ndim)
 
     def score_from_x0(self, x: Tensor, t: Tensor, x0: Tensor) -> Tensor:
-        r"""Inverse of :meth:`x0_from_score`: $\nabla\log p_t = (m\hat x_0 - x)/s^2$."""
+        r"""Inverse of [`x0_from_score`][sdegen.sdes.affine.AffineSDE.x0_from_score]: $\nabla\log p_t = (m\hat x_0 - x)/s^2$."""
         m, s = self.marginal(t)
         return (append_dims(m, x.ndim) * x0 - x) / append_dims(s.square(), x.ndim)
 

@@ -31,9 +31,9 @@ __all__ = ["SDE", "ReverseSDE", "CustomSDE"]
 class SDE(abc.ABC):
     r"""Abstract forward SDE $dx = f(x,t)\,dt + g(t)\,dw$ on $t \in [0, T]$.
 
-    Subclasses implement :meth:`drift` and :meth:`diffusion`. The prior at ``T`` defaults to
-    $\mathcal N(0, \sigma_T^2 I)$ with $\sigma_T$ = :meth:`prior_std`; override
-    :meth:`prior_sample` and :meth:`prior_log_prob` together for another prior.
+    Subclasses implement [`drift`][sdegen.sdes.base.SDE.drift] and [`diffusion`][sdegen.sdes.base.SDE.diffusion]. The prior at ``T`` defaults to
+    $\mathcal N(0, \sigma_T^2 I)$ with $\sigma_T$ = [`prior_std`][sdegen.sdes.base.SDE.prior_std]; override
+    [`prior_sample`][sdegen.sdes.base.SDE.prior_sample] and [`prior_log_prob`][sdegen.sdes.base.SDE.prior_log_prob] together for another prior.
 
     Args:
         T: end time, > 0.
@@ -150,7 +150,7 @@ class ReverseSDE:
         return torch.zeros_like(g) if self.probability_flow else g
 
     def discretize_step(self, x: Tensor, t: Tensor, dt: float | Tensor) -> tuple[Tensor, Tensor]:
-        r"""Reverse of :meth:`SDE.discretize_step`: $x_{t-\Delta t} = x - f_i + c\,G_i^2 s_\theta + G_i z$.
+        r"""Reverse of [`SDE.discretize_step`][sdegen.sdes.base.SDE.discretize_step]: $x_{t-\Delta t} = x - f_i + c\,G_i^2 s_\theta + G_i z$.
 
         Returns ``(f_rev, G_rev)`` with $f_\text{rev} = f_i - c\,G_i^2 s_\theta(x, t)$, so that the
         reverse-diffusion predictor is ``x - f_rev + G_rev * z`` (Song et al. 2021, eq. 47).

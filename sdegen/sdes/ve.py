@@ -4,7 +4,7 @@ $\sigma(t) = \sigma_\min (\sigma_\max/\sigma_\min)^{t/T}$, $f = 0$,
 $g(t) = \sigma(t)\sqrt{2\log(\sigma_\max/\sigma_\min)/T}$, so $d[\sigma(t)^2]/dt = g(t)^2$.
 
 **Marginal variance.** The SDE started from clean data at $t=0$ has
-$s(t)^2 = \int_0^t g^2 = \sigma(t)^2 - \sigma_\min^2$, and that is what :meth:`VESDE.marginal` returns:
+$s(t)^2 = \int_0^t g^2 = \sigma(t)^2 - \sigma_\min^2$, and that is what [`VESDE.marginal`][sdegen.sdes.ve.VESDE.marginal] returns:
 the exact transition kernel of the SDE as written. The reference implementation uses $\sigma(t)^2$,
 i.e. it treats $x_0$ as data already blurred by $\mathcal N(0, \sigma_\min^2)$. The difference
 ($10^{-4}$ for $\sigma_\min = 0.01$) is negligible for sampling, but sdegen's oracle, forward
@@ -55,7 +55,7 @@ class VESDE(AffineSDE):
         return self.sigma_schedule(t) * math.sqrt(2 * self._log_ratio / self.T)
 
     def ode_coefs(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        r"""$a = 0$, $-\tfrac12 g^2 = -\sigma(t)^2 \log(\sigma_\max/\sigma_\min)/T$ (see :meth:`AffineSDE.ode_coefs`)."""
+        r"""$a = 0$, $-\tfrac12 g^2 = -\sigma(t)^2 \log(\sigma_\max/\sigma_\min)/T$ (see [`AffineSDE.ode_coefs`][sdegen.adapters.DiscreteVPSDE.ode_coefs])."""
         h = torch.exp(t * (2 * self._log_ratio / self.T)) * (-self.sigma_min ** 2 * self._log_ratio / self.T)
         return torch.zeros_like(t), h
 

@@ -42,7 +42,7 @@ class _LinearBeta(AffineSDE):
         return self.beta_min * t + 0.5 * t * t / self.T * (self.beta_max - self.beta_min)
 
     def t_from_int_beta(self, B: Tensor) -> Tensor:
-        r"""Inverse of :meth:`int_beta`, the positive root written as $2B/(\beta_\min + \sqrt{\beta_\min^2 + 2kB})$
+        r"""Inverse of `int_beta`, the positive root written as $2B/(\beta_\min + \sqrt{\beta_\min^2 + 2kB})$
         with $k = (\beta_\max-\beta_\min)/T$ (no cancellation when $k \to 0$)."""
         k = (self.beta_max - self.beta_min) / self.T
         return 2 * B / (self.beta_min + torch.sqrt(self.beta_min**2 + 2 * k * B))
@@ -69,7 +69,7 @@ class VPSDE(_LinearBeta):
         return self.beta(t).sqrt()
 
     def ode_coefs(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        r"""$a = -\tfrac12 g^2 = -\tfrac12\beta(t)$: one tensor for both (see :meth:`AffineSDE.ode_coefs`)."""
+        r"""$a = -\tfrac12 g^2 = -\tfrac12\beta(t)$: one tensor for both (see [`AffineSDE.ode_coefs`][sdegen.adapters.DiscreteVPSDE.ode_coefs])."""
         k = (self.beta_max - self.beta_min) / self.T
         c = (t * (-0.5 * k)).add_(-0.5 * self.beta_min)
         return c, c
@@ -91,7 +91,7 @@ class VPSDE(_LinearBeta):
         return self.t_from_int_beta(torch.nn.functional.softplus(-lam))
 
     def discretize(self, n_steps: int):
-        r"""The DDPM chain this SDE becomes with ``n_steps`` steps (see :meth:`sdegen.DDPM.from_vp`)."""
+        r"""The DDPM chain this SDE becomes with ``n_steps`` steps (see [`sdegen.DDPM.from_vp`][sdegen.ddpm.DDPM.from_vp])."""
         from ..ddpm import DDPM  # the one allowed back edge (STYLE.md)
 
         return DDPM.from_vp(self, n_steps)

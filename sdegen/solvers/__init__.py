@@ -1,4 +1,4 @@
-"""Step rules, correctors, adaptive solvers and backends. See :mod:`sdegen.solvers.base`."""
+"""Step rules, correctors, adaptive solvers and backends. See [`sdegen.solvers.base`][sdegen.solvers.base]."""
 
 from .base import (AbstractFixedGridSolver, CountingScore, Dynamics, NonFiniteError, SampleResult, StepSizeError,
                    integrate_fixed_grid)

@@ -53,8 +53,8 @@ class AdaptiveSDE:
         min_factor, max_factor: bounds on the step-size change per attempt.
         per_sample: one step size per sample (a stiff sample does not slow the others; each score
             call then sees only the samples still running).
-        max_steps: at most this many attempted steps (then :class:`StepSizeError`).
-        h_min: smallest step size before :class:`StepSizeError`.
+        max_steps: at most this many attempted steps (then [`StepSizeError`][sdegen.solvers.adaptive_sde.StepSizeError]).
+        h_min: smallest step size before [`StepSizeError`][sdegen.solvers.adaptive_sde.StepSizeError].
 
     Class attributes: ``order = 1.0`` (strong order of the accepted improved-Euler update for
     additive noise); ``stochastic = True``.
@@ -152,7 +152,7 @@ def adaptive_sde_integrate(
     r"""Integrate the reverse SDE from ``t_start`` down to ``t_end`` with adaptive steps.
 
     Args:
-        opts: the solver options (:class:`AdaptiveSDE`).
+        opts: the solver options ([`AdaptiveSDE`][sdegen.solvers.adaptive_sde.AdaptiveSDE]).
         dyn: the SDE and the counted score.
         x: ``(B, *D)`` state at ``t_start``.
         t_start, t_end: ``t_start > t_end > 0``.
@@ -275,7 +275,7 @@ def adaptive_sde_integrate(
 def run_adaptive_sde(ctx, **opts):
     r"""``sdegen.sample(method="adaptive_sde")`` runner: ``(x, trajectory, times, stats)``.
 
-    ``ctx``: a :class:`sdegen.sampling.RunContext`; ``opts``: the fields of :class:`AdaptiveSDE`."""
+    ``ctx``: a `sdegen.sampling.RunContext`; ``opts``: the fields of [`AdaptiveSDE`][sdegen.solvers.adaptive_sde.AdaptiveSDE]."""
     solver = AdaptiveSDE(**opts)
     noise = None
     if ctx.noise is not None:

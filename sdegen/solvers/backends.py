@@ -4,13 +4,13 @@ Each adapter takes the same right-hand side the native solvers use, ``fn(y, t)``
 ``(B, *D)`` and ``t`` a ``(B,)`` tensor in forward time, and returns ``(y1, stats)`` with the state
 at ``t1`` on ``y0``'s device and dtype. ``stats["nfe_solver"]`` is the number of right-hand-side
 calls the backend made (counted by a wrapper). The optional packages are imported inside the
-functions, so :mod:`sdegen` imports without them.
+functions, so `sdegen` imports without them.
 
-- :func:`torchdiffeq_integrate`: ``torchdiffeq.odeint`` (Chen et al. 2018) on the tensor as is.
-- :func:`scipy_integrate`: ``scipy.integrate.solve_ivp`` on a flattened float64 NumPy copy, as the
+- [`torchdiffeq_integrate`][sdegen.solvers.backends.torchdiffeq_integrate]: ``torchdiffeq.odeint`` (Chen et al. 2018) on the tensor as is.
+- [`scipy_integrate`][sdegen.solvers.backends.scipy_integrate]: ``scipy.integrate.solve_ivp`` on a flattened float64 NumPy copy, as the
   reference implementation of Song et al. (2021) does; every evaluation copies the state between
-  host and device, which is what the native :func:`~sdegen.solvers.rk45.rk45_integrate` avoids.
-- :func:`torchsde_integrate`: ``torchsde.sdeint`` (Li et al. 2020) for the reverse-time SDE.
+  host and device, which is what the native [`rk45_integrate`][sdegen.solvers.rk45.rk45_integrate] avoids.
+- [`torchsde_integrate`][sdegen.solvers.backends.torchsde_integrate]: ``torchsde.sdeint`` (Li et al. 2020) for the reverse-time SDE.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _check_common(y0: Tensor, t0, t1) -> tuple[float, float]:
 
 
 def _finite(out: Tensor, t, backend: str, calls: int) -> Tensor:
-    """Raise :class:`NonFiniteError` naming the time if the right-hand side is NaN/inf.
+    """Raise [`NonFiniteError`][sdegen.solvers.backends.NonFiniteError] naming the time if the right-hand side is NaN/inf.
 
     The external integrators would otherwise fail later with their own step-size errors (or, for
     torchsde, carry NaN to the end). This check reads one flag per evaluation: a host sync that these
@@ -133,7 +133,7 @@ def scipy_integrate(fn: Callable[[Tensor, Tensor], Tensor], y0: Tensor, t0: floa
         fn: ``fn(y, t) -> dy/dt``; ``y`` ``(B, *D)``, ``t`` ``(B,)``.
         y0: ``(B, *D)``.
         t0, t1: start and end time (``t1 < t0`` allowed).
-        solver: one of :data:`SCIPY_SOLVERS`.
+        solver: one of `SCIPY_SOLVERS`.
         rtol, atol: tolerances.
         **opts: passed to ``solve_ivp`` (e.g. ``first_step=``, ``max_step=``).
 
@@ -219,7 +219,7 @@ def torchsde_integrate(drift: Callable[[Tensor, Tensor], Tensor], diffusion: Cal
         diffusion: ``g(t) -> (B,)``.
         y0: ``(B, *D)`` start state (at ``t0``).
         t0, t1: start and end time.
-        solver: one of :data:`TORCHSDE_SOLVERS` (``"srk"`` uses a space-time Lévy-area Brownian
+        solver: one of `TORCHSDE_SOLVERS` (``"srk"`` uses a space-time Lévy-area Brownian
             interval).
         steps: number of fixed steps, $\Delta s = |t_1 - t_0| / \text{steps}$.
         generator: source of the Brownian path's seed.

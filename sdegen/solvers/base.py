@@ -70,7 +70,7 @@ class CountingScore:
     r"""Wrap a score function: count evaluations, bind ``model_kwargs``, check the output shape.
 
     The count is a Python int incremented per call (no device sync). ``nfe`` is what
-    :class:`SampleResult` reports.
+    [`SampleResult`][sdegen.solvers.base.SampleResult] reports.
 
     Args:
         score_fn: ``score_fn(x, t, **model_kwargs)``.

@@ -13,7 +13,7 @@ which leaves $p_t$ invariant as $\epsilon \to 0$ (Song et al. 2021, Alg. 4 and 5
   averages the norms over the batch, which couples them). The realised $\lVert z_b\rVert$ is not used:
   a step computed from the draw it multiplies injects $(d+2)/d$ times the intended noise variance.
 * ``AnnealedLangevinCorrector`` (Alg. 4, as in NCSN): $\epsilon = 2\alpha\,(r\, s(t))^2$ with $s(t)$
-  the marginal std (needs an :class:`~sdegen.AffineSDE`).
+  the marginal std (needs an [`AffineSDE`][sdegen.AffineSDE]).
 
 $\alpha = m(t_0)^2/m(t_1)^2$ over the current step $t_0 \to t_1$ (VP: DDPM's $\alpha_i = 1-\beta_i$; VE
 and non-affine SDEs: 1), which makes the rule work for every affine SDE (sub-VP included).
@@ -117,11 +117,11 @@ class PredictorCorrector(AbstractFixedGridSolver):
 
     Args:
         predictor: any fixed-grid solver.
-        corrector: an :class:`AbstractCorrector` or ``None``.
+        corrector: an [`AbstractCorrector`][sdegen.solvers.correctors.AbstractCorrector] or ``None``.
         corrector_steps: corrector updates per step, >= 1.
         draw: ``draw(k) -> Tensor`` shaped like ``x``, unit Gaussian; required with a corrector.
         alphas: optional per-step $\alpha$ as Python floats, precomputed on the grid (see
-            :func:`langevin_alpha`); otherwise computed from ``t0``, ``t1`` each step.
+            [`langevin_alpha`][sdegen.solvers.correctors.langevin_alpha]); otherwise computed from ``t0``, ``t1`` each step.
     """
 
     predictor: AbstractFixedGridSolver

@@ -108,7 +108,7 @@ class DPMSolver(AbstractFixedGridSolver):
     n_steps: int | None = None
     lower_order_final: bool = True
     #: Optional per-step ``(m0, s0, m1, s1)`` as float64 host floats for the grid this solver runs on
-    #: (see :meth:`tabulated`): the same update with scalar coefficients, a few kernels per step.
+    #: (see [`tabulated`][sdegen.solvers.dpm_solver.DPMSolver.tabulated]): the same update with scalar coefficients, a few kernels per step.
     table: tuple | None = field(default=None, repr=False)
 
     stochastic: ClassVar[bool] = False

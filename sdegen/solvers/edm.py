@@ -1,6 +1,6 @@
 r"""EDM's second-order Heun sampler (Karras et al. 2022, Alg. 1 and 2) for any affine SDE.
 
-Any :class:`~sdegen.AffineSDE` is an EDM process in disguise: with $m = m(t)$, $s = s(t)$ and
+Any [`AffineSDE`][sdegen.AffineSDE] is an EDM process in disguise: with $m = m(t)$, $s = s(t)$ and
 $\sigma = s/m$, the scaled state $\hat x = x/m$ obeys the probability-flow ODE
 
 $$\frac{d\hat x}{d\sigma} = \frac{\hat x - D(\hat x; \sigma)}{\sigma},\qquad
@@ -8,7 +8,7 @@ $$\frac{d\hat x}{d\sigma} = \frac{\hat x - D(\hat x; \sigma)}{\sigma},\qquad
 
 (EDM eq. 4 with $s(t) \to m$, $\sigma(t) \to \sigma$; §2 and App. B.2 there). Its solution curves
 are nearly straight lines in $(\sigma, \hat x)$, which is why a Heun step in $\sigma$ with the
-$\rho$-schedule of :func:`sdegen.grids.karras` is accurate with few evaluations.
+$\rho$-schedule of [`sdegen.grids.karras`][sdegen.grids.karras] is accurate with few evaluations.
 
 Notation map (EDM → sdegen): $s(t)$ → ``mean_coef`` $m$; $\sigma(t)$ → ``sigma`` $= s/m$;
 $D_\theta$ → Tweedie's ``x0``; $\gamma_i$, $S_\text{churn}$, $S_\text{tmin}$, $S_\text{tmax}$,
@@ -73,7 +73,7 @@ class HeunKarras(AbstractFixedGridSolver):
     s_noise: float = 1.0
     final_euler: bool = False
     #: Optional per-step ``(r, e, c0, c1)`` host floats for the grid this solver runs on (see
-    #: :meth:`tabulated`; deterministic steps only): the same step with scalar coefficients.
+    #: [`tabulated`][sdegen.solvers.edm.HeunKarras.tabulated]; deterministic steps only): the same step with scalar coefficients.
     table: tuple | None = field(default=None, repr=False)
 
     order: ClassVar[float] = 2.0
@@ -159,7 +159,7 @@ class HeunKarras(AbstractFixedGridSolver):
 
 def build_heun_karras(ctx, opts: dict) -> HeunKarras:
     r"""``sdegen.sample`` builder: sets ``ctx.times`` to the ``grid`` option (default Karras $\rho$) and
-    returns the solver. ``ctx``: a :class:`sdegen.sampling.RunContext` (``sde``, ``steps``, ``eps``)."""
+    returns the solver. ``ctx``: a `sdegen.sampling.RunContext` (``sde``, ``steps``, ``eps``)."""
     from ..grids import get_grid
 
     grid_opts = {"rho": opts["rho"]} if isinstance(opts["grid"], str) and opts["grid"] == "karras" else {}

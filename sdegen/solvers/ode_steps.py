@@ -20,7 +20,7 @@ from .sde_steps import _as_rows, linear_update
 
 
 def _velocity_coefs(sde: AffineSDE, t: Tensor) -> tuple[Tensor, Tensor]:
-    r"""$(a(t), -\tfrac12 g(t)^2)$ as two distinct tensors (:meth:`AffineSDE.ode_coefs` may share one)."""
+    r"""$(a(t), -\tfrac12 g(t)^2)$ as two distinct tensors ([`AffineSDE.ode_coefs`][sdegen.adapters.DiscreteVPSDE.ode_coefs] may share one)."""
     a, h = sde.ode_coefs(t)
     return a, (h.clone() if h is a else h)
 

@@ -273,8 +273,8 @@ def rk45_integrate(
         progress: show a tqdm bar with the current ``t`` and step size.
         record_every: record ``(t, y)`` every this many accepted steps (batched mode; in per-sample
             mode every this many loop iterations, with ``t`` the smallest progress in the batch).
-        controller: a :class:`PIController` (default ``PIController(safety=safety)``).
-        tableau: an embedded explicit RK pair (default :data:`DOPRI5`).
+        controller: a [`PIController`][sdegen.solvers.rk45.PIController] (default ``PIController(safety=safety)``).
+        tableau: an embedded explicit RK pair (default `DOPRI5`).
 
     Returns:
         ``(y1, stats, trajectory)``: ``y1`` ``(B, *D)`` at ``t1``; ``stats`` with ``accepted``,

@@ -2,7 +2,7 @@ r"""Fixed-grid step rules for the reverse-time SDE: Euler–Maruyama, reverse di
 
 Every rule advances forward time *downwards*, $t_0 \to t_1 < t_0$, with the signed step
 $\Delta t = t_1 - t_0 < 0$ and a Brownian increment ``dw`` of variance $|\Delta t|$ drawn by
-:func:`~sdegen.solvers.base.integrate_fixed_grid`; $z = dw/\sqrt{|\Delta t|}$ is the unit draw.
+[`integrate_fixed_grid`][sdegen.solvers.base.integrate_fixed_grid]; $z = dw/\sqrt{|\Delta t|}$ is the unit draw.
 The reverse-time SDE is $dx = [f(x,t) - g(t)^2 s(x,t)]\,dt + g(t)\,d\bar w$ (Song et al. 2021,
 eq. 6), with $s \approx \nabla_x \log p_t$ the score.
 
@@ -52,7 +52,7 @@ class EulerMaruyama(AbstractFixedGridSolver):
 
     (Kloeden & Platen 1992, eq. 10.2.2; Song et al. 2021, eq. 6). Strong order 1 here because the
     noise is additive ($g$ depends on $t$ only); weak order 1. One score evaluation per step.
-    Works for any :class:`~sdegen.SDE`.
+    Works for any [`SDE`][sdegen.SDE].
     """
 
     table: tuple | None = field(default=None, repr=False)
@@ -84,7 +84,7 @@ class EulerMaruyama(AbstractFixedGridSolver):
 class ReverseDiffusion(AbstractFixedGridSolver):
     r"""The reverse-diffusion predictor, matched to the SDE's own discretization.
 
-    With the forward step $x_{t_0} = x_{t_1} + f_i + G_i z$ from :meth:`SDE.discretize_step`
+    With the forward step $x_{t_0} = x_{t_1} + f_i + G_i z$ from [`SDE.discretize_step`][sdegen.sdes.SDE.discretize_step]
     over $[t_1, t_0]$ (evaluated at the current state), the reverse step is
 
     $$x_1 = x_0 - f_i + G_i^2\, s(x_0, t_0) + G_i z$$
@@ -129,7 +129,7 @@ def ancestral_table(sde: AffineSDE, times: Tensor) -> Tensor:
     r"""Per-step coefficients of the ancestral step on a decreasing grid: ``(n, 3)`` float64.
 
     For step $k$ from $t_0 = $ ``times[k]`` to $t_1 = $ ``times[k+1]``: the forward kernel
-    $x_{t_0} \mid x_{t_1} \sim \mathcal N(r x_{t_1}, q^2 I)$ (:meth:`AffineSDE.transition`) and the
+    $x_{t_0} \mid x_{t_1} \sim \mathcal N(r x_{t_1}, q^2 I)$ ([`AffineSDE.transition`][sdegen.adapters.DiscreteVPSDE.transition]) and the
     posterior variance $v = s_1^2 q^2 / s_0^2$ of $q(x_{t_1} \mid x_{t_0}, x_0)$, with $s_j$ the marginal
     std at $t_j$. Columns: $(1/r,\ q^2/r,\ \sqrt{v/|\Delta t|})$, the multipliers of $x$, the score
     and the Brownian increment (computed in float64 so that $dw/\sqrt{|\Delta t|}$ loses nothing).
@@ -150,7 +150,7 @@ def ddpm_ancestral_table(alphas_cumprod: Tensor, times: Tensor) -> Tensor:
     ``times`` the decreasing grid $t_N, \dots, t_0$. Step $k$ goes from $i = N - k$ to $i - 1$:
     $\alpha_i = \bar\alpha_i/\bar\alpha_{i-1}$, $r = \sqrt{\alpha_i}$, $q^2 = \beta_i = 1 - \alpha_i$,
     $v = \tilde\beta_i = \beta_i (1 - \bar\alpha_{i-1})/(1 - \bar\alpha_i)$ (Ho et al. 2020, eq. 7), so $v = 0$
-    on the last step. Same columns as :func:`ancestral_table`; ``(N, 3)`` float64.
+    on the last step. Same columns as [`ancestral_table`][sdegen.solvers.sde_steps.ancestral_table]; ``(N, 3)`` float64.
     """
     ab = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64).reshape(-1)
     if ab[0] != 1.0:
@@ -176,8 +176,8 @@ class Ancestral(AbstractFixedGridSolver):
     First order; one score evaluation per step.
 
     Args:
-        table: ``(n, 3)`` float64 per-step coefficients from :func:`ancestral_table` or
-            :func:`ddpm_ancestral_table`, for the grid the solver runs on (the step index is the
+        table: ``(n, 3)`` float64 per-step coefficients from [`ancestral_table`][sdegen.solvers.sde_steps.ancestral_table] or
+            [`ddpm_ancestral_table`][sdegen.solvers.sde_steps.ddpm_ancestral_table], for the grid the solver runs on (the step index is the
             solver state).
     """
 

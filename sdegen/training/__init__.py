@@ -1,4 +1,4 @@
-r"""Training: denoising score-matching losses, EMA, the resumable :func:`train` loop and checkpoints."""
+r"""Training: denoising score-matching losses, EMA, the resumable [`train`][sdegen.training.train] loop and checkpoints."""
 
 from .checkpoint import CheckpointError, load
 from .ema import EMA

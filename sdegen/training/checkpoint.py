@@ -61,7 +61,7 @@ NET_CLASSES = ("MLP", "UNet")
 def model_spec(model: ScoreModel) -> dict[str, Any]:
     """A JSON description of ``model``: net class and config, SDE class and parameters, parameterization.
 
-    Unknown (user) classes are recorded by name with ``"config": None``; :func:`load` then needs the
+    Unknown (user) classes are recorded by name with ``"config": None``; [`load`][sdegen.training.checkpoint.load] then needs the
     object passed explicitly.
     """
     net, sde = model.net, model.sde
@@ -77,7 +77,7 @@ def model_spec(model: ScoreModel) -> dict[str, Any]:
 
 
 def build_model(spec: dict[str, Any], *, net: nn.Module | None = None, sde=None) -> ScoreModel:
-    """Rebuild a :class:`~sdegen.ScoreModel` from :func:`model_spec` output (weights not loaded)."""
+    """Rebuild a [`ScoreModel`][sdegen.parameterization.ScoreModel] from `model_spec` output (weights not loaded)."""
     try:
         if net is None:
             name, cfg = spec["net"]["class"], spec["net"]["config"]
@@ -214,7 +214,7 @@ def prefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 
 def load_state_strict(module: nn.Module, state: dict[str, Tensor], what: str) -> None:
-    """``load_state_dict(strict=True)`` with a :class:`CheckpointError` naming the mismatch."""
+    """``load_state_dict(strict=True)`` with a `CheckpointError` naming the mismatch."""
     own = module.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     bad = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -227,7 +227,7 @@ def load_state_strict(module: nn.Module, state: dict[str, Tensor], what: str) ->
 
 def load(checkpoint_dir, *, ema: bool = True, net: nn.Module | None = None, sde=None,
          device: torch.device | str | None = None) -> ScoreModel:
-    r"""Rebuild the :class:`~sdegen.ScoreModel` saved by :func:`sdegen.train` from its newest valid checkpoint.
+    r"""Rebuild the [`ScoreModel`][sdegen.parameterization.ScoreModel] saved by [`sdegen.train`][sdegen.training.train] from its newest valid checkpoint.
 
     The network and SDE are rebuilt from the JSON config via an explicit table of known classes
     (``MLP``, ``UNet``; ``VPSDE``, ``SubVPSDE``, ``VESDE``); for other classes pass ``net=`` and/or

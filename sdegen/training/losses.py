@@ -91,7 +91,7 @@ def dsm_loss(model: ScoreModel, x0: Tensor, *, weighting: str = "standard", eps:
     r"""Continuous denoising score-matching loss (see the module docstring for the formula).
 
     Args:
-        model: the :class:`~sdegen.ScoreModel` (any parameterization: the loss is computed from its
+        model: the [`ScoreModel`][sdegen.parameterization.ScoreModel] (any parameterization: the loss is computed from its
             $\hat\epsilon$ prediction, identical to the score form above).
         x0: clean data ``(B, *D)``.
         weighting: ``"standard"`` ($\lambda = s^2$), ``"likelihood"`` ($\lambda = g^2$) or
@@ -132,7 +132,7 @@ def smld_loss(model: ScoreModel, x0: Tensor, *, n_levels: int = 10, eps: float =
       = \mathbb E_i\,\tfrac12\|\hat\epsilon - z\|^2,$$
 
     with $\sigma_1 < \dots < \sigma_L$ geometric between $\sigma(\epsilon_t)$ and $\sigma(T)$ and
-    $t_i$ = ``sde.t_from_sigma``$(\sigma_i)$. Meant for :class:`~sdegen.VESDE` (where $m=1$ and
+    $t_i$ = ``sde.t_from_sigma``$(\sigma_i)$. Meant for [`VESDE`][sdegen.VESDE] (where $m=1$ and
     $\sigma(t)$ is the marginal std), but any affine SDE works, with $x_t = m(x_0 + \sigma_i z)$.
     One level is drawn uniformly per sample.
     """
@@ -154,9 +154,9 @@ def ddpm_loss(model: ScoreModel, x0: Tensor, *, n_steps: int = 1000, generator: 
               model_kwargs: dict | None = None) -> Tensor:
     r"""DDPM's simple objective $\mathbb E_{i,\epsilon}\|\epsilon - \hat\epsilon_\theta(x_i, t_i)\|^2$ (Ho et al. 2020, eq. 14).
 
-    The chain is ``model.sde.discretize(n_steps)`` (a :class:`~sdegen.VPSDE`); step $i \in \{1..N\}$ is
-    shown to the continuous model at $t_i = iT/N$ (:meth:`sdegen.DDPM.step_to_time`), and the loss
-    itself is :meth:`sdegen.DDPM.loss`.
+    The chain is ``model.sde.discretize(n_steps)`` (a [`VPSDE`][sdegen.VPSDE]); step $i \in \{1..N\}$ is
+    shown to the continuous model at $t_i = iT/N$ ([`sdegen.DDPM.step_to_time`][sdegen.ddpm.DDPM.step_to_time]), and the loss
+    itself is [`sdegen.DDPM.loss`][sdegen.ddpm.DDPM.loss].
     """
     _check(model, x0)
     if not isinstance(model.sde, VPSDE):

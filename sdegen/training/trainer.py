@@ -1,4 +1,4 @@
-r"""``train``: a resumable training loop for :class:`~sdegen.ScoreModel` (Adam/AdamW, clipping, warm-up, EMA).
+r"""``train``: a resumable training loop for [`ScoreModel`][sdegen.parameterization.ScoreModel] (Adam/AdamW, clipping, warm-up, EMA).
 
 Determinism and exact resume: every random draw comes from two generators owned by the loop (batch
 indices on the CPU, noise and times on the model's device) plus the global RNG, which the loop forks
@@ -43,7 +43,7 @@ class TrainingDivergedError(FloatingPointError):
 
 @dataclass
 class TrainResult:
-    """What :func:`train` returns.
+    """What [`train`][sdegen.training.trainer.train] returns.
 
     Attributes:
         model: the model to sample with: a copy holding the EMA weights when EMA is on, else ``raw_model``.
@@ -160,7 +160,7 @@ def train(model: ScoreModel, data, *, steps: int, batch_size: int = 128, lr: flo
     r"""Train ``model`` on ``data`` by denoising score matching; resumable from ``checkpoint_dir``.
 
     Each step draws ``batch_size`` rows of ``data`` uniformly with replacement, evaluates the loss
-    (``"dsm"``: :func:`~sdegen.dsm_loss` with ``weighting``; ``"smld"``: :func:`smld_loss`;
+    (``"dsm"``: [`dsm_loss`][sdegen.training.dsm_loss] with ``weighting``; ``"smld"``: `smld_loss`;
     ``"ddpm"``: DDPM's ε objective on ``sde.discretize(n_steps)``; or a callable
     ``loss(model, x0, generator=..., model_kwargs=...) -> scalar``), clips the gradient norm, takes an
     Adam/AdamW step with learning rate $\text{lr}\cdot\min(1, k/\text{warmup})$ at step $k$, and
@@ -172,7 +172,7 @@ def train(model: ScoreModel, data, *, steps: int, batch_size: int = 128, lr: flo
     arguments after any interruption gives the same final weights as an uninterrupted run (CPU).
 
     Args:
-        model: a :class:`~sdegen.ScoreModel`; trained in place.
+        model: a [`ScoreModel`][sdegen.parameterization.ScoreModel]; trained in place.
         data: ``(N, *D)`` tensor, or ``(x, y)`` with integer labels ``y`` ``(N,)`` passed as ``y=``.
         steps: total number of optimisation steps.
         batch_size, lr: batch size and peak learning rate.
@@ -193,7 +193,7 @@ def train(model: ScoreModel, data, *, steps: int, batch_size: int = 128, lr: flo
         callback: ``callback(step, model)`` after each step (e.g. for tests or custom logging).
 
     Returns:
-        :class:`TrainResult`.
+        [`TrainResult`][sdegen.training.trainer.TrainResult].
 
     Raises:
         ValueError / TypeError: bad arguments or data that does not fit the network (checked before
@@ -400,10 +400,10 @@ def _check_match(meta: dict, spec: dict, config: dict, path: Path) -> None:
 
 
 class Trainer:
-    r"""Options for :func:`train` held once, for repeated or extended runs (a thin convenience).
+    r"""Options for [`train`][sdegen.training.trainer.train] held once, for repeated or extended runs (a thin convenience).
 
     ``Trainer(model, data, checkpoint_dir=d, lr=1e-3).fit(steps=2000)`` is ``train(model, data,
-    steps=2000, checkpoint_dir=d, lr=1e-3)``; calling :meth:`fit` again with more steps continues
+    steps=2000, checkpoint_dir=d, lr=1e-3)``; calling `fit` again with more steps continues
     from the checkpoint.
     """
 
@@ -414,6 +414,6 @@ class Trainer:
         self.result: TrainResult | None = None
 
     def fit(self, steps: int, **overrides: Any) -> TrainResult:
-        """Run :func:`train` up to ``steps`` total steps; returns (and stores) the :class:`TrainResult`."""
+        """Run [`train`][sdegen.training.trainer.train] up to ``steps`` total steps; returns (and stores) the [`TrainResult`][sdegen.training.trainer.TrainResult]."""
         self.result = train(self.model, self.data, steps=steps, **{**self.options, **overrides})
         return self.result
