@@ -243,6 +243,7 @@ def test_cuda_matches_cpu(method):
         assert torch.isfinite(gpu.samples).all()
 
 
+@pytest.mark.slow  # 105 s on 2 cores (24 rk45 reference solves at tol 1e-10): runs with scripts/bench.sh
 def test_heun_vs_euler_trajectory_error():
     # Issue 8 asks Heun >= 5x lower trajectory error than Euler at NFE 10-20 on the VP problems.
     # Measured (mean |x - x*| at eps against the exact flow from the same x_T, 2000 draws, three seeds,
