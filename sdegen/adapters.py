@@ -61,8 +61,8 @@ class DiscreteVPSDE(AffineSDE):
     App. D), and keeps $\bar\alpha$ monotone for any positive $\beta$ schedule.
 
     Args:
-        betas: ``(N,)`` values in $(0, 1)$; or give
-        alphas_cumprod: ``(N,)`` decreasing values $\bar\alpha_1 \ge \dots \ge \bar\alpha_N$ in $(0, 1)$.
+        betas (Tensor | None): ``(N,)`` values in $(0, 1)$; or give
+        alphas_cumprod (Tensor | None): ``(N,)`` decreasing values $\bar\alpha_1 \ge \dots \ge \bar\alpha_N$ in $(0, 1)$.
         T: end time; step $i$ sits at $iT/N$.
 
     Raises:
@@ -246,7 +246,7 @@ def from_discrete_eps(eps_model: Callable, betas, *, T: float = 1.0, timesteps: 
 
     Args:
         eps_model: ``eps_model(x, u, **kwargs) -> (B, *D)``.
-        betas: ``(N,)`` the training schedule $\beta_1..\beta_N$.
+        betas (Tensor): ``(N,)`` the training schedule $\beta_1..\beta_N$.
         T: end time of the SDE.
         timesteps: ``"continuous"`` or ``"round"``.
         first_step: the model's index of the first noise level (1 or 0, usually).
@@ -300,7 +300,8 @@ def from_denoiser(denoiser: Callable, sigma_min: float, sigma_max: float, *, T: 
 
     Args:
         denoiser: ``D(x, sigma, **kwargs) -> (B, *D)``; ``x`` is unscaled ($m = 1$).
-        sigma_min, sigma_max: the trained noise range (EDM: 0.002 and 80).
+        sigma_min (float): lower end of the trained noise range (EDM: 0.002).
+        sigma_max (float): upper end of the trained noise range (EDM: 80).
         T: end time.
 
     Returns:

@@ -194,16 +194,20 @@ def sample_chunked(sde: SDE, score_fn: Callable, n_samples: int, sample_shape, *
     either written to ``out`` as they finish or collected in memory.
 
     Args:
-        sde, score_fn, method, **sample_options: as for [`sdegen.sample`][sdegen.chunked.sample] (``steps=``, ``eps=``,
+        sde (SDE): the forward SDE, as for [`sdegen.sample`][sdegen.chunked.sample].
+        score_fn (Callable): the score, as for [`sdegen.sample`][sdegen.chunked.sample].
+        method (str): a sampling method name, as for [`sdegen.sample`][sdegen.chunked.sample].
+        **sample_options (Any): further options of [`sdegen.sample`][sdegen.chunked.sample] (``steps=``, ``eps=``,
             method options; not ``generator``/``seeds``/``shape``, which the plan sets).
         n_samples: total number of samples $n$.
-        sample_shape: ``D``, the shape of one sample (e.g. ``(2,)`` or ``(1, 28, 28)``).
+        sample_shape (tuple[int, ...]): ``D``, the shape of one sample (e.g. ``(2,)`` or ``(1, 28, 28)``).
         batch_size: chunk size $b$ (memory is $O(b)$).
         seed: an int in ``[0, 2**24)``.
         noise: ``"per_chunk"`` or ``"per_sample"``.
-        out: ``None`` (return ``samples``) or a ``.npy``/``.npz`` path written in streaming fashion
+        out (str | Path | None): ``None`` (return ``samples``) or a ``.npy``/``.npz`` path written in streaming fashion
             (in ``.npz`` the array is ``"samples"``).
-        device, dtype: where and in which precision the chunks are computed (saved in ``dtype``).
+        device (torch.device | str | None): where the chunks are computed.
+        dtype (torch.dtype | None): precision of the chunks (the file is saved in it too).
         model_kwargs: passed to the score; tensors with leading dimension ``n_samples`` are per-sample
             inputs and are sliced to each chunk (e.g. the labels of all samples).
         chunks: compute only these chunk indices (default all, in order); the distributed sampler

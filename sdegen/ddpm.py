@@ -149,7 +149,7 @@ class DDPM:
     r"""A DDPM forward chain $\beta_1, \dots, \beta_N$ and everything computed from it (final, immutable).
 
     Args:
-        betas: ``(N,)`` noise levels $\beta_i \in (0, 1)$ for steps $i = 1, \dots, N$ (any float
+        betas (Tensor): ``(N,)`` noise levels $\beta_i \in (0, 1)$ for steps $i = 1, \dots, N$ (any float
             sequence; stored as float64).
         T: the forward time of step $N$; step $i$ is at $t_i = iT/N$.
         variance: the reverse-step variance $\sigma_i^2$: ``"posterior"`` (default)
@@ -329,7 +329,7 @@ class DDPM:
         r"""$\mathrm{SNR}_i = \bar\alpha_i / (1 - \bar\alpha_i)$ for steps ``i`` in ``0..N`` ($\mathrm{SNR}_0 = \infty$).
 
         Args:
-            i: an int or an integer tensor of steps. Returns float64 of the same shape (CPU for an
+            i (int | Tensor): an int or an integer tensor of steps. Returns float64 of the same shape (CPU for an
                 int, else ``i``'s device).
         """
         ii = _as_steps(i, 0, self.n_steps, "i")
@@ -373,7 +373,7 @@ class DDPM:
 
         Args:
             x0: ``(B, *D)`` data.
-            i: steps in ``0..N``, an int or ``(B,)`` integer tensor.
+            i (int | Tensor): steps in ``0..N``, an int or ``(B,)`` integer tensor.
             noise: ``(B, *D)`` standard normal draw $\epsilon$.
         """
         check_floating(x0, "x0")
@@ -393,7 +393,7 @@ class DDPM:
         Args:
             x0: ``(B, *D)`` data.
             x_i: ``(B, *D)``, the state at step ``i``.
-            i: steps in ``1..N``, an int or ``(B,)`` integer tensor.
+            i (int | Tensor): steps in ``1..N``, an int or ``(B,)`` integer tensor.
 
         Returns:
             ``(mean, var)``: mean ``(B, *D)``, variance ``(B,)`` (broadcast with ``append_dims``).
@@ -437,7 +437,7 @@ class DDPM:
         Args:
             eps_model: ``eps_model(x, i, **model_kwargs)`` with ``i`` a ``(B,)`` long tensor.
             x_i: ``(B, *D)``.
-            i: steps in ``1..N``.
+            i (int | Tensor): steps in ``1..N``.
 
         Returns:
             ``(mean, var)``: ``(B, *D)`` and ``(B,)``.
@@ -462,7 +462,7 @@ class DDPM:
 
         Args:
             eps_model: ``eps_model(x, i, **model_kwargs)``; ``i`` a ``(B,)`` long tensor of steps.
-            shape: ``(B, *D)``.
+            shape (tuple[int, ...]): ``(B, *D)``.
             generator: source of all randomness.
             device: of the samples (default: the generator's device; or that of ``x_T``).
             dtype: of the samples (default: the default dtype; or that of ``x_T``).
@@ -512,7 +512,7 @@ class DDPM:
 
         Args:
             eps_model: ``eps_model(x, i, **model_kwargs)`` as in [`sample`][sdegen.ddpm.DDPM.sample].
-            shape: ``(B, *D)`` (may be ``None`` when ``x_T`` is given).
+            shape (tuple[int, ...] | None): ``(B, *D)`` (may be ``None`` when ``x_T`` is given).
             steps: S, the number of model evaluations, ``1 <= S <= N``.
             eta: $\eta \ge 0$.
             generator: source of all randomness.

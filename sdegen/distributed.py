@@ -187,13 +187,15 @@ def train_distributed(model, data, *, steps: int, checkpoint_dir=None, seed: int
     one process, or start a fresh directory.
 
     Args:
-        model: [`ScoreModel`][sdegen.parameterization.ScoreModel], same architecture on every rank.
-        data, steps, **train_options: as for [`sdegen.train`][sdegen.training.train].
-        checkpoint_dir: rank 0's checkpoint directory (visible to all ranks for resuming).
+        model (ScoreModel): [`ScoreModel`][sdegen.parameterization.ScoreModel], same architecture on every rank.
+        data (Tensor | tuple[Tensor, Tensor]): as for [`sdegen.train`][sdegen.training.train].
+        steps (int): as for [`sdegen.train`][sdegen.training.train].
+        **train_options (Any): further options of [`sdegen.train`][sdegen.training.train].
+        checkpoint_dir (str | Path | None): rank 0's checkpoint directory (visible to all ranks for resuming).
         seed: base seed.
 
     Returns:
-        The [`TrainResult`][sdegen.training.TrainResult] of this rank (identical weights on every rank).
+        result (TrainResult): the [`TrainResult`][sdegen.training.TrainResult] of this rank (identical weights on every rank).
     """
     from .training import train  # the training stack is only needed here
 

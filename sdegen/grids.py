@@ -155,7 +155,7 @@ def get_grid(name: str | Tensor, sde: SDE, steps: int, eps: float = 1e-3, **opti
         sde: the SDE.
         steps: number of steps.
         eps: final time.
-        **options: grid options (``rho=`` for ``"karras"``).
+        **options (Any): grid options (``rho=`` for ``"karras"``).
 
     Returns:
         ``(steps + 1,)`` float64 CPU tensor, decreasing from ``T`` to ``eps``.

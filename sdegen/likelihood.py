@@ -243,7 +243,8 @@ def log_likelihood(
             ``"hutchinson"`` (``probes`` VJPs per evaluation).
         probes: number of Hutchinson probes per sample, averaged.
         probe_dist: ``"rademacher"`` or ``"gaussian"`` probes.
-        rtol, atol: ODE solver tolerances (on the augmented state).
+        rtol (float): relative ODE solver tolerance (on the augmented state).
+        atol (float): absolute ODE solver tolerance (on the augmented state).
         eps: truncation time $\epsilon \in (0, T)$.
         method: ``"rk45"`` (native), ``"torchdiffeq"`` or ``"scipy"``.
         prior: ``"sde"`` or a callable ``log p_T(x_T) -> (B,)``.
@@ -254,7 +255,7 @@ def log_likelihood(
         per_sample: per-sample step sizes in the native solver (each sample's error is then
             controlled on its own, independent of the rest of the batch).
         model_kwargs: extra keyword arguments for every ``score_fn`` call.
-        **solver_options: passed to the integrator (e.g. ``max_steps=``, ``first_step=`` for rk45,
+        **solver_options (Any): passed to the integrator (e.g. ``max_steps=``, ``first_step=`` for rk45,
             ``solver=`` for the backends).
 
     Returns:
@@ -349,10 +350,16 @@ def encode(sde: SDE, score_fn: Callable[..., Tensor], x: Tensor, *, rtol: float 
     x_T=z)``) inverts it up to the solver tolerance.
 
     Args:
-        sde, score_fn: the SDE and the score (``score_fn(x, t, **model_kwargs)``).
+        sde (SDE): the forward SDE.
+        score_fn (Callable): the score, ``score_fn(x, t, **model_kwargs)``.
         x: ``(B, *D)`` data, read as samples at time ``eps``.
-        rtol, atol, eps, method, per_sample, progress: as in [`log_likelihood`][sdegen.likelihood.log_likelihood].
-        **solver_options: passed to the integrator.
+        rtol (float): as in [`log_likelihood`][sdegen.likelihood.log_likelihood].
+        atol (float): as in [`log_likelihood`][sdegen.likelihood.log_likelihood].
+        eps (float): as in [`log_likelihood`][sdegen.likelihood.log_likelihood].
+        method (str): as in [`log_likelihood`][sdegen.likelihood.log_likelihood].
+        per_sample (bool): as in [`log_likelihood`][sdegen.likelihood.log_likelihood].
+        progress (bool): as in [`log_likelihood`][sdegen.likelihood.log_likelihood].
+        **solver_options (Any): passed to the integrator.
 
     Returns:
         ``(B, *D)`` latents on ``x``'s device and dtype.

@@ -32,12 +32,13 @@ class GaussianMixture:
     r"""Mixture of $K$ Gaussians in $\mathbb R^d$ with full, diagonal or isotropic covariances.
 
     Args:
-        means: ``(K, d)`` component means (a ``(d,)`` tensor means one component).
-        covs: ``(K, d, d)`` symmetric positive-definite covariances, or
-        stds: a float (shared isotropic std), ``(K,)`` (isotropic per component) or ``(K, d)``
+        means (Tensor): ``(K, d)`` component means (a ``(d,)`` tensor means one component).
+        covs (Tensor | None): ``(K, d, d)`` symmetric positive-definite covariances, or
+        stds (float | Tensor | None): a float (shared isotropic std), ``(K,)`` (isotropic per component) or ``(K, d)``
             (diagonal). Give ``covs`` or ``stds``, not both; neither means identity covariances.
-        weights: ``(K,)`` non-negative, summing to 1 (default uniform).
-        device, dtype: where parameters live (default: those of ``means``; float64 recommended).
+        weights (Tensor | None): ``(K,)`` non-negative, summing to 1 (default uniform).
+        device (torch.device | str | None): where the parameters live (default: that of ``means``).
+        dtype (torch.dtype | None): their precision (default: that of ``means``; float64 recommended).
 
     Raises:
         ValueError: bad shapes, non-positive stds, weights not a probability vector, or a

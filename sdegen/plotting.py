@@ -74,7 +74,7 @@ def density_grid(log_prob: Callable[[torch.Tensor], torch.Tensor], lim: float, n
         n: grid points per axis.
 
     Returns:
-        ``(X, Y, P)`` arrays of shape ``(n, n)`` for ``contour``/``contourf``.
+        grid (tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]): ``(X, Y, P)`` arrays of shape ``(n, n)`` for ``contour``/``contourf``.
     """
     xs = torch.linspace(-lim, lim, n, dtype=torch.float64)
     X, Y = torch.meshgrid(xs, xs, indexing="xy")
@@ -108,7 +108,7 @@ def scatter_panels(panels: Mapping[str, object], *, log_prob=None, lim: float = 
     Args:
         panels: ``{panel title: samples (N, 2)}`` in display order (a ``None`` value leaves the
             panel blank, e.g. a method that does not apply).
-        log_prob: optional target log-density ``(B, 2) -> (B,)`` drawn as contours behind every panel.
+        log_prob (Callable | None): optional target log-density ``(B, 2) -> (B,)`` drawn as contours behind every panel.
         lim: half-width of each square panel.
         ncols: panels per row (default: all in one row).
         max_points: at most this many points per panel (the first ones), so panels stay comparable.
@@ -116,7 +116,7 @@ def scatter_panels(panels: Mapping[str, object], *, log_prob=None, lim: float = 
         row_labels: optional label per row, written left of the row's first panel.
 
     Returns:
-        The figure.
+        fig (matplotlib.figure.Figure): the figure.
     """
     names = list(panels)
     if not names:
@@ -158,13 +158,13 @@ def trajectory_panels(trajectories: Mapping[str, Sequence[tuple[float, object]]]
     Args:
         trajectories: ``{row title: [(t, x), ...]}``, snapshots with ``x`` of shape ``(B, 2)`` as in
             ``SampleResult.trajectory``, ordered from $t = T$ (noise) to $t \approx 0$ (data).
-        log_prob: optional data log-density drawn as contours behind the paths.
+        log_prob (Callable | None): optional data log-density drawn as contours behind the paths.
         lim: half-width of the 2-D window.
         n_paths: number of paths drawn per row (the first ones).
         title: figure title.
 
     Returns:
-        The figure.
+        fig (matplotlib.figure.Figure): the figure.
     """
     if not trajectories:
         raise ValueError("trajectories must name at least one trajectory, got an empty mapping")
@@ -205,7 +205,7 @@ def loss_curve(losses: Sequence[float], *, title: str | None = None, smooth: int
     """Training loss per step (light) and its running mean over ``smooth`` steps (dark).
 
     Returns:
-        The figure.
+        fig (matplotlib.figure.Figure): the figure.
     """
     y = np.asarray(losses, dtype=np.float64)
     if y.ndim != 1 or y.size == 0:
@@ -232,7 +232,7 @@ def sample_grid(images, *, nrow: int | None = None, value_range: tuple[float, fl
     r"""A grid of images ``(N, C, H, W)`` (C = 1 or 3), scaled from ``value_range`` to [0, 1].
 
     Returns:
-        The figure.
+        fig (matplotlib.figure.Figure): the figure.
     """
     arr = to_numpy(images)
     if arr.ndim != 4 or arr.shape[1] not in (1, 3):
@@ -274,7 +274,7 @@ def error_vs_nfe(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], 
         logy: log scale on the error axis.
 
     Returns:
-        The figure.
+        fig (matplotlib.figure.Figure): the figure.
     """
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(7.2, 3.8))

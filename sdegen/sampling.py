@@ -464,23 +464,24 @@ def sample(sde: SDE, score_fn: Callable[..., Tensor], shape, *, method: str, ste
     Args:
         sde: the forward SDE.
         score_fn: ``score_fn(x, t, **model_kwargs)`` returning a tensor shaped like ``x``.
-        shape: ``(B, *D)``; may be ``None`` when ``x_T`` is given.
+        shape (tuple[int, ...] | None): ``(B, *D)``; may be ``None`` when ``x_T`` is given.
         method: a key of [`METHODS`][sdegen.sampling.METHODS].
         steps: number of steps of fixed-grid methods (default 1000); adaptive methods take none.
         eps: final time, in ``(0, T)``.
         generator: source of every random draw (same state, same samples).
-        device, dtype: of the samples (default: ``x_T``'s, else the generator's device and the
+        device (torch.device | str | None): of the samples (default: ``x_T``'s, else the generator's device).
+        dtype (torch.dtype | None): of the samples (default: ``x_T``'s, else the
             default dtype); float32 or float64.
         progress: show a tqdm bar with the current ``t``.
         return_trajectory: ``True`` keeps every state, an int ``k`` every k-th (bounded memory).
         x_T: start from this ``(B, *D)`` tensor instead of a prior draw.
         model_kwargs: keyword arguments passed to every ``score_fn`` call (e.g. class labels).
-        seeds: optional per-sample noise making sample ``k`` independent of its batch-mates: an int
+        seeds (int | Sequence[int] | object | None): optional per-sample noise making sample ``k`` independent of its batch-mates: an int
             offset (sample ``k`` uses seed ``offset + k``), a sequence of ints (one per sample), or
             an object with ``prior(shape, device, dtype)`` and ``__call__(i)`` such as
             `sdegen.PerSampleNoise`. Fixed-grid methods then give sample ``k`` bitwise the
             same whatever the batch; adaptive methods only with per-sample step control.
-        **method_options: the method's options (unknown ones are an error listing the valid ones).
+        **method_options (Any): the method's options (unknown ones are an error listing the valid ones).
 
     Returns:
         [`SampleResult`][sdegen.sampling.SampleResult] with ``samples`` ``(B, *D)``, ``nfe`` (counted score calls), ``trajectory``

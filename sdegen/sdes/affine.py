@@ -99,7 +99,7 @@ class AffineSDE(SDE):
         r"""Transition kernel from 0: $x_t \mid x_0 \sim \mathcal N(m(t)\,x_0,\ s(t)^2 I)$.
 
         Args:
-            t: ``(B,)`` (or a float), in ``[0, T]``.
+            t (Tensor | float): ``(B,)`` (or a float), in ``[0, T]``.
 
         Returns:
             ``(mean_coef, std)``, each ``(B,)``, on ``t``'s device and dtype.

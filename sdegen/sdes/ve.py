@@ -29,7 +29,8 @@ class VESDE(AffineSDE):
     r"""VE SDE $dx = \sigma(t)\sqrt{2\log(\sigma_\max/\sigma_\min)/T}\,dw$ (final class).
 
     Args:
-        sigma_min, sigma_max: noise levels at $t=0$ and $t=T$, ``0 < sigma_min < sigma_max``.
+        sigma_min (float): noise level at $t=0$, ``0 < sigma_min < sigma_max``.
+        sigma_max (float): noise level at $t=T$.
         T: end time.
     """
 

@@ -61,7 +61,8 @@ class VPSDE(_LinearBeta):
     r"""VP SDE $dx = -\tfrac12\beta(t)x\,dt + \sqrt{\beta(t)}\,dw$, the continuous DDPM (final class).
 
     Args:
-        beta_min, beta_max: $\beta(0)$ and $\beta(T)$, positive, ``beta_max >= beta_min``.
+        beta_min (float): $\beta(0)$, positive.
+        beta_max (float): $\beta(T)$, ``beta_max >= beta_min``.
         T: end time.
     """
 

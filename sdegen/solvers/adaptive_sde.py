@@ -46,11 +46,13 @@ class AdaptiveSDE:
     r"""Options of the adaptive EM / improved-Euler pair (see the module docstring for the rule).
 
     Args:
-        rtol, atol: relative and absolute tolerance of the mixed error scale $\delta$.
+        rtol (float): relative tolerance of the mixed error scale $\delta$.
+        atol (float): absolute tolerance of the mixed error scale $\delta$.
         h_init: first step size (paper: 0.01 for $T = 1$).
         safety: $\theta$ in $\theta E^{-r}$.
         exponent: $r$ (1/2 is classical for a local error of order 3/2; the paper prefers 0.9).
-        min_factor, max_factor: bounds on the step-size change per attempt.
+        min_factor (float): lower bound on the step-size change per attempt.
+        max_factor (float): upper bound on the step-size change per attempt.
         per_sample: one step size per sample (a stiff sample does not slow the others; each score
             call then sees only the samples still running).
         max_steps: at most this many attempted steps (then [`StepSizeError`][sdegen.solvers.adaptive_sde.StepSizeError]).
@@ -155,7 +157,8 @@ def adaptive_sde_integrate(
         opts: the solver options ([`AdaptiveSDE`][sdegen.solvers.adaptive_sde.AdaptiveSDE]).
         dyn: the SDE and the counted score.
         x: ``(B, *D)`` state at ``t_start``.
-        t_start, t_end: ``t_start > t_end > 0``.
+        t_start (float): start time, ``t_start > t_end``.
+        t_end (float): end time, ``t_end > 0``.
         generator: source of the unit Gaussian draws (one ``x``-shaped draw per attempt).
         noise: optional ``noise(k)``: the k-th unit draw shaped like ``x`` (per-sample seeds); replaces
             ``generator``.

@@ -76,11 +76,13 @@ def torchdiffeq_integrate(fn: Callable[[Tensor, Tensor], Tensor], y0: Tensor, t0
     Args:
         fn: ``fn(y, t) -> dy/dt``; ``y`` ``(B, *D)``, ``t`` ``(B,)``.
         y0: ``(B, *D)``.
-        t0, t1: start and end time.
+        t0 (float): start time.
+        t1 (float): end time.
         solver: a torchdiffeq method name (``"dopri5"``, ``"dopri8"``, ``"bosh3"``, ``"rk4"``,
             ``"euler"``, ...).
-        rtol, atol: tolerances of the adaptive methods.
-        **opts: passed as torchdiffeq's ``options`` dict (e.g. ``step_size=`` for fixed-grid methods,
+        rtol (float): relative tolerance of the adaptive methods.
+        atol (float): absolute tolerance of the adaptive methods.
+        **opts (Any): passed as torchdiffeq's ``options`` dict (e.g. ``step_size=`` for fixed-grid methods,
             ``first_step=``, ``max_num_steps=``).
 
     Returns:
@@ -132,10 +134,12 @@ def scipy_integrate(fn: Callable[[Tensor, Tensor], Tensor], y0: Tensor, t0: floa
     Args:
         fn: ``fn(y, t) -> dy/dt``; ``y`` ``(B, *D)``, ``t`` ``(B,)``.
         y0: ``(B, *D)``.
-        t0, t1: start and end time (``t1 < t0`` allowed).
+        t0 (float): start time.
+        t1 (float): end time (``t1 < t0`` allowed).
         solver: one of `SCIPY_SOLVERS`.
-        rtol, atol: tolerances.
-        **opts: passed to ``solve_ivp`` (e.g. ``first_step=``, ``max_step=``).
+        rtol (float): relative tolerance.
+        atol (float): absolute tolerance.
+        **opts (Any): passed to ``solve_ivp`` (e.g. ``first_step=``, ``max_step=``).
 
     Returns:
         ``(y1, stats)``, ``stats`` with ``nfe_solver`` (calls of ``fn``), scipy's ``nfev``, ``njev``,
@@ -218,12 +222,13 @@ def torchsde_integrate(drift: Callable[[Tensor, Tensor], Tensor], diffusion: Cal
         drift: ``b(x, t)``, ``x`` ``(B, *D)``, ``t`` ``(B,)`` in forward time.
         diffusion: ``g(t) -> (B,)``.
         y0: ``(B, *D)`` start state (at ``t0``).
-        t0, t1: start and end time.
+        t0 (float): start time.
+        t1 (float): end time.
         solver: one of `TORCHSDE_SOLVERS` (``"srk"`` uses a space-time Lévy-area Brownian
             interval).
         steps: number of fixed steps, $\Delta s = |t_1 - t_0| / \text{steps}$.
         generator: source of the Brownian path's seed.
-        **opts: passed to ``sdeint`` (e.g. ``options=``), except ``levy_area_approximation`` which
+        **opts (Any): passed to ``sdeint`` (e.g. ``options=``), except ``levy_area_approximation`` which
             goes to the Brownian interval.
 
     Returns:

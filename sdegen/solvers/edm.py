@@ -62,7 +62,10 @@ class HeunKarras(AbstractFixedGridSolver):
     Args:
         n_steps: number of grid steps $N$ (for $\gamma$ and to recognise the last step); ``None``
             disables ``final_euler`` and requires ``s_churn == 0``.
-        s_churn, s_tmin, s_tmax, s_noise: EDM's churn parameters ($\sigma$ units for tmin/tmax).
+        s_churn (float): EDM's churn amount $S_\text{churn}$ (0: deterministic).
+        s_tmin (float): churn only where $\sigma \ge S_\text{tmin}$ ($\sigma$ units).
+        s_tmax (float): churn only where $\sigma \le S_\text{tmax}$ ($\sigma$ units).
+        s_noise (float): scale $S_\text{noise}$ of the added churn noise.
         final_euler: take an Euler step on the last step (saves one evaluation).
     """
 

@@ -202,6 +202,7 @@ def _check_args(y0, t0, t1, rtol, atol, max_steps, first_step):
     check_floating(y0, "y0")
     if y0.ndim < 1 or y0.shape[0] < 1:
         raise ValueError(f"y0 must have shape (B, *D) with B >= 1, got {tuple(y0.shape)}")
+    check_finite_state(y0, "y0")
     for name, v in (("t0", t0), ("t1", t1)):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
             raise TypeError(f"{name} must be a finite Python float, got {v!r}")
@@ -264,8 +265,10 @@ def rk45_integrate(
             When ``y0`` or ``fn``'s output requires grad (and grad mode is on), every stage is a
             fresh tensor and the solve is differentiable.
         y0: initial state ``(B, *D)``; the result keeps its device and dtype.
-        t0, t1: start and end time (Python floats).
-        rtol, atol: relative and absolute tolerances of the error test.
+        t0 (float): start time.
+        t1 (float): end time.
+        rtol (float): relative tolerance of the error test.
+        atol (float): absolute tolerance of the error test.
         first_step: initial ``|h|``; default: Hairer–Wanner's automatic choice.
         max_steps: maximum number of attempted steps (accepted + rejected).
         safety: controller safety factor (ignored when ``controller`` is given).
@@ -306,6 +309,8 @@ def rk45_integrate(
         if not isinstance(out, Tensor) or out.shape != y.shape:
             raise ValueError(f"fn(y, t) must return a tensor shaped like y {tuple(y.shape)}, "
                              f"got {tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
+        if out.dtype is not y.dtype:
+            raise TypeError(f"fn(y, t) must return y's dtype {y.dtype}, got {out.dtype}")
         return out
 
     run = _integrate_per_sample if per_sample else _integrate_batched
@@ -354,13 +359,15 @@ class _ListStepper:
     def __init__(self, f: ODEFn, tab: ButcherTableau, y0: Tensor, k1: Tensor, rtol: float, atol: float):
         self.f, self.tab, self.rtol, self.atol = f, tab, rtol, atol
         self.y, self.k1 = y0, k1
+        self.err: Tensor | None = None
 
     def attempt(self, t: float, dt: float) -> Tensor:
         """Try a step of ``dt`` from ``t``; returns the (unscaled by ``|dt|``) error norm, 0-d."""
         y = self.y
         tt = torch.full((y.shape[0],), t, device=y.device, dtype=y.dtype)
         self.y_new, err_sum, self.k_last = _rk_step(self.f, self.tab, y, self.k1, tt, dt, dt)
-        return torch.linalg.vector_norm(_scaled(err_sum, y, self.y_new, self.rtol, self.atol)).detach()
+        self.err = _scaled(err_sum, y, self.y_new, self.rtol, self.atol).detach()
+        return torch.linalg.vector_norm(self.err)
 
     def accept(self, t_new: float) -> None:
         self.y = self.y_new
@@ -369,6 +376,10 @@ class _ListStepper:
 
     def k1_finite(self) -> bool:
         return bool(torch.isfinite(self.k1).all())
+
+    def bad_sample(self) -> int | None:
+        """First sample whose initial derivative or last error estimate is non-finite (error path only)."""
+        return _first_bad_sample(self.k1, self.err)
 
     def state(self) -> Tensor:
         return self.y
@@ -454,8 +465,43 @@ class _BufferStepper:
     def k1_finite(self) -> bool:
         return bool(torch.isfinite(self.K[0]).all())
 
+    def bad_sample(self) -> int | None:
+        """First sample whose initial derivative or last error estimate is non-finite (error path only)."""
+        return _first_bad_sample(self.K[0].view(self.shape), self.err.view(self.shape))
+
     def state(self) -> Tensor:
         return self.y.view(self.shape)
+
+
+def _first_bad_sample(*tensors: Tensor | None) -> int | None:
+    """Index of the first sample with a NaN/inf entry in the first tensor that has one (error path only)."""
+    for v in tensors:
+        if v is None:
+            continue
+        bad = ~torch.isfinite(v.reshape(v.shape[0], -1)).all(1)
+        if bool(bad.any()):
+            return int(torch.nonzero(bad)[0])
+    return None
+
+
+def check_finite_state(y: Tensor, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` and the first bad sample if ``y`` has NaN/inf entries.
+
+    One host read, made once at a solver's entry (not per step): a non-finite start state is bad
+    input, and is reported as such instead of as a non-finite score later.
+    """
+    if not bool(torch.isfinite(y).all()):
+        raise ValueError(f"{name} contains NaN/inf (first in sample {_first_bad_sample(y)}); the start state "
+                         "must be finite")
+
+
+def _nonfinite_start(fn_name: str, k1: Tensor, y0: Tensor, t0: float) -> NonFiniteError:
+    """The error for a start where the derivative (or the first-step probe) is NaN/inf."""
+    i = _first_bad_sample(k1)
+    where = (f"fn(y0, t0) is NaN/inf for sample {i}" if i is not None
+             else "the first-step probe f(y0 + h0 f0, t0 + h0) is NaN/inf")
+    return NonFiniteError(f"{fn_name}: {where} at t={t0:.6g} (step 0); the score function likely returns "
+                          "NaN/inf there", step=0, t=t0, x=y0, sample=i, x_t=t0)
 
 
 def _integrate_batched(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl, tab, progress, record_every,
@@ -470,8 +516,11 @@ def _integrate_batched(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl, t
     if first_step is None:
         # One host read at start-up (not per step).
         with torch.no_grad():  # step-size heuristics are not differentiated
-            h = float(initial_step_size(f, y0, t_vec, k1, direction, tab.order, rtol, atol, per_sample=False,
-                                        span=span))
+            h0 = initial_step_size(f, y0, t_vec, k1, direction, tab.order, rtol, atol, per_sample=False, span=span)
+            # One host read at start-up (not per step): the first step and whether f(y0) is finite.
+            h, k1_ok = torch.stack([h0.to(k1.dtype), torch.isfinite(k1).all().to(k1.dtype)]).tolist()
+        if not (k1_ok and math.isfinite(h)):
+            raise _nonfinite_start("rk45", k1, y0, t0)
     else:
         h = float(first_step)
     h = min(h, span)
@@ -495,9 +544,11 @@ def _integrate_batched(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl, t
                 h = remaining
             if h <= 16 * math.ulp(max(abs(t), abs(t1), 1e-300)):
                 if nonfinite_rejection:
-                    raise NonFiniteError(f"rk45: fn returned non-finite values just after t={t:.6g} (the step size "
-                                         f"shrank to {direction * h:.3g} without avoiding them)",
-                                         step=stats["accepted"], t=t, x=stepper.state().clone())
+                    i = stepper.bad_sample()
+                    raise NonFiniteError(f"rk45: fn returned non-finite values for sample {i} just after t={t:.6g} "
+                                         f"(step {stats['accepted']}; the step size shrank to {direction * h:.3g} "
+                                         "without avoiding them)", step=stats["accepted"], t=t,
+                                         x=stepper.state().clone(), sample=i, x_t=t)
                 raise StepSizeError(f"rk45: step size underflow at t={t:.6g} (dt={direction * h:.3g}); the ODE is too "
                                     f"stiff for the tolerances rtol={rtol}, atol={atol}", t=t, dt=direction * h,
                                     x=stepper.state().clone(), steps=attempts)
@@ -507,8 +558,10 @@ def _integrate_batched(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl, t
             # error norm on the host (it decides whether and how far the loop continues).
             err_norm = float(stepper.attempt(t, dt)) * h / root_n
             if not math.isfinite(err_norm) and not stepper.k1_finite():
-                raise NonFiniteError(f"rk45: fn returned non-finite values at t={t:.6g}", step=stats["accepted"],
-                                     t=t, x=stepper.state().clone())
+                i = stepper.bad_sample()
+                raise NonFiniteError(f"rk45: fn returned non-finite values for sample {i} at t={t:.6g} (step "
+                                     f"{stats['accepted']})", step=stats["accepted"], t=t, x=stepper.state().clone(),
+                                     sample=i, x_t=t)
             accepted = err_norm <= 1.0
             nonfinite_rejection = not math.isfinite(err_norm)
             fac = ctrl.factor(err_norm, prev_err, q, accepted)
@@ -550,7 +603,12 @@ def _integrate_per_sample(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl
     else:
         h = torch.full((B,), float(first_step), device=dev, dtype=dt_)
     h = h.clamp_max(abs(t1 - t0))
-    stats["first_step"] = h.detach().to("cpu")
+    # One host read at start-up: the first steps (a stat) and whether they and f(y0) are finite. A NaN
+    # step would make NaN stage times, which the score would report as an out-of-range t.
+    first = torch.stack([h.detach(), torch.isfinite(k1.detach().reshape(B, -1)).all(1).to(dt_)]).to("cpu")
+    stats["first_step"] = first[0]
+    if not bool((first[1] > 0).all() and torch.isfinite(first[0]).all()):
+        raise _nonfinite_start("rk45", k1, y0, t0)
     prev_err = torch.ones(B, device=dev, dtype=dt_)
     n_acc = torch.zeros(B, device=dev, dtype=torch.long)
     n_rej = torch.zeros(B, device=dev, dtype=torch.long)
@@ -598,8 +656,8 @@ def _integrate_per_sample(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl
                 i = int(torch.nonzero(bad if flags[2] else underflow)[0])  # error path only
                 ti, dti = float(t[i]), float(dt[i])
                 if flags[2]:
-                    raise NonFiniteError(f"rk45: fn returned non-finite values for sample {i} at t={ti:.6g}",
-                                         step=int(n_acc[i]), t=ti, x=y)
+                    raise NonFiniteError(f"rk45: fn returned non-finite values for sample {i} at t={ti:.6g} "
+                                         f"(its step {int(n_acc[i])})", step=int(n_acc[i]), t=ti, x=y, sample=i)
                 raise StepSizeError(f"rk45: step size underflow for sample {i} at t={ti:.6g} (dt={dti:.3g}); the "
                                     f"ODE is too stiff for rtol={rtol}, atol={atol}", t=t.detach().clone(),
                                     dt=dt.detach().clone(), x=y, steps=it)

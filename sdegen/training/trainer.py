@@ -173,21 +173,29 @@ def train(model: ScoreModel, data, *, steps: int, batch_size: int = 128, lr: flo
 
     Args:
         model: a [`ScoreModel`][sdegen.parameterization.ScoreModel]; trained in place.
-        data: ``(N, *D)`` tensor, or ``(x, y)`` with integer labels ``y`` ``(N,)`` passed as ``y=``.
+        data (Tensor | tuple[Tensor, Tensor]): ``(N, *D)`` tensor, or ``(x, y)`` with integer labels ``y`` ``(N,)`` passed as ``y=``.
         steps: total number of optimisation steps.
-        batch_size, lr: batch size and peak learning rate.
+        batch_size (int): batch size.
+        lr (float): peak learning rate.
         ema: EMA decay, or ``None`` for no EMA.
-        checkpoint_dir, checkpoint_every, keep: where, how often, how many checkpoints to keep (>= 2
+        checkpoint_dir (str | Path | None): where checkpoints are written (``None``: none).
+        checkpoint_every (int): steps between checkpoints.
+        keep (int): how many checkpoints to keep (>= 2
             keeps a previous good one).
         optimizer: ``"adam"`` or ``"adamw"`` (with ``weight_decay``).
         grad_clip: max global gradient norm, or ``None``.
         warmup: linear learning-rate warm-up steps.
         seed: seed of every random draw of the loop.
-        loss, weighting, eps, reduce, n_levels, n_steps: the loss and its options (see above).
+        loss (str): the loss (see above).
+        weighting (str): its weighting (see above).
+        eps (float): smallest training time (see above).
+        reduce (str): how per-sample losses are reduced (see above).
+        n_levels (int | None): number of noise levels of the SMLD loss (see above).
+        n_steps (int | None): number of steps of the DDPM loss (see above).
         cond_drop: probability of replacing a label with the net's ``null_label`` (classifier-free
             guidance training, Ho & Salimans 2022).
         progress: show a tqdm bar with the running loss.
-        log_file: JSONL (or ``.csv``) log of step, loss and learning rate.
+        log_file (str | Path | None): JSONL (or ``.csv``) log of step, loss and learning rate.
         log_every: steps between reads of the loss (each read synchronises with the device).
         resume: continue from an existing checkpoint in ``checkpoint_dir``.
         callback: ``callback(step, model)`` after each step (e.g. for tests or custom logging).
