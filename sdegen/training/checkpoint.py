@@ -234,9 +234,10 @@ def load(checkpoint_dir, *, ema: bool = True, net: nn.Module | None = None, sde=
     ``sde=``. Weights are verified against the recorded sha256.
 
     Args:
-        checkpoint_dir: the directory given to ``train(checkpoint_dir=...)``.
+        checkpoint_dir (str | Path): the directory given to ``train(checkpoint_dir=...)``.
         ema: load the EMA weights when the checkpoint has them (the ones to sample with).
-        net, sde: objects to use instead of rebuilding them.
+        net (torch.nn.Module | None): a network to use instead of rebuilding it.
+        sde (SDE | None): an SDE to use instead of rebuilding it.
         device: where to put the model (default CPU).
 
     Returns:
