@@ -269,15 +269,26 @@ _TOL = {"rtol": 1e-5, "atol": 1e-5}
 _GRID = {"grid": "uniform"}
 
 
-#: Every sampling method by name. Runners take a `RunContext` and the method's options.
-METHODS: dict[str, MethodSpec] = {
+class MethodTable(dict):
+    """A plain ``dict`` of [`MethodSpec`][sdegen.sampling.MethodSpec] whose repr lists names and docs.
+
+    ``print(sdegen.METHODS)`` then reads as a table instead of a wall of runner reprs.
+    """
+
+    def __repr__(self) -> str:
+        width = max(map(len, self), default=0)
+        rows = "\n".join(f"  {name:<{width}}  {spec.doc}" for name, spec in self.items())
+        return f"{len(self)} sampling methods (sdegen.METHODS[name] is a MethodSpec):\n{rows}"
+
+
+METHODS: MethodTable = MethodTable({
     "euler_maruyama": MethodSpec(_fixed_grid_runner(_PREDICTORS["euler_maruyama"], grid_option=True),
                                  reverse_sde=True, options=_GRID,
                                  doc="reverse SDE, Euler–Maruyama (strong order 1 for additive noise)"),
     "reverse_diffusion": MethodSpec(_fixed_grid_runner(_PREDICTORS["reverse_diffusion"], grid_option=True),
                                     reverse_sde=True, options=_GRID,
                                     doc="reverse SDE, the SDE's own discretization reversed (Song et al. eq. 47)"),
-    "ancestral": MethodSpec(_fixed_grid_runner(_build_ancestral), reverse_sde=True,
+    "ancestral": MethodSpec(_fixed_grid_runner(_build_ancestral), reverse_sde=True, options={"eta": None},
                             doc="ancestral posterior sampling (VP: exactly DDPM; VE: SMLD)"),
     "pc": MethodSpec(_fixed_grid_runner(_build_pc, grid_option=True), reverse_sde=True,
                      options={"predictor": "reverse_diffusion", "corrector": "langevin", "snr": 0.16,
