@@ -319,7 +319,10 @@ METHODS: MethodTable = MethodTable({
                              doc="probability-flow ODE, DPM-Solver/DPM-Solver++ multistep, orders 1-3"),
     "adaptive_sde": MethodSpec(run_adaptive_sde, options=ADAPTIVE_SDE_OPTIONS, reverse_sde=True, fixed_grid=False,
                                default_steps=None, doc="reverse SDE, adaptive EM/improved-Euler pair with rtol/atol"),
-}
+})
+"""Every sampling method by name: a dict of [`MethodSpec`][sdegen.sampling.MethodSpec] (runner, options
+and their defaults, one-line doc). Runners take a `RunContext` and the method's options. The guide
+[Choosing a sampler](../samplers.md) compares them; ``print(sdegen.METHODS)`` lists them."""
 
 
 # ---------------------------------------------------------------------------------------------- validation
