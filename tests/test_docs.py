@@ -66,10 +66,58 @@ def test_sampler_guide_covers_every_method():
     assert not missing, f"docs/samplers.md does not describe {missing}"
 
 
-def test_site_builds_strictly(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+# A Sphinx role such as :class:`X` is not Markdown: mkdocstrings prints it literally. Write
+# [`X`][sdegen.module.X] (resolved by autorefs) or plain `X` instead.
+SPHINX_ROLE = re.compile(r":(?:py:)?(?:class|func|meth|data|mod|attr|obj|exc|const|ref|math):`")
+# After Markdown, a role's backticks have become <code>; catch both spellings in the built HTML.
+SPHINX_ROLE_HTML = re.compile(r":(?:py:)?(?:class|func|meth|data|mod|attr|obj|exc|const|ref|math):(?:`|<code>)")
+
+
+def test_no_sphinx_roles_in_docstrings():
+    hits = []
+    for path in sorted((ROOT / "sdegen").rglob("*.py")):
+        for no, line in enumerate(path.read_text().splitlines(), 1):
+            if SPHINX_ROLE.search(line):
+                hits.append(f"{path.relative_to(ROOT)}:{no}: {line.strip()}")
+    assert not hits, "Sphinx roles render literally; use [`X`][sdegen.path.X]:\n" + "\n".join(hits)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """Build the site once, strictly and without -q, so every warning reaches stderr."""
+    out = tmp_path_factory.mktemp("site")
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return proc, out
+
+
+def test_site_builds_strictly(site):
+    proc, out = site
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "WARNING" not in proc.stderr, proc.stderr[-3000:]
-    html = (tmp_path / "site" / "theory" / "index.html").read_text()
+    warnings = [line for line in proc.stderr.splitlines() if "WARNING" in line]
+    assert not warnings, "\n".join(warnings[:50])
+    html = (out / "theory" / "index.html").read_text()
     assert html.count('class="arithmatex"') > 50          # the mathematics is marked up for MathJax
+
+
+def test_site_has_no_literal_sphinx_roles(site):
+    _, out = site
+    hits = [f"{page.relative_to(out)}: ...{m.string[max(m.start() - 60, 0):m.end() + 60]}..."
+            for page in sorted(out.rglob("*.html")) for m in SPHINX_ROLE_HTML.finditer(page.read_text())]
+    assert not hits, "\n".join(hits[:20])
+
+
+def test_site_loads_nothing_from_the_network(site):
+    """Formulas and code must render offline: every script and stylesheet is served by the site."""
+    _, out = site
+    external = re.compile(r"<(?:script|img)\b[^>]*\bsrc=[\"']?(?:https?:)?//|"
+                          r"<link\b[^>]*\brel=[\"']?stylesheet[^>]*\bhref=[\"']?(?:https?:)?//|"
+                          r"<link\b[^>]*\bhref=[\"']?(?:https?:)?//[^>]*\brel=[\"']?stylesheet", re.I)
+    hits = [f"{page.relative_to(out)}: {m.group(0)}" for page in sorted(out.rglob("*.html"))
+            for m in external.finditer(page.read_text())]
+    assert not hits, "\n".join(sorted(set(hits))[:20])
+    theory = (out / "theory" / "index.html").read_text()
+    scripts = re.findall(r"<script\b[^>]*\bsrc=\"([^\"]+)\"", theory)
+    mathjax = [s for s in scripts if s.endswith("mathjax/tex-svg-full.js")]
+    assert mathjax, f"the theory page loads no MathJax; its scripts: {scripts}"
+    assert (out / "theory" / mathjax[0]).resolve().stat().st_size > 1_000_000   # the whole renderer
