@@ -123,6 +123,15 @@ class _Classifier:
         if not isinstance(grad, Tensor) or grad.shape != x.shape:
             raise ValueError(f"the classifier gradient must be shaped like x {tuple(x.shape)}, "
                              f"got {getattr(grad, 'shape', type(grad).__name__)}")
+        if x.requires_grad and torch.is_grad_enabled() and not grad.requires_grad and self.scale != 0:
+            # The caller differentiates the guided score in x (log_likelihood's divergence): a detached
+            # guidance term would silently drop its Jacobian, the Hessian of log p_t(y | x).
+            raise ValueError(
+                "the classifier gradient grad_log_prob(x, t) is detached from x (requires_grad=False: "
+                "computed under torch.no_grad(), from x.detach(), with .detach(), or through numpy) while the "
+                "guided score is being differentiated in x (e.g. by log_likelihood); its derivative would be "
+                "silently missing. Build it with sdegen.guidance.classifier_grad(log_prob), which keeps it "
+                "differentiable (create_graph), or return a gradient computed with create_graph=True.")
         return self.score_fn(x, t, **model_kwargs) + self.scale * grad
 
 
@@ -141,7 +150,10 @@ def classifier(score_fn: Callable, grad_log_prob: Callable, scale: float = 1.0) 
         scale: guidance scale $w$.
 
     Returns:
-        A score function (both callables receive the same ``model_kwargs``).
+        A score function (both callables receive the same ``model_kwargs``). When it is differentiated
+        in ``x`` (``log_likelihood``), a ``grad_log_prob`` output that is detached from ``x`` is refused
+        with ``ValueError`` rather than silently dropping its Jacobian;
+        [`classifier_grad`][sdegen.guidance.classifier_grad] keeps it differentiable.
     """
     if not callable(score_fn):
         raise TypeError(f"score_fn must be callable, got {type(score_fn).__name__}")
@@ -157,15 +169,31 @@ class _AutogradGrad:
         self.log_prob = log_prob
 
     def __call__(self, x: Tensor, t: Tensor, **model_kwargs: Any) -> Tensor:
-        # Samplers run under torch.no_grad(); the gradient needs a local graph.
+        if x.requires_grad and torch.is_grad_enabled():
+            # The caller differentiates the guided score in x (log_likelihood): keep the graph of the
+            # gradient (create_graph) so that its Jacobian, the Hessian of log p_t(y | x), is not lost.
+            lp = self._log_prob(x, t, model_kwargs)
+            if not lp.requires_grad:
+                raise ValueError("log_prob(x, t) does not depend on x through autograd (computed under "
+                                 "torch.no_grad(), from x.detach(), or through numpy); its gradient is unknown")
+            (grad,) = torch.autograd.grad(lp.sum(), x, create_graph=True)
+            return grad
+        # Samplers run under torch.no_grad(); the gradient needs a local graph, discarded afterwards.
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
-            lp = self.log_prob(xg, t, **model_kwargs)
-            if not isinstance(lp, Tensor) or lp.shape != (x.shape[0],):
-                raise ValueError(f"log_prob must return shape ({x.shape[0]},), "
-                                 f"got {getattr(lp, 'shape', type(lp).__name__)}")
+            lp = self._log_prob(xg, t, model_kwargs)
+            if not lp.requires_grad:
+                raise ValueError("log_prob(x, t) does not depend on x through autograd (computed under "
+                                 "torch.no_grad(), from x.detach(), or through numpy); its gradient is unknown")
             (grad,) = torch.autograd.grad(lp.sum(), xg)
         return grad.detach()
+
+    def _log_prob(self, x: Tensor, t: Tensor, model_kwargs: dict) -> Tensor:
+        lp = self.log_prob(x, t, **model_kwargs)
+        if not isinstance(lp, Tensor) or lp.shape != (x.shape[0],):
+            raise ValueError(f"log_prob must return shape ({x.shape[0]},), "
+                             f"got {getattr(lp, 'shape', type(lp).__name__)}")
+        return lp
 
 
 def classifier_grad(log_prob: Callable) -> Callable:
@@ -173,7 +201,20 @@ def classifier_grad(log_prob: Callable) -> Callable:
 
     Per-sample log-probabilities are summed before differentiating, which gives each sample its own
     gradient because sample $b$'s term depends only on $x_b$. Works inside samplers (which run
-    under ``torch.no_grad()``): the graph is built locally and discarded.
+    under ``torch.no_grad()``): the graph is built locally and discarded. When the caller itself
+    differentiates in $x$ ([`log_likelihood`][sdegen.likelihood.log_likelihood]: ``x`` requires grad
+    under enabled autograd) the gradient keeps its graph (``create_graph=True``), so the guided score
+    stays differentiable and its divergence includes $\nabla_x^2\log p_t(y \mid x)$.
+
+    Args:
+        log_prob: ``log_prob(x, t, **model_kwargs) -> (B,)``, built from ``x`` with torch operations.
+
+    Returns:
+        ``grad(x, t, **model_kwargs) -> (B, *D)``.
+
+    Raises:
+        TypeError: ``log_prob`` not callable. (At call time, ``ValueError`` when ``log_prob``'s output
+            does not depend on ``x`` through autograd.)
     """
     if not callable(log_prob):
         raise TypeError(f"log_prob must be callable log_prob(x, t, **kwargs), got {type(log_prob).__name__}")

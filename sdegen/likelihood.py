@@ -125,6 +125,44 @@ def _resolve_prior(sde: SDE, prior) -> Callable[[Tensor], Tensor]:
     raise TypeError(f"prior must be 'sde' or a callable log p_T(x) -> (B,), got {type(prior).__name__}")
 
 
+# ---------------------------------------------------------------------------------------------- differentiability
+_CUT_MESSAGE = (
+    "score_fn's output does not depend on x through autograd{detail}: it was computed under "
+    "torch.no_grad(), from x.detach(), or through numpy (or another library outside torch). "
+    "log_likelihood needs the derivative d score / d x for the divergence of the probability-flow "
+    "drift and would return a wrong log p without it. Compute the score from x with torch operations "
+    "and autograd enabled (a guided score: sdegen.guidance.classifier_grad keeps its term differentiable); "
+    "a score that is truly constant in x can be returned as c + 0 * x.")
+
+
+class _DifferentiableScore:
+    r"""Wrap a score function and refuse an output cut from the autograd graph of ``x`` (final class).
+
+    Checked whenever ``x`` requires grad under enabled autograd (the likelihood's divergence
+    evaluations): the output must require grad (free: a flag, no device sync), and on the first such
+    call it must reach ``x`` in the graph, one extra vector-Jacobian product with ``allow_unused``
+    (an output that requires grad only through model parameters, from ``x.detach()``, does not).
+    """
+
+    def __init__(self, score_fn: Callable[..., Tensor]):
+        self.score_fn = score_fn
+        self.checked = False
+
+    def __call__(self, x: Tensor, t: Tensor, **model_kwargs) -> Tensor:
+        out = self.score_fn(x, t, **model_kwargs)
+        if not (isinstance(out, Tensor) and x.requires_grad and torch.is_grad_enabled()):
+            return out                      # shape/type errors are CountingScore's to report
+        if not out.requires_grad:
+            raise ValueError(_CUT_MESSAGE.format(detail=" (the output has requires_grad=False)"))
+        if not self.checked:
+            (g,) = torch.autograd.grad(out, x, torch.ones_like(out), retain_graph=True, allow_unused=True)
+            if g is None:
+                raise ValueError(_CUT_MESSAGE.format(
+                    detail=" (the output requires grad, but only through other tensors such as model parameters)"))
+            self.checked = True
+        return out
+
+
 # ---------------------------------------------------------------------------------------------- divergences
 def _draw_probes(shape, dist: str, generator: torch.Generator | None, like: Tensor) -> Tensor:
     """Probes on the generator's device (reproducible), moved to ``like``'s device."""
@@ -237,7 +275,7 @@ def log_likelihood(
     Args:
         sde: the forward SDE (any [`SDE`][sdegen.SDE]).
         score_fn: ``score_fn(x, t, **model_kwargs)`` approximating $\nabla_x\log p_t(x)$; must be
-            differentiable in ``x`` (autograd).
+            differentiable in ``x`` by autograd (an output cut from the graph of ``x`` is refused).
         x: ``(B, *D)`` data points (treated as samples of $p_\epsilon$).
         divergence: ``"exact"`` ($d$ VJPs per evaluation, batched with ``vmap``; for small $d$) or
             ``"hutchinson"`` (``probes`` VJPs per evaluation).
@@ -264,7 +302,9 @@ def log_likelihood(
 
     Raises:
         ValueError: ``x`` has NaN/inf or a bad shape; ``eps`` outside $(0, T)$ or too small for the
-            SDE in ``x``'s dtype; unknown ``divergence``, ``probe_dist``, ``method`` or ``prior``.
+            SDE in ``x``'s dtype; unknown ``divergence``, ``probe_dist``, ``method`` or ``prior``;
+            ``score_fn``'s output does not depend on ``x`` through autograd (computed under
+            ``torch.no_grad``, from ``x.detach()`` or through numpy), so its divergence is unknown.
     """
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be an sdegen.SDE, got {type(sde).__name__}")
@@ -278,7 +318,9 @@ def log_likelihood(
     check_positive(rtol, "rtol")
     check_positive(atol, "atol")
     prior_fn = _resolve_prior(sde, prior)
-    score = CountingScore(score_fn, model_kwargs)
+    if not callable(score_fn):
+        raise TypeError(f"score_fn must be callable, got {type(score_fn).__name__}")
+    score = CountingScore(_DifferentiableScore(score_fn), model_kwargs)
     dyn = Dynamics(sde, score)
     B = x.shape[0]
     d = x[0].numel()
@@ -347,7 +389,9 @@ def encode(sde: SDE, score_fn: Callable[..., Tensor], x: Tensor, *, rtol: float 
 
     $x_T = x + \int_\epsilon^T \big[f(x_t, t) - \tfrac12 g(t)^2 s_\theta(x_t, t)\big]\,dt$ (Song et al.
     2021, eq. 13, Sec. 4.3 "uniquely identifiable encoding"). [`decode`][sdegen.likelihood.decode] (or ``sample(...,
-    x_T=z)``) inverts it up to the solver tolerance.
+    x_T=z)``) inverts it up to the solver tolerance. Only the score itself is integrated (no divergence,
+    no derivative of the score), so a score computed without autograd gives the right latent here;
+    [`log_likelihood`][sdegen.likelihood.log_likelihood] is the one that needs $\partial s/\partial x$.
 
     Args:
         sde (SDE): the forward SDE.
