@@ -26,6 +26,8 @@ from torch import Tensor
 
 from ._utils import append_dims, check_positive
 from .sdes import AffineSDE, VESDE
+from .sdes.discrete import AbstractChainSDE, ChainPlan
+from .x0_transforms import ClipX0, ThresholdX0
 
 __all__ = [
     "DiscreteVPSDE",
@@ -42,7 +44,7 @@ TIMESTEP_MODES = ("continuous", "round")
 _PREDICTIONS = ("epsilon", "sample", "v_prediction")
 
 
-class DiscreteVPSDE(AffineSDE):
+class DiscreteVPSDE(AbstractChainSDE):
     r"""The VP SDE whose marginal is exact at the steps of a discrete $\beta$ schedule (final class).
 
     Given $\beta_1, \dots, \beta_N$ (or $\bar\alpha_i = \prod_{j \le i}(1 - \beta_j)$), step $i$ sits at
@@ -64,12 +66,15 @@ class DiscreteVPSDE(AffineSDE):
         betas (Tensor | None): ``(N,)`` values in $(0, 1)$; or give
         alphas_cumprod (Tensor | None): ``(N,)`` decreasing values $\bar\alpha_1 \ge \dots \ge \bar\alpha_N$ in $(0, 1)$.
         T: end time; step $i$ sits at $iT/N$.
+        plan: the chain steps the model's own sampler visits
+            ([`ChainPlan`][sdegen.sdes.discrete.ChainPlan]); default every step $N \to 0$ (DDPM).
+            ``sdegen.sample(sde, score_fn, shape, method="ancestral")`` without ``steps=`` runs it.
 
     Raises:
         ValueError: neither or both schedules given, or values out of range / not monotone.
     """
 
-    def __init__(self, betas=None, *, alphas_cumprod=None, T: float = 1.0):
+    def __init__(self, betas=None, *, alphas_cumprod=None, T: float = 1.0, plan: ChainPlan | None = None):
         super().__init__(T=T)
         if (betas is None) == (alphas_cumprod is None):
             raise ValueError("give exactly one of betas= or alphas_cumprod=")
@@ -90,12 +95,27 @@ class DiscreteVPSDE(AffineSDE):
         self._log_ab = torch.cat([log_ab.new_zeros(1), log_ab])      # knots i = 0..N, log abar_0 = 0
         self._n = log_ab.numel()
         self._knot_cache: dict = {}
+        if plan is not None and not isinstance(plan, ChainPlan):
+            raise TypeError(f"plan must be an sdegen.sdes.discrete.ChainPlan, got {type(plan).__name__}")
+        if plan is not None and plan.steps[0] > self._n:
+            raise ValueError(f"plan.steps must lie in 1..{self._n} (the chain's steps), got {plan.steps[0]}")
+        self._plan = ChainPlan.full(self._n) if plan is None else plan
 
     # ------------------------------------------------------------------ schedule
     @property
     def n_steps(self) -> int:
         """$N$, the number of training steps."""
         return self._n
+
+    @property
+    def alpha_bar(self) -> Tensor:
+        r"""``(N + 1,)`` float64 $\bar\alpha_0 = 1, \bar\alpha_1, \dots, \bar\alpha_N$."""
+        return self._log_ab.exp()
+
+    @property
+    def plan(self) -> ChainPlan:
+        """The chain steps ``sample(..., method="ancestral")`` visits when no ``steps=`` is given."""
+        return self._plan
 
     @property
     def alphas_cumprod(self) -> Tensor:
@@ -356,35 +376,146 @@ def _call_diffusers_unet(unet, x: Tensor, steps: Tensor, model_kwargs: dict) -> 
     return unet(x, steps, return_dict=False, **model_kwargs)[0]
 
 
-def from_diffusers(unet, scheduler, *, timesteps: str = "continuous", T: float = 1.0) -> tuple[DiscreteVPSDE, Callable]:
-    r"""Wrap a Hugging Face ``diffusers`` UNet and its DDPM-family scheduler configuration.
+#: Config fields every DDPM-family scheduler shares, all honoured: the schedule (read as
+#: ``alphas_cumprod``), the prediction type and the data-prediction options.
+_DIFFUSERS_SCHEDULE_FIELDS = frozenset({
+    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+    "rescale_betas_zero_snr", "clip_sample", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio",
+    "sample_max_value"})
+#: Sampler fields honoured per scheduler class (the adapter's plan reproduces that scheduler's loop).
+_DIFFUSERS_SAMPLER_FIELDS = {
+    "DDPMScheduler": frozenset({"variance_type", "timestep_spacing", "steps_offset"}),
+    "DDIMScheduler": frozenset({"set_alpha_to_one", "timestep_spacing", "steps_offset"}),
+}
+#: DDPMScheduler.variance_type -> the chain plan's noise variance.
+_DIFFUSERS_VARIANCES = {"fixed_small": "posterior", "fixed_small_log": "posterior", "fixed_large": "beta"}
 
-    Reads ``scheduler.alphas_cumprod`` ($\bar\alpha$ for timesteps $0..N-1$) and
-    ``scheduler.config.prediction_type`` (``"epsilon"``, ``"sample"``, ``"v_prediction"``); builds the
-    [`DiscreteVPSDE`][sdegen.adapters.DiscreteVPSDE] with diffusers timestep $k$ at $t = (k+1)T/N$ and calls
-    ``unet(x, k, **model_kwargs).sample`` with ``first_step=0`` (see [`from_discrete_eps`][sdegen.adapters.from_discrete_eps] for
-    ``timesteps``). Models with a learned variance (``2C`` output channels) use the first ``C``.
-    ``diffusers`` is an optional dependency and is not imported here.
 
-    With ``sdegen.sample(sde, score_fn, shape, method="ancestral", steps=N - 1, eps=T/N)`` the
-    sampler visits exactly the training steps $t_N, \dots, t_1$ with DDPM's posterior variance
-    $\tilde\beta_i$, and its final Tweedie step at $t_1$ is DDPM's noiseless last step (both give
-    $(x - \sqrt{1-\bar\alpha_1}\,\hat\epsilon)/\sqrt{\bar\alpha_1}$ because $\bar\alpha_1 = \alpha_1$). It then
-    reproduces diffusers' ``DDPMScheduler`` loop (``variance_type="fixed_small"``,
-    ``clip_sample=False``) sample for sample from the same generator, which both use in the same
-    order: $x_T$, then one draw per step (tests/test_adapters.py).
-
-    Returns:
-        ``(sde, score_fn)``.
-    """
-    ab = getattr(scheduler, "alphas_cumprod", None)
+def _diffusers_config(scheduler) -> dict:
     config = getattr(scheduler, "config", None)
-    if ab is None or config is None:
+    if config is None or getattr(scheduler, "alphas_cumprod", None) is None:
         raise TypeError(f"scheduler must be a diffusers scheduler with alphas_cumprod and config, "
                         f"got {type(scheduler).__name__}")
-    prediction = _check_choice(getattr(config, "prediction_type", "epsilon"), "scheduler.config.prediction_type",
+    # diffusers' FrozenDict is a dict; keys starting with "_" are metadata (class name, version).
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
+def _check_diffusers_fields(name: str, config: dict, ignore: frozenset) -> None:
+    honoured = _DIFFUSERS_SCHEDULE_FIELDS | _DIFFUSERS_SAMPLER_FIELDS.get(name, frozenset())
+    unsupported = sorted(set(config) - honoured - ignore)
+    if unsupported:
+        raise ValueError(
+            f"from_diffusers does not reproduce {name}'s field(s) {', '.join(unsupported)}; its plan reproduces "
+            f"{', '.join(sorted(_DIFFUSERS_SAMPLER_FIELDS))} only. To use the model and its schedule with sdegen's "
+            f"own samplers anyway, pass ignore={tuple(unsupported)!r}")
+    refused = []
+    if config.get("rescale_betas_zero_snr", False):
+        refused.append("rescale_betas_zero_snr=True (abar_N = 0: the first step needs the model's x0-prediction, "
+                       "which a score cannot carry at m(T) = 0; not implemented)")
+    variance = config.get("variance_type", "fixed_small") if name == "DDPMScheduler" else "fixed_small"
+    if variance not in _DIFFUSERS_VARIANCES:
+        refused.append(f"variance_type={variance!r} (supported: {', '.join(map(repr, _DIFFUSERS_VARIANCES))}; "
+                       "learned variances are not implemented, and diffusers' own 'fixed_large_log' step takes "
+                       "the square root of log(beta) < 0)")
+    if refused:
+        raise ValueError(f"from_diffusers cannot reproduce {name} with " + "; ".join(refused))
+
+
+def _diffusers_plan(name: str, scheduler, config: dict, n: int) -> ChainPlan:
+    r"""The chain steps of the scheduler's own loop, read from ``scheduler.timesteps`` (diffusers timestep
+    $k$ is chain index $i = k + 1$; a target of diffusers timestep $-1$ is $\bar\alpha = 1$, index 0)."""
+    if name not in _DIFFUSERS_SAMPLER_FIELDS:
+        return ChainPlan.full(n)
+    ks = [int(k) for k in scheduler.timesteps.tolist()]
+    if name == "DDPMScheduler":
+        # DDPMScheduler.previous_timestep: the next listed timestep once set_timesteps ran, else k - 1.
+        strided = bool(getattr(scheduler, "custom_timesteps", False) or getattr(scheduler, "num_inference_steps", None))
+        prev = ks[1:] + [-1] if strided else [k - 1 for k in ks]
+        return ChainPlan(tuple(k + 1 for k in ks), tuple(p + 1 for p in prev),
+                         variance=_DIFFUSERS_VARIANCES[config.get("variance_type", "fixed_small")], eta=1.0,
+                         noiseless_step_one=True)
+    n_inf = getattr(scheduler, "num_inference_steps", None)
+    if not n_inf:
+        raise ValueError("DDIMScheduler: call scheduler.set_timesteps(num_inference_steps) before from_diffusers "
+                         "(its loop is defined by those timesteps)")
+    stride = config["num_train_timesteps"] // n_inf      # DDIMScheduler.step: prev = k - N // n
+    final = 0 if config.get("set_alpha_to_one", True) else 1
+    targets = tuple(k - stride + 1 if k - stride >= 0 else final for k in ks)
+    return ChainPlan(tuple(k + 1 for k in ks), targets, variance="posterior", eta=0.0, noiseless_step_one=False)
+
+
+def from_diffusers(unet, scheduler, *, timesteps: str = "continuous", T: float = 1.0,
+                   ignore=()) -> tuple[DiscreteVPSDE, Callable]:
+    r"""Wrap a Hugging Face ``diffusers`` UNet and its scheduler: the model, its schedule and its sampling loop.
+
+    Reads ``scheduler.alphas_cumprod`` ($\bar\alpha$ for diffusers timesteps $k = 0..N-1$, chain index
+    $i = k + 1$ at $t_i = iT/N$), ``scheduler.config`` and, for ``DDPMScheduler`` / ``DDIMScheduler``,
+    ``scheduler.timesteps`` (call ``scheduler.set_timesteps`` first to sample on fewer steps). The
+    UNet is called as ``unet(x, k, return_dict=False, **model_kwargs)[0]`` with the float step
+    $k = tN/T - 1$ (``timesteps="continuous"``) or the nearest integer step (``"round"``); models
+    with a learned variance ($2C$ output channels) use the first $C$. ``diffusers`` is optional and
+    is not imported here.
+
+    **Parity by the natural call.** The returned SDE carries the scheduler's loop as its
+    [`ChainPlan`][sdegen.sdes.discrete.ChainPlan], so
+
+        sdegen.sample(sde, score_fn, shape, method="ancestral", generator=g)
+
+    without ``steps=``/``eps=`` reproduces the scheduler's own loop
+    (``x = randn(shape, generator=g)``, then ``x = scheduler.step(unet(x, k).sample, k, x, generator=g).prev_sample``)
+    sample for sample: the same steps and final step, the same variance, the same draws in the same
+    order. ``DDIMScheduler``: ``eta`` defaults to 0 as in ``scheduler.step``; pass ``eta=`` to
+    ``sample`` as you would to ``step``. With ``steps=`` every sdegen method runs on its own grid.
+
+    **Config fields.** Each field is honoured or refused by name (a ``ValueError`` lists them):
+
+    | field | how |
+    |---|---|
+    | ``num_train_timesteps``, ``beta_*``, ``trained_betas`` | the schedule, read as ``alphas_cumprod`` |
+    | ``prediction_type`` | ``epsilon``, ``sample``, ``v_prediction`` convert to the score |
+    | ``clip_sample``, ``clip_sample_range`` | [`ClipX0`][sdegen.x0_transforms.ClipX0] on the score |
+    | ``thresholding``, ``dynamic_thresholding_ratio``, ``sample_max_value`` | [`ThresholdX0`][sdegen.x0_transforms.ThresholdX0] (precedes clipping, as in diffusers) |
+    | ``timestep_spacing``, ``steps_offset`` | read through ``scheduler.timesteps`` (DDPM, DDIM) |
+    | ``variance_type`` (DDPM) | ``fixed_small``/``fixed_small_log``: $\tilde\beta$; ``fixed_large``: $\beta$; others refused |
+    | ``set_alpha_to_one`` (DDIM) | the final step's target $\bar\alpha$ (1 or $\bar\alpha_1$) |
+    | ``rescale_betas_zero_snr`` | ``False`` only (refused when ``True``) |
+    | any other field (other scheduler classes' solver settings) | refused, unless named in ``ignore`` |
+
+    The x0 options make the step use the clipped $\hat x_0$ together with the $\hat\epsilon$ implied by
+    it: DDPM's step exactly, DDIM's with ``use_clipped_model_output=True``.
+
+    Args:
+        unet: a ``diffusers`` model (``UNet2DModel``, ...) called as above.
+        scheduler: a ``diffusers`` scheduler with ``alphas_cumprod`` and ``config``.
+        timesteps: ``"continuous"`` or ``"round"`` (see [`from_discrete_eps`][sdegen.adapters.from_discrete_eps]).
+        T: end time of the SDE.
+        ignore: config field names the caller accepts are not reproduced (e.g. another scheduler
+            class's ``solver_order``); the model and its schedule are still wrapped exactly.
+
+    Returns:
+        ``(sde, score_fn)``: a [`DiscreteVPSDE`][sdegen.adapters.DiscreteVPSDE] with the scheduler's plan,
+        and the score (wrapped in the x0 options the config asks for).
+
+    Raises:
+        TypeError: ``scheduler`` is not a diffusers scheduler; ``ignore`` is not a collection of names.
+        ValueError: an unsupported field or value (named), an unknown ``prediction_type`` or
+            ``timesteps``, a ``DDIMScheduler`` whose ``set_timesteps`` was not called.
+    """
+    config = _diffusers_config(scheduler)
+    if isinstance(ignore, str) or not all(isinstance(f, str) for f in ignore):
+        raise TypeError(f"ignore must be a collection of config field names, got {ignore!r}")
+    name = type(scheduler).__name__
+    _check_diffusers_fields(name, config, frozenset(ignore))
+    prediction = _check_choice(config.get("prediction_type", "epsilon"), "scheduler.config.prediction_type",
                                _PREDICTIONS)
     _check_choice(timesteps, "timesteps", TIMESTEP_MODES)
-    sde = DiscreteVPSDE(alphas_cumprod=ab, T=T)
-    return sde, _DiscreteStepScore(unet, sde, prediction=prediction, timesteps=timesteps, first_step=0,
-                                   call=_call_diffusers_unet)
+    ab = torch.as_tensor(scheduler.alphas_cumprod).detach().to("cpu", torch.float64)
+    sde = DiscreteVPSDE(alphas_cumprod=ab, T=T, plan=_diffusers_plan(name, scheduler, config, ab.numel()))
+    score_fn = _DiscreteStepScore(unet, sde, prediction=prediction, timesteps=timesteps, first_step=0,
+                                  call=_call_diffusers_unet)
+    if config.get("thresholding", False):
+        score_fn = ThresholdX0(score_fn, sde, config.get("dynamic_thresholding_ratio", 0.995),
+                               config.get("sample_max_value", 1.0))
+    elif config.get("clip_sample", False):
+        score_fn = ClipX0(score_fn, sde, config.get("clip_sample_range", 1.0))
+    return sde, score_fn

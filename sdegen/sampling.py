@@ -33,7 +33,9 @@ from .solvers.base import AbstractFixedGridSolver, CountingScore, Dynamics, NonF
     integrate_fixed_grid
 from .solvers.correctors import AnnealedLangevinCorrector, LangevinCorrector, PredictorCorrector, langevin_alpha
 from .solvers.ode_steps import ODEEuler, ODEHeun
-from .solvers.sde_steps import Ancestral, EulerMaruyama, ReverseDiffusion, ancestral_table, ddpm_ancestral_table
+from .solvers.sde_steps import Ancestral, EulerMaruyama, ReverseDiffusion, ancestral_table, chain_table, \
+    ddpm_ancestral_table
+from .sdes.discrete import AbstractChainSDE
 from .solvers.adaptive_sde import ADAPTIVE_SDE_OPTIONS, run_adaptive_sde
 from .solvers.dpm_solver import DPM_SOLVER_OPTIONS, build_dpm_solver
 from .solvers.edm import HEUN_KARRAS_OPTIONS, build_heun_karras
@@ -53,6 +55,9 @@ class RunContext:
         progress: show a tqdm bar. record_every: keep every k-th state (``None``: no trajectory).
         times: the decreasing float64 grid of fixed-grid methods; a builder may replace it.
         method: the method name (progress-bar label).
+        steps_given: whether the caller passed ``steps=`` (else a chain SDE's own plan may apply).
+        own_final_step: set by a builder whose grid ends with the model's own final step (a chain
+            plan), so ``denoise`` defaults to ``False``.
     """
 
     sde: SDE
@@ -66,6 +71,8 @@ class RunContext:
     record_every: int | None
     method: str
     times: Tensor | None = None
+    steps_given: bool = True
+    own_final_step: bool = False
 
     def unit_draw(self) -> Callable[[int], Tensor]:
         """``draw(k)``: the k-th extra unit Gaussian shaped like ``x`` (for correctors)."""
@@ -149,6 +156,20 @@ def _build_ancestral(ctx: RunContext, opts: dict) -> Ancestral:
     r"""VPSDE: the DDPM chain of ``vp.discretize(N)`` on $t_i = iT/N$ (``eps`` ignored); other affine SDEs:
     the Tweedie posterior step on the grid to ``eps`` (uniform unless ``grid=`` is given to ``pc``)."""
     sde = ctx.dyn.affine
+    eta = opts.get("eta")
+    grid = opts.get("grid", "uniform")
+    if isinstance(sde, AbstractChainSDE) and not ctx.steps_given and isinstance(grid, str) and grid == "uniform":
+        # The chain's own sampler (e.g. the diffusers scheduler the adapter read): its steps, its
+        # final step (no extra denoising), its noise and its eta unless eta= is given.
+        plan = sde.plan
+        eta = plan.eta if eta is None else check_positive(eta, "eta", allow_zero=True)
+        ctx.times = plan.times(sde.alpha_bar.numel() - 1, sde.T)
+        ctx.steps = len(plan.steps)
+        ctx.own_final_step = True
+        return Ancestral(chain_table(sde, plan, eta, ctx.times))
+    if eta is not None:
+        raise ValueError(f"eta={eta!r} applies to the ancestral step on a chain SDE's own plan (e.g. an SDE from "
+                         "sdegen.adapters.from_diffusers, without steps=); here the step is the posterior (eta = 1)")
     if isinstance(sde, VPSDE):
         grid = opts.get("grid", "uniform")
         if not (isinstance(grid, str) and grid == "uniform"):
@@ -510,6 +531,7 @@ def sample(sde: SDE, score_fn: Callable[..., Tensor], shape, *, method: str, ste
         raise TypeError(f"sde must be an sdegen.SDE, got {type(sde).__name__}")
     spec = _check_method(method)
     opts = _resolve_options(method, spec, method_options)
+    steps_given = steps is not None
     steps = _check_steps(method, spec, steps)
     eps = _check_eps(eps, sde.T)
     if isinstance(return_trajectory, bool):
@@ -531,10 +553,11 @@ def sample(sde: SDE, score_fn: Callable[..., Tensor], shape, *, method: str, ste
             times = torch.linspace(sde.T, eps, steps + 1, dtype=torch.float64)
         if seeds is not None:
             seeds = _BoundNoise(seeds, x)
-        ctx = RunContext(sde, dyn, x, eps, steps, generator, seeds, bool(progress), record_every, method, times)
+        ctx = RunContext(sde, dyn, x, eps, steps, generator, seeds, bool(progress), record_every, method, times,
+                         steps_given=steps_given)
         x, traj, times, stats = spec.run(ctx, **opts)
         t_end = float(times[-1])
-        denoise = _resolve_denoise(denoise, spec, sde, t_end)
+        denoise = False if denoise is None and ctx.own_final_step else _resolve_denoise(denoise, spec, sde, t_end)
         if denoise:
             t = torch.full((x.shape[0],), t_end, device=x.device, dtype=x.dtype)
             x = sde.x0_from_score(x, t, dyn.score(x, t))

@@ -29,7 +29,9 @@ ALLOWED = {
     "solvers": {"sdes", "grids"},
     "sampling": {"solvers", "grids", "sdes", "_rng"},
     "likelihood": {"solvers", "sdes"},
-    "adapters": {"sdes", "ddpm", "parameterization"},
+    "adapters": {"sdes", "ddpm", "parameterization", "x0_transforms"},
+    # x0_transforms: data-prediction options (clip, dynamic thresholding) as score wrappers.
+    "x0_transforms": {"sdes"},
     "data": {"oracle"},
     "guidance": {"sdes"},
     "conditional": {"sampling", "solvers", "grids", "sdes"},

@@ -20,9 +20,10 @@ from torch import Tensor
 
 from .._utils import append_dims
 from ..sdes import AffineSDE
+from ..sdes.discrete import AbstractChainSDE, ChainPlan
 from .base import AbstractFixedGridSolver, Dynamics
 
-__all__ = ["EulerMaruyama", "ReverseDiffusion", "Ancestral", "ancestral_table", "ddpm_ancestral_table",
+__all__ = ["EulerMaruyama", "ReverseDiffusion", "Ancestral", "ancestral_table", "ddpm_ancestral_table", "chain_table",
            "linear_update"]
 
 
@@ -159,6 +160,41 @@ def ddpm_ancestral_table(alphas_cumprod: Tensor, times: Tensor) -> Tensor:
     beta = -torch.expm1(torch.log(cur) - torch.log(prev))     # 1 - alpha_i without cancellation
     var = beta * (1 - prev) / (1 - cur)
     return _step_coefficients((cur / prev).sqrt(), beta, var, times.detach().to("cpu", torch.float64))
+
+
+def chain_table(sde: AbstractChainSDE, plan: ChainPlan, eta: float, times: Tensor) -> Tensor:
+    r"""Per-step coefficients of a [`ChainPlan`][sdegen.sdes.discrete.ChainPlan] on its chain: ``(K, 3)`` float64.
+
+    With Tweedie's $\hat x_0 = (x + s_i^2 S)/m_i$ and $\hat\epsilon = -s_i S$ ($S$ the score at $t_i$,
+    $m_i = \sqrt{\bar\alpha_i}$, $s_i = \sqrt{1 - \bar\alpha_i}$) the plan's step
+    $x_j = \sqrt{\bar\alpha_j}\hat x_0 + \sqrt{1 - \bar\alpha_j - \sigma^2}\,\hat\epsilon + \sqrt v\,z$ is
+    $a x + b S + c\,\Delta w$ with
+
+    $$a = \frac{\sqrt{\bar\alpha_j}}{m_i},\quad b = \frac{\sqrt{\bar\alpha_j}\,s_i^2}{m_i} - \sqrt{1 - \bar\alpha_j - \sigma^2}\,s_i,
+      \quad c = \sqrt{v / |\Delta t|}$$
+
+    ($c = 0$ where $v = 0$; $\Delta t$ is the loop's step on ``times``, whose increment is $\sqrt{|\Delta t|}\,z$).
+    $\sigma^2 = \eta^2\tilde\beta_{ij}$ and $v$ as in [`ChainPlan`][sdegen.sdes.discrete.ChainPlan].
+    With $\eta = 1$, ``"posterior"`` and $j = i - 1$ this is [`ddpm_ancestral_table`][sdegen.solvers.sde_steps.ddpm_ancestral_table]'s step.
+    """
+    ab = sde.alpha_bar.to("cpu", torch.float64)
+    i = torch.tensor(plan.steps)
+    j = torch.tensor(plan.targets)
+    ab_i, ab_j = ab[i], ab[j]
+    # 1 - abar_i / abar_j without cancellation; zero where the step lands on its own level (j = i).
+    beta_ij = -torch.expm1(ab_i.log() - ab_j.log())
+    post = (1 - ab_j) / (1 - ab_i) * beta_ij
+    sigma2 = eta ** 2 * post
+    v = sigma2 if plan.variance == "posterior" else eta ** 2 * beta_ij
+    if plan.noiseless_step_one:
+        v = torch.where(i == 1, torch.zeros_like(v), v)
+    m_i, s_i = ab_i.sqrt(), (1 - ab_i).sqrt()
+    a = ab_j.sqrt() / m_i
+    b = ab_j.sqrt() * s_i.square() / m_i - (1 - ab_j - sigma2).clamp_min(0).sqrt() * s_i
+    t = times.detach().to("cpu", torch.float64)
+    dt = (t[1:] - t[:-1]).abs()
+    c = torch.where(v > 0, (v / torch.where(dt > 0, dt, torch.ones_like(dt))).sqrt(), torch.zeros_like(v))
+    return torch.stack([a, b, c], dim=1)
 
 
 @dataclass(frozen=True, eq=False)

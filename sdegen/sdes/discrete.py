@@ -1,0 +1,113 @@
+r"""SDEs that carry a discrete chain: the training steps of a discrete model and the steps its sampler visits.
+
+A model trained on a discrete $\beta$ schedule (DDPM and every ``diffusers`` scheduler) comes with
+its chain $\bar\alpha_0 = 1, \bar\alpha_1, \dots, \bar\alpha_N$ and, when it was set up for sampling,
+with the chain steps its own sampler visits. An SDE that knows both lets
+``sdegen.sample(sde, score_fn, shape, method="ancestral")`` reproduce that sampler without
+``steps=``/``eps=``: [`ChainPlan`][sdegen.sdes.discrete.ChainPlan] is that plan, and
+[`AbstractChainSDE`][sdegen.sdes.discrete.AbstractChainSDE] is the interface the samplers read
+(``sdegen.adapters.DiscreteVPSDE`` implements it).
+
+Time map: chain index $i \in \{0, \dots, N\}$ sits at $t_i = iT/N$ (data at $i = 0$).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .affine import AffineSDE
+
+__all__ = ["ChainPlan", "AbstractChainSDE", "CHAIN_VARIANCES"]
+
+#: Noise variances of a chain step: ``"posterior"`` $\eta^2\tilde\beta$ (DDPM ``fixed_small``, DDIM),
+#: ``"beta"`` $\eta^2\beta$ (DDPM ``fixed_large``).
+CHAIN_VARIANCES = ("posterior", "beta")
+
+
+@dataclass(frozen=True)
+class ChainPlan:
+    r"""The steps a discrete sampler takes on a chain, and its noise (immutable).
+
+    Step $k$ evaluates the model at chain index $i_k$ = ``steps[k]`` and lands on chain index
+    $j_k$ = ``targets[k]`` $< i_k$ (the next evaluation is at ``steps[k+1]``, which is usually
+    $j_k$; ``diffusers``' DDIM with ``timestep_spacing="linspace"`` is an example where it is not).
+    With $\hat x_0, \hat\epsilon$ the model's predictions at $i = i_k$ and $j = j_k$, the step is the
+    generalised DDIM / DDPM update (Song et al. 2021, "DDIM", eq. 12; Ho et al. 2020, eq. 7)
+
+    $$x_j = \sqrt{\bar\alpha_j}\,\hat x_0 + \sqrt{1 - \bar\alpha_j - \sigma^2}\,\hat\epsilon + \sqrt{v}\,z,
+      \qquad \sigma^2 = \eta^2\,\tilde\beta_{ij},\quad
+      \tilde\beta_{ij} = \frac{1 - \bar\alpha_j}{1 - \bar\alpha_i}\Big(1 - \frac{\bar\alpha_i}{\bar\alpha_j}\Big),$$
+
+    with noise variance $v = \sigma^2$ (``variance="posterior"``) or $v = \eta^2(1 - \bar\alpha_i/\bar\alpha_j)$
+    (``"beta"``), and $v = 0$ on a step from $i = 1$ when ``noiseless_step_one`` (DDPM's ``t > 0`` rule).
+    $\eta = 1$ with ``"posterior"`` is DDPM's ancestral step ($\tilde\beta$), $\eta = 0$ is DDIM.
+
+    Args:
+        steps: chain indices evaluated, strictly decreasing, each in ``1..N``.
+        targets: the chain index each step lands on, ``0 <= targets[k] <= steps[k]``.
+        variance: ``"posterior"`` or ``"beta"``.
+        eta: $\eta \ge 0$; the default of the ancestral method's ``eta=`` option.
+        noiseless_step_one: no noise on a step evaluated at $i = 1$.
+
+    Raises:
+        ValueError: empty or non-decreasing steps, targets out of range, unknown variance, eta < 0.
+    """
+
+    steps: tuple[int, ...]
+    targets: tuple[int, ...]
+    variance: str = "posterior"
+    eta: float = 1.0
+    noiseless_step_one: bool = True
+
+    def __post_init__(self):
+        steps, targets = tuple(int(i) for i in self.steps), tuple(int(j) for j in self.targets)
+        object.__setattr__(self, "steps", steps)
+        object.__setattr__(self, "targets", targets)
+        if not steps or len(steps) != len(targets):
+            raise ValueError(f"steps and targets must be non-empty and of equal length, got {len(steps)} and "
+                             f"{len(targets)}")
+        if any(b >= a for a, b in zip(steps, steps[1:])) or steps[-1] < 1:
+            raise ValueError(f"steps must be strictly decreasing chain indices >= 1, got {list(steps)}")
+        bad = [k for k, (i, j) in enumerate(zip(steps, targets)) if not 0 <= j <= i]
+        if bad:
+            raise ValueError(f"targets must satisfy 0 <= targets[k] <= steps[k], got targets[{bad[0]}] = "
+                             f"{targets[bad[0]]} for steps[{bad[0]}] = {steps[bad[0]]}")
+        if self.variance not in CHAIN_VARIANCES:
+            raise ValueError(f"variance must be one of {', '.join(map(repr, CHAIN_VARIANCES))}, got {self.variance!r}")
+        if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not math.isfinite(self.eta) \
+                or self.eta < 0:
+            raise ValueError(f"eta must be a finite float >= 0, got {self.eta!r}")
+        object.__setattr__(self, "eta", float(self.eta))
+
+    @classmethod
+    def full(cls, n: int) -> "ChainPlan":
+        """Every step of an ``n``-step chain, ``n -> n-1 -> ... -> 0``: DDPM's ancestral sampler."""
+        return cls(tuple(range(n, 0, -1)), tuple(range(n - 1, -1, -1)))
+
+    def times(self, n: int, T: float) -> Tensor:
+        r"""The sampler's float64 grid: $t_{i_0}, \dots, t_{i_{K-1}}$ then $t_{j_{K-1}}$, with $t_i = iT/N$."""
+        idx = torch.tensor([*self.steps, self.targets[-1]], dtype=torch.float64)
+        return idx * (T / n)
+
+
+class AbstractChainSDE(AffineSDE):
+    r"""An affine SDE whose marginal is exact at the steps of a discrete chain, with the sampler's plan.
+
+    Subclasses give ``alpha_bar`` (``(N + 1,)`` float64, $\bar\alpha_0 = 1$) and ``plan``; the chain
+    index $i$ sits at $t_i = iT/N$ and $m(t_i)^2 = \bar\alpha_i$.
+    """
+
+    @property
+    @abc.abstractmethod
+    def alpha_bar(self) -> Tensor:
+        r"""``(N + 1,)`` float64 $\bar\alpha_0 = 1, \bar\alpha_1, \dots, \bar\alpha_N$."""
+
+    @property
+    @abc.abstractmethod
+    def plan(self) -> ChainPlan:
+        """The chain steps the model's own sampler visits (default: every step)."""

@@ -1,0 +1,165 @@
+"""diffusers parity by the natural call, and sdegen's methods as a diffusers scheduler.
+
+Each configuration runs the scheduler's own loop (``x = randn(shape, generator=g)``, then
+``x = scheduler.step(unet(x, k).sample, k, x, generator=g).prev_sample``) and
+``sdegen.sample(*from_diffusers(unet, scheduler), shape, method="ancestral", generator=g)`` with no
+``steps``/``eps`` from an equal generator, in float64. They must agree to 1e-5: diffusers keeps
+``alphas_cumprod`` in float32 and computes its coefficients from those float32 values while sdegen
+reads the same values into float64, so the two differ only by the rounding of the coefficient
+arithmetic (measured below 1e-6 on these configurations; 1e-5 leaves a margin without hiding a
+wrong step, which moves samples by 1e-2 or more).
+"""
+
+import pytest
+import torch
+
+import sdegen
+from sdegen.adapters import from_diffusers
+
+diffusers = pytest.importorskip("diffusers")
+F64 = torch.float64
+N_TRAIN = 20
+SHAPE = (2, 1, 8, 8)
+
+
+def _unet(out_channels=1, seed=0):
+    torch.manual_seed(seed)   # diffusers initialises weights from the global generator; this is a test
+    return diffusers.UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=out_channels, layers_per_block=1, block_out_channels=(4, 8),
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    ).double().eval()
+
+
+UNET = None
+
+
+def unet():
+    global UNET
+    if UNET is None:
+        UNET = _unet()
+    return UNET
+
+
+def _loop(model, scheduler, seed, **step_kwargs):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(SHAPE, generator=g, dtype=F64)
+    with torch.no_grad():
+        for k in scheduler.timesteps:
+            x = scheduler.step(model(x, k).sample, k, x, generator=g, **step_kwargs).prev_sample
+    return x
+
+
+def _natural(model, scheduler, seed, **options):
+    sde, score_fn = from_diffusers(model, scheduler)
+    res = sdegen.sample(sde, score_fn, SHAPE, method="ancestral", generator=torch.Generator().manual_seed(seed),
+                        dtype=F64, **options)
+    return res
+
+
+def _ddpm(**config):
+    base = dict(num_train_timesteps=N_TRAIN, beta_start=1e-3, beta_end=0.2, clip_sample=False)
+    return diffusers.DDPMScheduler(**{**base, **config})
+
+
+def _ddim(n_steps, **config):
+    base = dict(num_train_timesteps=N_TRAIN, beta_start=1e-3, beta_end=0.2, clip_sample=False)
+    s = diffusers.DDIMScheduler(**{**base, **config})
+    s.set_timesteps(n_steps)
+    return s
+
+
+DDPM_CASES = {
+    "fixed_small": dict(variance_type="fixed_small"),
+    "fixed_small_log": dict(variance_type="fixed_small_log"),
+    "fixed_large": dict(variance_type="fixed_large"),
+    "v_prediction": dict(prediction_type="v_prediction"),
+    "sample": dict(prediction_type="sample", clip_sample=True, clip_sample_range=2.0),
+    "clip_sample_default": dict(clip_sample=True),
+    "thresholding": dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5),
+}
+
+
+@pytest.mark.parametrize("case", list(DDPM_CASES))
+def test_ddpm_scheduler_by_the_natural_call(case):
+    scheduler = _ddpm(**DDPM_CASES[case])
+    ref = _loop(unet(), scheduler, 3)
+    res = _natural(unet(), scheduler, 3)
+    assert res.nfe == N_TRAIN and res.stats["denoise"] is False
+    torch.testing.assert_close(res.samples, ref, rtol=1e-5, atol=1e-5)
+    assert float(ref.abs().max()) > 0.1
+
+
+@pytest.mark.parametrize("spacing,offset,variance", [("leading", 1, "fixed_small"), ("trailing", 0, "fixed_large"),
+                                                     ("linspace", 0, "fixed_small")])
+def test_strided_ddpm_scheduler(spacing, offset, variance):
+    scheduler = _ddpm(timestep_spacing=spacing, steps_offset=offset, variance_type=variance)
+    scheduler.set_timesteps(7)
+    ref = _loop(unet(), scheduler, 4)
+    res = _natural(unet(), scheduler, 4)
+    assert res.nfe == 7
+    torch.testing.assert_close(res.samples, ref, rtol=1e-5, atol=1e-5)
+
+
+DDIM_CASES = {
+    "leading_offset1_eta0": (dict(timestep_spacing="leading", steps_offset=1), {}),
+    "trailing_eta0": (dict(timestep_spacing="trailing"), {}),
+    "linspace_eta0": (dict(timestep_spacing="linspace"), {}),
+    "leading_eta05": (dict(), dict(eta=0.5)),
+    "trailing_eta1": (dict(timestep_spacing="trailing"), dict(eta=1.0)),
+    "no_alpha_to_one": (dict(set_alpha_to_one=False), dict(eta=0.3)),
+    "v_prediction": (dict(prediction_type="v_prediction", timestep_spacing="trailing"), {}),
+    "clip_clipped_output": (dict(clip_sample=True), dict(use_clipped_model_output=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(DDIM_CASES))
+def test_ddim_scheduler_by_the_natural_call(case):
+    config, step_kwargs = DDIM_CASES[case]
+    scheduler = _ddim(6, **config)
+    ref = _loop(unet(), scheduler, 5, **step_kwargs)
+    eta = step_kwargs.get("eta")
+    res = _natural(unet(), scheduler, 5, **({} if eta is None else {"eta": eta}))
+    assert res.nfe == 6
+    torch.testing.assert_close(res.samples, ref, rtol=1e-5, atol=1e-5)
+    assert float(ref.abs().max()) > 0.1
+
+
+def test_explicit_steps_leave_the_plan():
+    """With steps= the method runs on its own uniform grid (the plan is the default, not a constraint)."""
+    scheduler = _ddpm()
+    sde, score_fn = from_diffusers(unet(), scheduler)
+    res = sdegen.sample(sde, score_fn, SHAPE, method="ancestral", steps=5, generator=torch.Generator().manual_seed(0),
+                        dtype=F64)
+    assert res.nfe == 6 and res.stats["denoise"] is True       # 5 steps to eps, then the Tweedie step
+    with pytest.raises(ValueError, match="eta"):
+        sdegen.sample(sde, score_fn, SHAPE, method="ancestral", steps=5, eta=0.0, dtype=F64)
+
+
+@pytest.mark.parametrize("config,named", [
+    (dict(variance_type="learned"), "variance_type='learned'"),
+    (dict(variance_type="learned_range"), "variance_type='learned_range'"),
+    (dict(variance_type="fixed_large_log"), "variance_type='fixed_large_log'"),
+    (dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr=True"),
+])
+def test_unsupported_values_are_refused_by_name(config, named):
+    with pytest.raises(ValueError, match=named.replace("(", r"\(")):
+        from_diffusers(unet(), _ddpm(**config))
+
+
+def test_other_scheduler_fields_are_refused_by_name_unless_ignored():
+    scheduler = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=N_TRAIN)
+    with pytest.raises(ValueError) as err:
+        from_diffusers(unet(), scheduler)
+    for field in ("solver_order", "algorithm_type", "solver_type", "use_karras_sigmas", "timestep_spacing"):
+        assert field in str(err.value)
+    fields = {k for k in scheduler.config if not k.startswith("_")}
+    sde, score_fn = from_diffusers(unet(), scheduler, ignore=fields)
+    torch.testing.assert_close(sde.alphas_cumprod, scheduler.alphas_cumprod.double())
+    with pytest.raises(TypeError, match="ignore"):
+        from_diffusers(unet(), scheduler, ignore="solver_order")
+
+
+def test_ddim_needs_set_timesteps():
+    with pytest.raises(ValueError, match="set_timesteps"):
+        from_diffusers(unet(), diffusers.DDIMScheduler(num_train_timesteps=N_TRAIN))
