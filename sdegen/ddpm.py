@@ -33,7 +33,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._utils import append_dims, check_floating, check_positive, is_traceable_device, sum_except_batch
+from ._utils import (append_dims, as_time, check_floating, check_positive, check_time_range, is_traceable_device,
+                     sum_except_batch)
 from .sdes import AffineSDE, VPSDE
 from .sdes.base import _check_shape
 
@@ -411,6 +412,11 @@ class DDPM:
         if not isinstance(out, Tensor) or out.shape != x.shape:
             raise ValueError(f"eps_model(x, i) must return a tensor shaped like x {tuple(x.shape)}, got "
                              f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
+        if out.dtype != x.dtype:
+            # Results keep the state's dtype or the call fails: a float64 output would silently turn
+            # a float32 chain into float64 (and an int/complex one is not a noise prediction).
+            raise TypeError(f"eps_model(x, i) must return the dtype of x ({x.dtype}), got {out.dtype}; "
+                            f"cast the model's output (or run the chain in {out.dtype})")
         return out
 
     def _mean_from_eps(self, x: Tensor, ii, eps_hat: Tensor) -> Tensor:
@@ -546,6 +552,11 @@ class DDPM:
     def _start(self, shape, generator, device, dtype, x_T):
         if x_T is not None:
             check_floating(x_T, "x_T")
+            if x_T.ndim < 2 or x_T.shape[0] < 1:
+                raise ValueError(f"x_T must be batch-first with shape (B, *D), at least 2 dims, "
+                                 f"got shape {tuple(x_T.shape)}")
+            if not bool(torch.isfinite(x_T).all()):        # one host read at the entry point
+                raise ValueError("x_T contains NaN or inf values")
             if shape is not None and tuple(x_T.shape) != tuple(shape):
                 raise ValueError(f"x_T must have shape {tuple(shape)}, got {tuple(x_T.shape)}")
             if dtype is not None and x_T.dtype != dtype:
@@ -568,14 +579,22 @@ class DDPM:
         So ``sdegen.sample(vp, ddpm.score_fn(eps_model), ...)`` runs any continuous sampler with a
         DDPM model. Times between grid points use the nearest step (no interpolation); times below
         $T/(2N)$ use step 1. Extra keyword arguments go to ``eps_model``.
+
+        The returned ``score_fn(x, t)`` raises ``ValueError`` for ``t`` outside $[0, T]$ or not finite
+        (checked for CPU tensors), for ``x`` not batch-first ``(B, *D)``, and ``TypeError`` when
+        ``eps_model`` returns another dtype than ``x``'s.
         """
         if not callable(eps_model):
             raise TypeError(f"eps_model must be callable eps_model(x, i), got {type(eps_model).__name__}")
 
         def score_fn(x: Tensor, t: Tensor, **kwargs) -> Tensor:
-            tt = torch.as_tensor(t, device=x.device)
-            if tt.ndim == 0:
-                tt = tt.expand(x.shape[0])
+            check_floating(x, "x")
+            if x.ndim < 2:
+                raise ValueError(f"x must have shape (B, *D) (batch first), got {tuple(x.shape)}")
+            tt = as_time(t, x.shape[0], device=x.device, name="t")
+            # Out-of-range or NaN times were clamped to steps 1..N (or crashed in the rounding): refuse
+            # them. The check reads values only on the CPU (no per-call device sync inside samplers).
+            check_time_range(tt, self.T, name="t")
             ii = self.time_to_step(tt)
             eps_hat = self._eps(eps_model, x, ii, kwargs)
             return -eps_hat / append_dims(self._coef("sqrt_1mab", ii, x), x.ndim)
@@ -715,8 +734,16 @@ class DDPM:
 
         Returns:
             [`VLBResult`][sdegen.ddpm.VLBResult], nats and bits/dim, ``(B,)`` each.
+
+        Raises:
+            ValueError: ``x0`` not batch-first ``(B, *D)`` or containing NaN/inf; unknown ``decoder``.
+            TypeError: ``eps_model`` returns another dtype than ``x0``'s.
         """
         check_floating(x0, "x0")
+        if x0.ndim < 2 or x0.shape[0] < 1:
+            raise ValueError(f"x0 must be batch-first with shape (B, *D), at least 2 dims, got {tuple(x0.shape)}")
+        if not bool(torch.isfinite(x0).all()):        # one host read at the entry point
+            raise ValueError("x0 contains NaN or inf values: the bound would be NaN")
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(map(repr, DECODERS))}, got {decoder!r}")
         if decoder == "discretized" and is_traceable_device(x0) and bool((x0.abs() > 1 + 1e-6).any()):

@@ -427,7 +427,7 @@ def test_score_and_eps_wrappers_are_inverse():
     eps = gaussian_eps(ddpm)
     torch.testing.assert_close(ddpm.eps_model_from_score(ddpm.score_fn(eps))(x, i), eps(x, i), rtol=1e-12, atol=1e-12)
     # score = -eps / sqrt(1 - abar_i), with i = round(t N / T) (here off-grid times)
-    t_off = t + 0.3 * 2.0 / 25
+    t_off = t - 0.3 * 2.0 / 25          # below each grid time: inside [0, T], rounds back to i
     s = ddpm.score_fn(eps)(x, t_off)
     torch.testing.assert_close(s, -eps(x, i) / (1 - ddpm.alpha_bar[i]).sqrt()[:, None])
 
@@ -588,3 +588,70 @@ def test_samplers_on_cuda():
     gm = sdegen.named_mixture("gaussian", device="cuda")
     cont = continuous_vlb(vp, gm.score_fn(vp), x0, generator=torch.Generator(device="cuda").manual_seed(3))
     assert cont.total.device.type == "cuda" and torch.isfinite(cont.total).all()
+
+
+# ---------------------------------------------------------------------- input validation (issue 14, item 10)
+@pytest.mark.parametrize("t, text", [
+    (-0.1, r"t must lie in \[0.0, 1.0\]"),          # was clamped to step 1 silently
+    (1.5, r"t must lie in \[0.0, 1.0\]"),           # was clamped to step N silently
+    (float("nan"), r"t must lie in \[0.0, 1.0\], got values in \[nan"),   # crashed in the rounding
+])
+def test_score_fn_refuses_times_outside_0_T(t, text):
+    ddpm = DDPM.linear(10, 1e-3, 0.2)
+    score = ddpm.score_fn(lambda x, i: torch.zeros_like(x))
+    x = torch.zeros(3, 2, dtype=F64)
+    with pytest.raises(ValueError, match=text):
+        score(x, torch.full((3,), t, dtype=F64))
+    # One bad entry in a batch is enough.
+    tt = torch.tensor([0.5, t, 0.5], dtype=F64)
+    with pytest.raises(ValueError, match="t must lie in"):
+        score(x, tt)
+    # The ends themselves are fine: t = 0 and t = T map to steps 1 and N.
+    assert score(x, torch.tensor([0.0, 1.0, 0.5], dtype=F64)).shape == (3, 2)
+
+
+def test_vlb_refuses_nan_data():
+    ddpm = DDPM.linear(10, 1e-3, 0.2)
+    x0 = torch.zeros(4, 2, dtype=F64)
+    x0[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="x0 contains NaN"):
+        ddpm.vlb(lambda x, i: torch.zeros_like(x), x0)
+    with pytest.raises(ValueError, match=r"x0 must be batch-first with shape \(B, \*D\)"):
+        ddpm.vlb(lambda x, i: torch.zeros_like(x), torch.zeros(4, dtype=F64))
+
+
+@pytest.mark.parametrize("sampler", ["sample", "ddim_sample"])
+def test_one_dimensional_or_nan_x_T_is_refused(sampler):
+    ddpm = DDPM.linear(10, 1e-3, 0.2)
+    run = getattr(ddpm, sampler)
+    kw = {"steps": 5} if sampler == "ddim_sample" else {}
+    with pytest.raises(ValueError, match=r"x_T must be batch-first with shape \(B, \*D\).*got shape \(6,\)"):
+        run(lambda x, i: torch.zeros_like(x), None, x_T=torch.zeros(6, dtype=F64), **kw)
+    bad = torch.zeros(3, 2, dtype=F64)
+    bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="x_T contains NaN or inf"):
+        run(lambda x, i: torch.zeros_like(x), None, x_T=bad, **kw)
+
+
+@pytest.mark.parametrize("call", ["sample", "ddim_sample", "score_fn", "vlb", "loss"])
+def test_eps_model_with_another_dtype_is_refused(call):
+    # A float64 output for a float32 state used to turn the whole result into float64; the rule is
+    # "results keep the requested dtype or the call fails clearly".
+    ddpm = DDPM.linear(10, 1e-3, 0.2)
+
+    def eps64(x, i):
+        return torch.zeros(x.shape, dtype=torch.float64)
+
+    x = torch.zeros(3, 2, dtype=torch.float32)
+    calls = {
+        "sample": lambda: ddpm.sample(eps64, (3, 2), generator=gen(0), dtype=torch.float32),
+        "ddim_sample": lambda: ddpm.ddim_sample(eps64, (3, 2), steps=5, generator=gen(0), dtype=torch.float32),
+        "score_fn": lambda: ddpm.score_fn(eps64)(x, torch.full((3,), 0.5)),
+        "vlb": lambda: ddpm.vlb(eps64, x, generator=gen(0)),
+        "loss": lambda: ddpm.loss(eps64, x, generator=gen(0)),
+    }
+    with pytest.raises(TypeError, match=r"eps_model\(x, i\) must return the dtype of x \(torch.float32\), "
+                                        r"got torch.float64"):
+        calls[call]()
+    # The same model in float64 keeps float64.
+    assert ddpm.sample(eps64, (3, 2), generator=gen(0), dtype=torch.float64).dtype == torch.float64
