@@ -32,6 +32,8 @@ ALLOWED = {
     "adapters": {"sdes", "ddpm", "parameterization", "x0_transforms"},
     # x0_transforms: data-prediction options (clip, dynamic thresholding) as score wrappers.
     "x0_transforms": {"sdes"},
+    # diffusers_scheduler: sdegen's methods behind diffusers' scheduler protocol (runs sample() on an adapter).
+    "diffusers_scheduler": {"adapters", "sampling"},
     "data": {"oracle"},
     "guidance": {"sdes"},
     "conditional": {"sampling", "solvers", "grids", "sdes"},

@@ -163,3 +163,61 @@ def test_other_scheduler_fields_are_refused_by_name_unless_ignored():
 def test_ddim_needs_set_timesteps():
     with pytest.raises(ValueError, match="set_timesteps"):
         from_diffusers(unet(), diffusers.DDIMScheduler(num_train_timesteps=N_TRAIN))
+
+
+# ---------------------------------------------------------------------- sdegen methods as a diffusers scheduler
+BRIDGE_METHODS = {
+    "dpm_solver": {},
+    "heun_karras": {},
+    "pc": {"corrector_steps": 1},
+    "euler_maruyama": {},
+    "ancestral": {},
+}
+
+
+@pytest.mark.parametrize("method", list(BRIDGE_METHODS))
+def test_pipeline_with_sdegen_scheduler_equals_sample(method):
+    """A DDPMPipeline using SdegenScheduler gives sdegen.sample's images: same model, noise and generator."""
+    from sdegen.diffusers_scheduler import SdegenScheduler
+
+    options = BRIDGE_METHODS[method]
+    scheduler = SdegenScheduler(num_train_timesteps=N_TRAIN, beta_start=1e-3, beta_end=0.2, method=method,
+                                method_options=options)
+    pipe = diffusers.DDPMPipeline(unet=unet(), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=SHAPE[0], generator=torch.Generator().manual_seed(9), num_inference_steps=4,
+                  output_type="np").images
+
+    sde, score_fn = from_diffusers(unet(), _ddpm())      # the same schedule, no clipping
+    res = sdegen.sample(sde, score_fn, SHAPE, method=method, steps=4, generator=torch.Generator().manual_seed(9),
+                        dtype=F64, **options)
+    expected = (res.samples / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert len(scheduler.timesteps) == res.nfe
+    assert abs(images - expected).max() < 1e-12     # the same computation, not an approximation
+    assert images.std() > 1e-3
+
+
+def test_sdegen_scheduler_config_round_trip(tmp_path):
+    from sdegen.diffusers_scheduler import SdegenScheduler
+
+    s = SdegenScheduler(num_train_timesteps=N_TRAIN, beta_schedule="squaredcos_cap_v2", method="dpm_solver",
+                        method_options={"order": 2}, prediction_type="v_prediction")
+    s.save_config(tmp_path)
+    loaded = SdegenScheduler.from_pretrained(tmp_path)
+    def public(config):       # "_"-keys are diffusers' bookkeeping (class name, version, defaults used)
+        return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+    assert public(loaded.config) == public(s.config)
+    assert public(SdegenScheduler.from_config(s.config).config) == public(s.config)
+    torch.testing.assert_close(loaded.alphas_cumprod, s.alphas_cumprod)
+    # From another scheduler's config: its schedule carries over, the method is chosen.
+    ddpm = _ddpm(beta_schedule="scaled_linear")
+    s2 = SdegenScheduler.from_config(ddpm.config, method="heun_karras")
+    torch.testing.assert_close(s2.alphas_cumprod, ddpm.alphas_cumprod)
+    assert s2.order == 1 and s2.init_noise_sigma == 1.0
+    x = torch.randn(2, 3)
+    assert s2.scale_model_input(x, 0) is x
+    with pytest.raises(ValueError, match="fixed-grid"):
+        SdegenScheduler(method="rk45")
+    with pytest.raises(RuntimeError, match="set_timesteps"):
+        SdegenScheduler().step(x, 0, x)
