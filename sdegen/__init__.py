@@ -8,6 +8,7 @@ from importlib import import_module
 
 from .oracle import GaussianMixture, named_mixture
 from .sdes import SDE, AffineSDE, CustomSDE, ReverseSDE, SubVPSDE, VESDE, VPSDE
+from .sdes import FlowMatchingSDE, InterpolantSDE, flow_shift
 from .solvers.base import NonFiniteError, SampleResult, StepSizeError
 
 __version__ = "0.1.0"
@@ -56,6 +57,7 @@ def __dir__():
 
 __all__ = [
     "SDE", "AffineSDE", "CustomSDE", "ReverseSDE", "VPSDE", "SubVPSDE", "VESDE",
+    "FlowMatchingSDE", "InterpolantSDE", "flow_shift",
     "GaussianMixture", "named_mixture",
     "SampleResult", "NonFiniteError", "StepSizeError",
     *_LAZY,

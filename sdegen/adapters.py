@@ -11,10 +11,13 @@ are passed to the wrapped model unchanged.
 | [`from_denoiser`][sdegen.adapters.from_denoiser] | $D(x, \sigma) \approx \mathbb E[x_0 \mid x]$ (EDM) | [`VESDE`][sdegen.VESDE] |
 | [`from_x0`][sdegen.adapters.from_x0] | $\hat x_0(x, t)$ | any [`AffineSDE`][sdegen.AffineSDE] |
 | [`from_v`][sdegen.adapters.from_v] | $\hat v(x, t)$ | any [`AffineSDE`][sdegen.AffineSDE] |
+| [`from_flow`][sdegen.adapters.from_flow] | the flow-matching velocity $\hat u(x, t)$ | any [`AffineSDE`][sdegen.AffineSDE] (e.g. `sdegen.FlowMatchingSDE`) |
 
-Conversions (Tweedie, with $x_t = m(t) x_0 + s(t)\epsilon$): $\nabla\log p_t = -\hat\epsilon/s$,
-$\nabla\log p_t = (m\hat x_0 - x)/s^2$, and for $v = m\epsilon - s x_0$ (Salimans & Ho 2022, eq. 11,
-generalised to $m^2 + s^2 \ne 1$): $\hat x_0 = (m x - s\hat v)/(m^2 + s^2)$.
+Every output is converted by the one prediction table,
+[`to_score`][sdegen.parameterization.to_score] (Tweedie with $x_t = m(t) x_0 + s(t)\epsilon$:
+$\nabla\log p_t = -\hat\epsilon/s = (m\hat x_0 - x)/s^2$; v is the normalised Salimans & Ho v,
+$v = a\epsilon - b x_0$ with $a = m/r$, $b = s/r$, $r = \sqrt{m^2+s^2}$, which on VP is ``diffusers``'
+``v_prediction``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ._utils import append_dims, check_positive
+from .parameterization import denoiser_inputs, to_score
 from .sdes import AffineSDE, VESDE
 from .sdes.discrete import AbstractChainSDE, ChainPlan
 from .x0_transforms import ClipX0, ThresholdX0
@@ -35,6 +39,7 @@ __all__ = [
     "from_denoiser",
     "from_x0",
     "from_v",
+    "from_flow",
     "from_diffusers",
     "TIMESTEP_MODES",
 ]
@@ -42,6 +47,8 @@ __all__ = [
 #: How a discrete-step model is told the noise level at a time between its training steps.
 TIMESTEP_MODES = ("continuous", "round")
 _PREDICTIONS = ("epsilon", "sample", "v_prediction")
+# diffusers' prediction_type names -> rows of the one prediction table (sdegen.parameterization).
+_TABLE_KIND = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_velocity": "flow_velocity"}
 
 
 class DiscreteVPSDE(AbstractChainSDE):
@@ -226,15 +233,10 @@ class _DiscreteStepScore:
 
 
 def _prediction_to_score(sde: AffineSDE, prediction: str, x: Tensor, t: Tensor, out: Tensor) -> Tensor:
-    if out.shape != x.shape:
-        raise ValueError(f"the model must return a tensor shaped like x {tuple(x.shape)}, got {tuple(out.shape)}")
-    if prediction == "epsilon":
-        return sde.score_from_eps(x, t, out)
-    m, s = sde.marginal(t)
-    if prediction == "v_prediction":
-        m_, s_ = append_dims(m, x.ndim), append_dims(s, x.ndim)
-        out = (m_ * x - s_ * out) / (m_.square() + s_.square())
-    return sde.score_from_x0(x, t, out)
+    if not isinstance(out, Tensor) or out.shape != x.shape:
+        raise ValueError(f"the model must return a tensor shaped like x {tuple(x.shape)}, "
+                         f"got {getattr(out, 'shape', type(out).__name__)}")
+    return to_score(_TABLE_KIND[prediction], out, x, t, sde)
 
 
 def _check_choice(value, name: str, valid) -> str:
@@ -292,17 +294,18 @@ def from_discrete_eps(eps_model: Callable, betas, *, T: float = 1.0, timesteps: 
 
 
 class _DenoiserScore:
-    r"""$\nabla\log p_t(x) = (D(x, s(t)) - x)/s(t)^2$ for a VE SDE (picklable; final class)."""
+    r"""$\nabla\log p_t(x) = (D(x, s(t)) - x)/s(t)^2$ for a VE SDE, the table's ``"denoiser"`` row (picklable; final class)."""
 
     def __init__(self, denoiser: Callable, sde: VESDE):
         self.denoiser, self.sde = denoiser, sde
 
     def __call__(self, x: Tensor, t: Tensor, **model_kwargs) -> Tensor:
-        _, s = self.sde.marginal(t)
-        out = self.denoiser(x, s, **model_kwargs)
-        if out.shape != x.shape:
-            raise ValueError(f"denoiser must return a tensor shaped like x {tuple(x.shape)}, got {tuple(out.shape)}")
-        return (out - x) / append_dims(s.square(), x.ndim)
+        x_in, sigma = denoiser_inputs(x, t, self.sde)
+        out = self.denoiser(x_in, sigma, **model_kwargs)
+        if not isinstance(out, Tensor) or out.shape != x.shape:
+            raise ValueError(f"denoiser must return a tensor shaped like x {tuple(x.shape)}, "
+                             f"got {getattr(out, 'shape', type(out).__name__)}")
+        return to_score("denoiser", out, x, t, self.sde)
 
 
 def from_denoiser(denoiser: Callable, sigma_min: float, sigma_max: float, *, T: float = 1.0) -> tuple[VESDE, Callable]:
@@ -334,13 +337,14 @@ def from_denoiser(denoiser: Callable, sigma_min: float, sigma_max: float, *, T: 
 
 
 class _ContinuousScore:
-    """Score of a continuous-time x0- or v-model ``model(x, t, **kwargs)`` (picklable; final class)."""
+    """Score of a continuous-time model ``model(x, t * time_scale, **kwargs)`` (picklable; final class)."""
 
-    def __init__(self, model: Callable, sde: AffineSDE, prediction: str):
-        self.model, self.sde, self.prediction = model, sde, prediction
+    def __init__(self, model: Callable, sde: AffineSDE, prediction: str, time_scale: float = 1.0):
+        self.model, self.sde, self.prediction, self.time_scale = model, sde, prediction, time_scale
 
     def __call__(self, x: Tensor, t: Tensor, **model_kwargs) -> Tensor:
-        return _prediction_to_score(self.sde, self.prediction, x, t, self.model(x, t, **model_kwargs))
+        t_in = t if self.time_scale == 1.0 else t * self.time_scale
+        return _prediction_to_score(self.sde, self.prediction, x, t, self.model(x, t_in, **model_kwargs))
 
 
 def _check_affine(sde) -> AffineSDE:
@@ -360,15 +364,47 @@ def from_x0(model: Callable, sde: AffineSDE) -> tuple[AffineSDE, Callable]:
 
 
 def from_v(model: Callable, sde: AffineSDE) -> tuple[AffineSDE, Callable]:
-    r"""Wrap a continuous-time $v$-predictor, $v = m(t)\epsilon - s(t)x_0$ (Salimans & Ho 2022, eq. 11).
+    r"""Wrap a continuous-time $v$-predictor, $v = a\epsilon - b x_0$, $a = m/r$, $b = s/r$, $r = \sqrt{m^2+s^2}$.
 
-    $\hat x_0 = (m x - s\hat v)/(m^2 + s^2)$, then $\nabla\log p_t = (m\hat x_0 - x)/s^2$; for VP
-    ($m^2 + s^2 = 1$) this is the usual $\hat x_0 = m x - s\hat v$.
+    This is Salimans & Ho's (2022, eq. 11) $v$ of the variance-normalised state $x/r$, the one v
+    convention of sdegen ([`sdegen.parameterization`][sdegen.parameterization], the same as
+    ``ScoreModel(net, sde, "v")``). On VP ($r = 1$) it is the usual $v = m\epsilon - s x_0$,
+    $\hat x_0 = m x - s\hat v$. The score is $\nabla\log p_t = -x/r^2 - a\hat v/s$.
     ``model(x, t, **model_kwargs)`` receives the forward time ``t`` ``(B,)``.
+
+    Args:
+        model: ``model(x, t, **model_kwargs) -> (B, *D)``.
+        sde: the [`AffineSDE`][sdegen.AffineSDE].
+
+    Returns:
+        ``(sde, score_fn)``.
     """
     if not callable(model):
         raise TypeError(f"model must be callable model(x, t), got {type(model).__name__}")
     return _check_affine(sde), _ContinuousScore(model, sde, "v_prediction")
+
+
+def from_flow(model: Callable, sde: AffineSDE, *, time_scale: float = 1.0) -> tuple[AffineSDE, Callable]:
+    r"""Wrap a flow-matching / rectified-flow velocity model $\hat u(x, t) \approx \mathbb E[dx_t/dt \mid x_t = x]$.
+
+    For the straight path of `sdegen.FlowMatchingSDE` ($x_t = (1-t)x_0 + t\epsilon$) the training
+    target is $u = \epsilon - x_0$ (Lipman et al. 2023, eq. 23; Liu et al. 2023, eq. 1; the convention
+    of ``diffusers``' ``FlowMatchEulerDiscreteScheduler``, whose ``sigma`` is this $t$). For any affine
+    SDE the score is $\nabla\log p_t = (\hat u - a(t)x)/(-\tfrac12 g(t)^2)$, the ``"flow_velocity"``
+    row of the prediction table ([`to_score`][sdegen.parameterization.to_score]).
+
+    Args:
+        model: ``model(x, t * time_scale, **model_kwargs) -> (B, *D)``.
+        sde: the [`AffineSDE`][sdegen.AffineSDE] of the path (usually `sdegen.FlowMatchingSDE`).
+        time_scale: the model receives ``t * time_scale`` (1000 for ``diffusers`` transformers,
+            whose ``timestep`` is ``sigma * num_train_timesteps``).
+
+    Returns:
+        ``(sde, score_fn)``.
+    """
+    if not callable(model):
+        raise TypeError(f"model must be callable model(x, t), got {type(model).__name__}")
+    return _check_affine(sde), _ContinuousScore(model, sde, "flow_velocity", check_positive(time_scale, "time_scale"))
 
 
 def _call_diffusers_unet(unet, x: Tensor, steps: Tensor, model_kwargs: dict) -> Tensor:

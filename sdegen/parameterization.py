@@ -1,32 +1,48 @@
-r"""Parameterizations: turn a raw network into a score function for any [`AffineSDE`][sdegen.AffineSDE].
+r"""Predictions and parameterizations: the one table that converts score, eps, x0, v and velocities.
 
-With the marginal $x_t = m(t)\,x_0 + s(t)\,\epsilon$ (``mean_coef`` $m$, ``std`` $s$, $\sigma = s/m$),
-a network output $F$ is read as one of
+With the marginal $x_t = m(t)\,x_0 + s(t)\,\epsilon$ of an [`AffineSDE`][sdegen.AffineSDE]
+(``mean_coef`` $m$, ``std`` $s$, $\sigma = s/m$), a model output $F$ is read as one of the
+**predictions** below. Every conversion in sdegen goes through [`to_score`][sdegen.parameterization.to_score]
+and [`from_score`][sdegen.parameterization.from_score] (one row per kind, here and nowhere else):
+[`ScoreModel`][sdegen.parameterization.ScoreModel], the adapters in [`sdegen.adapters`][sdegen.adapters] and the
+flow-matching SDEs all call them.
 
-| parameterization | $F$ predicts | score $\nabla_x\log p_t(x)$ |
-|---|---|---|
-| ``"score"`` | the score | $F$ |
-| ``"eps"`` | $\epsilon$ (Ho et al. 2020, eq. 12) | $-F/s$ |
-| ``"x0"`` | $x_0$ | $(m F - x)/s^2$ (Tweedie) |
-| ``"v"`` | $v = a\epsilon - b\,x_0$ (Salimans & Ho 2022, §4) | via $\hat x_0 = a\,x/r - b F$ |
-| ``"edm"`` | EDM's $F_\theta$ (Karras et al. 2022, eq. 7, Table 1) | via $\hat x_0 = c_\text{skip}\tilde x + c_\text{out}F$ |
+| kind | $F$ predicts | score $\nabla_x\log p_t(x)$ | $F$ from the score |
+|---|---|---|---|
+| ``"score"`` | the score | $F$ | $\nabla\log p_t$ |
+| ``"eps"`` | $\epsilon$ (Ho et al. 2020, eq. 12) | $-F/s$ | $-s\,\nabla\log p_t$ |
+| ``"x0"`` | $x_0$ (Tweedie) | $(mF - x)/s^2$ | $(x + s^2\nabla\log p_t)/m$ |
+| ``"denoiser"`` | $D(x/m, \sigma) = \mathbb E[x_0 \mid x_t]$ (Karras et al. 2022, eq. 3) | as ``"x0"`` | as ``"x0"`` |
+| ``"v"`` | $v = a\epsilon - b x_0$ (Salimans & Ho 2022, §4, eq. 11; see below) | $-x/r^2 - aF/s$ | $a\hat\epsilon - b\hat x_0$ |
+| ``"flow_velocity"`` | $u = \dot m\,x_0 + \dot s\,\epsilon$, the path velocity $dx_t/dt$ (Lipman et al. 2023, eq. 20; Liu et al. 2023) | $(F - \alpha x)/h$ | $\alpha x + h\,\nabla\log p_t$ |
 
-**v for any affine SDE.** With $r = \sqrt{m^2 + s^2}$, $a = m/r$, $b = s/r$ (so $a^2+b^2=1$),
-$x/r = a x_0 + b\epsilon$ and we define $v = a\epsilon - b x_0$. Then $\hat x_0 = a\,x/r - b v$ and
-$\hat\epsilon = b\,x/r + a v$. For VP ($m^2+s^2=1$) this is exactly Salimans & Ho's
-$v = \alpha\epsilon - \sigma x_0$; for VE ($m=1$) it is $v = (\epsilon - s x_0)/\sqrt{1+s^2}$.
+**The one v convention.** $r = \sqrt{m^2 + s^2}$, $a = m/r$, $b = s/r$ (so $a^2 + b^2 = 1$). The
+variance-normalised state $x/r = a\,x_0 + b\,\epsilon$ is a VP-type mixture with angle
+$\phi = \arctan(b/a)$, and $v = a\epsilon - b x_0 = d(x/r)/d\phi$ is Salimans & Ho's (2022, eq. 11)
+$v = \alpha_t\epsilon - \sigma_t x_0$ applied to it. Then $\hat x_0 = a\,x/r - b\hat v$ and
+$\hat\epsilon = b\,x/r + a\hat v$. On VP ($m^2 + s^2 = 1$, $r = 1$) this is exactly Salimans & Ho's v and
+``diffusers``' ``prediction_type="v_prediction"``; on VE ($m = 1$) $v = (\epsilon - s x_0)/\sqrt{1+s^2}$.
+(sdegen < 0.2 read ``adapters.from_v`` as the unnormalised $m\epsilon - s x_0$; it now uses this one.)
 
-**EDM.** With $\tilde x = x/m$ (the VE-scaled input, $\tilde x = x_0 + \sigma\epsilon$) and data std
-$\sigma_d$ (``sigma_data``): $c_\text{skip} = \sigma_d^2/(\sigma^2+\sigma_d^2)$,
+**Flow velocity.** The flow-matching target for the path $x_t = m(t)x_0 + s(t)\epsilon$ is its time
+derivative $u = \dot m x_0 + \dot s\epsilon$ (for rectified flow, $m = 1 - t$, $s = t$: $u = \epsilon - x_0$).
+Its conditional mean given $x_t$ is the probability-flow drift,
+$\mathbb E[u \mid x_t = x] = \alpha(t)x - \tfrac12 g(t)^2\nabla\log p_t(x)$ with
+$(\alpha, h) = (a(t), -\tfrac12 g(t)^2)$ from ``sde.ode_coefs`` (Song et al. 2021, eq. 13), so the
+row holds for **every** affine SDE, not only flow-matching paths. It is not Salimans & Ho's v.
+
+**EDM.** [`ScoreModel`][sdegen.parameterization.ScoreModel] with ``"edm"`` is a denoiser with the
+preconditioning of Karras et al. (2022, eq. 7, Table 1): with $\tilde x = x/m$ and data std
+$\sigma_d$ (``sigma_data``), $c_\text{skip} = \sigma_d^2/(\sigma^2+\sigma_d^2)$,
 $c_\text{out} = \sigma\sigma_d/\sqrt{\sigma^2+\sigma_d^2}$, $c_\text{in} = 1/\sqrt{\sigma^2+\sigma_d^2}$,
 $c_\text{noise} = \tfrac14\log\sigma$, and $\hat x_0 = c_\text{skip}\tilde x + c_\text{out}
-F_\theta(c_\text{in}\tilde x, c_\text{noise})$.
+F_\theta(c_\text{in}\tilde x, c_\text{noise})$; $\hat x_0$ then goes through the ``"x0"`` row.
 
-**Network inputs.** Except for EDM, the network sees ``(x, t / T)``; EDM's sees
-``(c_in * x / m, c_noise)``. [`ScoreModel.net_inputs`][sdegen.parameterization.ScoreModel.net_inputs] returns them.
+**Network inputs.** Except for EDM, a [`ScoreModel`][sdegen.parameterization.ScoreModel]'s network sees
+``(x, t / T)``; EDM's sees ``(c_in * x / m, c_noise)``.
 
-Every conversion goes through the SDE's Tweedie helpers (``x0_from_score``, ``score_from_x0``,
-``eps_from_score``, ``score_from_eps``), so user-defined affine SDEs work unchanged.
+Shapes: ``x``, outputs ``(B, *D)``; ``t`` ``(B,)`` forward time in ``[0, T]`` (data at 0). Avoid
+$t = 0$ where $s = 0$: the score is undefined there.
 """
 
 from __future__ import annotations
@@ -39,19 +55,122 @@ from torch import Tensor, nn
 from ._utils import append_dims, check_floating, check_positive
 from .sdes import AffineSDE
 
-__all__ = ["ScoreModel", "PARAMETERIZATIONS", "v_from_eps_x0"]
+__all__ = ["ScoreModel", "PARAMETERIZATIONS", "PREDICTIONS", "to_score", "from_score", "convert",
+           "v_from_eps_x0", "denoiser_inputs"]
 
-PARAMETERIZATIONS = ("score", "eps", "x0", "v", "edm")
+#: Prediction kinds of the conversion table (see the module docstring).
+PREDICTIONS = ("score", "eps", "x0", "denoiser", "v", "flow_velocity")
+#: Parameterizations a [`ScoreModel`][sdegen.parameterization.ScoreModel] accepts.
+PARAMETERIZATIONS = ("score", "eps", "x0", "v", "flow_velocity", "edm")
+
+
+def _check_kind(kind) -> str:
+    if kind not in PREDICTIONS:
+        raise ValueError(f"prediction kind must be one of {', '.join(map(repr, PREDICTIONS))}; got {kind!r}")
+    return kind
+
+
+def _check_sde(sde) -> AffineSDE:
+    if not isinstance(sde, AffineSDE):
+        raise TypeError(f"sde must be an sdegen.AffineSDE (the conversions need its marginal), got {type(sde).__name__}")
+    return sde
 
 
 def _v_coefs(m: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """$(a, b, r)$ with $r = \\sqrt{m^2+s^2}$, $a = m/r$, $b = s/r$."""
-    r = torch.sqrt(m.square() + s.square())
+    r"""$(a, b, r)$ with $r = \sqrt{m^2+s^2}$, $a = m/r$, $b = s/r$ (``hypot`` avoids overflow)."""
+    r = torch.hypot(m, s)
     return m / r, s / r, r
 
 
+def to_score(kind: str, output: Tensor, x: Tensor, t: Tensor, sde: AffineSDE) -> Tensor:
+    r"""Convert a prediction of kind ``kind`` into the score $\nabla_x\log p_t(x)$ (the table's left column).
+
+    Args:
+        kind: one of `PREDICTIONS`.
+        output: ``(B, *D)`` the prediction $F$.
+        x: ``(B, *D)`` the state $x_t$.
+        t: ``(B,)`` forward time in ``[0, T]``.
+        sde: the [`AffineSDE`][sdegen.AffineSDE] whose marginal defines the prediction.
+
+    Returns:
+        ``(B, *D)`` the score.
+
+    Raises:
+        ValueError: unknown ``kind`` or ``output`` not shaped like ``x``.
+    """
+    _check_kind(kind)
+    if not isinstance(output, Tensor) or output.shape != x.shape:
+        raise ValueError(f"a {kind!r} prediction must be a tensor shaped like x {tuple(x.shape)}, "
+                         f"got {getattr(output, 'shape', type(output).__name__)}")
+    if kind == "score":
+        return output
+    if kind == "flow_velocity":
+        alpha, h = sde.ode_coefs(t)
+        return (output - append_dims(alpha, x.ndim) * x) / append_dims(h, x.ndim)
+    if kind in ("x0", "denoiser"):
+        return sde.score_from_x0(x, t, output)
+    if kind == "eps":
+        return sde.score_from_eps(x, t, output)
+    # "v": score = -eps_hat / s with eps_hat = b x / r + a v, written without the cancellation of
+    # the x0 route: -x / r^2 - a v / s.
+    m, s = sde.marginal(t)
+    a, _, r = _v_coefs(m, s)
+    return -x / append_dims(r.square(), x.ndim) - append_dims(a / s, x.ndim) * output
+
+
+def from_score(kind: str, score: Tensor, x: Tensor, t: Tensor, sde: AffineSDE) -> Tensor:
+    r"""The prediction of kind ``kind`` that a model with score ``score`` makes (the table's right column).
+
+    The inverse of [`to_score`][sdegen.parameterization.to_score]. ``x0`` and ``eps`` come from the
+    SDE's Tweedie helpers (``sde.x0_from_score``, ``sde.eps_from_score``):
+    $\hat x_0 = (x + s^2\nabla\log p_t)/m$, $\hat\epsilon = -s\nabla\log p_t$.
+
+    Args:
+        kind: one of `PREDICTIONS`.
+        score: ``(B, *D)``.
+        x: ``(B, *D)``.
+        t: ``(B,)``.
+        sde: the [`AffineSDE`][sdegen.AffineSDE].
+
+    Returns:
+        ``(B, *D)``.
+    """
+    _check_kind(kind)
+    if kind == "score":
+        return score
+    if kind == "flow_velocity":
+        alpha, h = sde.ode_coefs(t)
+        return torch.addcmul(append_dims(alpha, x.ndim) * x, append_dims(h, x.ndim), score)
+    if kind in ("x0", "denoiser"):
+        return sde.x0_from_score(x, t, score)
+    if kind == "eps":
+        return sde.eps_from_score(x, t, score)
+    return v_from_eps_x0(sde, t, sde.eps_from_score(x, t, score), sde.x0_from_score(x, t, score))
+
+
+def convert(output: Tensor, x: Tensor, t: Tensor, sde: AffineSDE, *, source: str, target: str) -> Tensor:
+    r"""Re-express a prediction of kind ``source`` as kind ``target``: ``from_score(target, to_score(source, ...))``.
+
+    Args:
+        output: ``(B, *D)`` the ``source`` prediction.
+        x: ``(B, *D)``.
+        t: ``(B,)``.
+        sde: the [`AffineSDE`][sdegen.AffineSDE].
+        source: kind of ``output`` (one of `PREDICTIONS`).
+        target: wanted kind.
+
+    Returns:
+        ``(B, *D)``.
+    """
+    _check_kind(target)
+    if source == target:
+        _check_kind(source)
+        return output
+    return from_score(target, to_score(source, output, x, t, sde), x, t, sde)
+
+
 def v_from_eps_x0(sde: AffineSDE, t: Tensor, eps: Tensor, x0: Tensor) -> Tensor:
-    r"""The v-target $v = a\epsilon - b x_0$ with $a = m/r$, $b = s/r$, $r = \sqrt{m^2+s^2}$.
+    r"""The v-target $v = a\epsilon - b x_0$ with $a = m/r$, $b = s/r$, $r = \sqrt{m^2+s^2}$ (module docstring).
 
     ``eps``, ``x0``: ``(B, *D)``; ``t``: ``(B,)``. Returns ``(B, *D)``.
     """
@@ -60,19 +179,30 @@ def v_from_eps_x0(sde: AffineSDE, t: Tensor, eps: Tensor, x0: Tensor) -> Tensor:
     return append_dims(a, eps.ndim) * eps - append_dims(b, eps.ndim) * x0
 
 
+def denoiser_inputs(x: Tensor, t: Tensor, sde: AffineSDE) -> tuple[Tensor, Tensor]:
+    r"""What an EDM-convention denoiser $D(\tilde x, \sigma)$ receives at $(x, t)$: $(x/m, \sigma = s/m)$.
+
+    Its output is read through the ``"denoiser"`` row (= $\hat x_0$). On VE ($m = 1$) this is $(x, s(t))$.
+    ``x``: ``(B, *D)``; ``t``: ``(B,)``. Returns ``((B, *D), (B,))``.
+    """
+    m, s = sde.marginal(t)
+    return x / append_dims(m, x.ndim), s / m
+
+
 class ScoreModel(nn.Module):
     r"""A network read through a parameterization: callable as ``score_fn(x, t, **model_kwargs)``.
 
     Args:
-        net: a module ``net(x, t, **model_kwargs) -> x-shaped`` (e.g. [`sdegen.nn.MLP`][sdegen.nn.MLP]).
+        net: a module ``net(x, t, **model_kwargs) -> x-shaped`` (e.g. `sdegen.nn.MLP`).
         sde: the [`AffineSDE`][sdegen.AffineSDE] whose marginal $(m(t), s(t))$ defines the conversions.
-        parameterization: one of ``"score"``, ``"eps"``, ``"x0"``, ``"v"``, ``"edm"`` (see the module
-            docstring for the formulas).
+        parameterization: one of ``"score"``, ``"eps"``, ``"x0"``, ``"v"``, ``"flow_velocity"``,
+            ``"edm"`` (see the module docstring for the formulas; ``"v"`` is the normalised
+            Salimans–Ho v).
         sigma_data: $\sigma_d$ of the EDM preconditioning (ignored otherwise).
 
-    Calling the model returns the score $\nabla_x \log p_t(x)$; [`eps`][sdegen.parameterization.ScoreModel.eps], [`x0`][sdegen.parameterization.ScoreModel.x0], [`v`][sdegen.parameterization.ScoreModel.v]
-    and [`score`][sdegen.parameterization.ScoreModel.forward] give each prediction. ``x``: ``(B, *D)``; ``t``: ``(B,)`` (or a float) in
-    forward time ``[0, T]``; avoid ``t = 0`` where $s = 0$ (the score is undefined there).
+    Calling the model returns the score $\nabla_x \log p_t(x)$; [`prediction`][sdegen.parameterization.ScoreModel.prediction]
+    gives any other kind, and ``eps``, ``x0``, ``v`` are shortcuts. ``x``: ``(B, *D)``; ``t``: ``(B,)``
+    (or a float) in forward time ``[0, T]``; avoid ``t = 0`` where $s = 0$ (the score is undefined there).
 
     Raises:
         TypeError: ``net`` not an ``nn.Module`` or ``sde`` not an ``AffineSDE``.
@@ -83,9 +213,7 @@ class ScoreModel(nn.Module):
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
-        if not isinstance(sde, AffineSDE):
-            raise TypeError(f"sde must be an sdegen.AffineSDE (the parameterizations need its marginal), "
-                            f"got {type(sde).__name__}")
+        _check_sde(sde)
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be one of {', '.join(PARAMETERIZATIONS)}; "
                              f"got {parameterization!r}")
@@ -126,41 +254,26 @@ class ScoreModel(nn.Module):
         return out
 
     # ------------------------------------------------------------------ conversions (pure functions of F)
+    def _kind_and_output(self, x: Tensor, t: Tensor, out: Tensor) -> tuple[str, Tensor]:
+        """The table row and prediction for a raw output (EDM: the preconditioned $\\hat x_0$)."""
+        if self.parameterization != "edm":
+            return self.parameterization, out
+        m, s = self.sde.marginal(t)
+        c_skip, c_out, _, _ = self._edm_coefs(m, s)
+        return "x0", append_dims(c_skip / m, x.ndim) * x + append_dims(c_out, x.ndim) * out
+
     def score_from_raw(self, x: Tensor, t: Tensor, out: Tensor) -> Tensor:
         r"""Convert a network output ``out`` (this parameterization) into the score. ``t``: ``(B,)``."""
-        p, sde = self.parameterization, self.sde
-        if p == "score":
-            return out
-        if p == "eps":
-            return sde.score_from_eps(x, t, out)
-        return sde.score_from_x0(x, t, self._x0_from_raw(x, t, out))
-
-    def _x0_from_raw(self, x: Tensor, t: Tensor, out: Tensor) -> Tensor:
-        m, s = self.sde.marginal(t)
-        if self.parameterization == "x0":
-            return out
-        if self.parameterization == "v":
-            a, b, r = _v_coefs(m, s)
-            return append_dims(a / r, x.ndim) * x - append_dims(b, x.ndim) * out
-        if self.parameterization == "edm":
-            c_skip, c_out, _, _ = self._edm_coefs(m, s)
-            return append_dims(c_skip / m, x.ndim) * x + append_dims(c_out, x.ndim) * out
-        return self.sde.x0_from_score(x, t, self.score_from_raw(x, t, out))
+        kind, pred = self._kind_and_output(x, t, out)
+        return to_score(kind, pred, x, t, self.sde)
 
     def raw_from_score(self, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
-        r"""Inverse of [`score_from_raw`][sdegen.parameterization.ScoreModel.score_from_raw]: the output a perfect network would give for ``score``."""
-        p, sde = self.parameterization, self.sde
-        if p == "score":
-            return score
-        if p == "eps":
-            return sde.eps_from_score(x, t, score)
-        x0 = sde.x0_from_score(x, t, score)
-        if p == "x0":
-            return x0
-        m, s = sde.marginal(t)
-        if p == "v":
-            return v_from_eps_x0(sde, t, sde.eps_from_score(x, t, score), x0)
+        r"""Inverse of [`score_from_raw`][sdegen.parameterization.ScoreModel.score_from_raw]: the output a perfect network would give."""
+        if self.parameterization != "edm":
+            return from_score(self.parameterization, score, x, t, self.sde)
+        m, s = self.sde.marginal(t)
         c_skip, c_out, _, _ = self._edm_coefs(m, s)
+        x0 = from_score("x0", score, x, t, self.sde)
         return (x0 - append_dims(c_skip / m, x.ndim) * x) / append_dims(c_out, x.ndim)
 
     # ------------------------------------------------------------------ predictions
@@ -171,31 +284,26 @@ class ScoreModel(nn.Module):
 
     score = forward
 
+    def prediction(self, kind: str, x: Tensor, t, **model_kwargs: Any) -> Tensor:
+        r"""The model's prediction of kind ``kind`` (one of `PREDICTIONS`), through the one table."""
+        _check_kind(kind)
+        t = self._time(x, t)
+        own, pred = self._kind_and_output(x, t, self.raw(x, t, **model_kwargs))
+        if own == kind or (own, kind) in (("x0", "denoiser"), ("denoiser", "x0")):
+            return pred
+        return from_score(kind, to_score(own, pred, x, t, self.sde), x, t, self.sde)
+
     def eps(self, x: Tensor, t, **model_kwargs: Any) -> Tensor:
         r"""$\hat\epsilon(x, t)$, the predicted noise in $x = m x_0 + s\epsilon$."""
-        t = self._time(x, t)
-        out = self.raw(x, t, **model_kwargs)
-        if self.parameterization == "eps":
-            return out
-        if self.parameterization == "v":
-            m, s = self.sde.marginal(t)
-            a, b, r = _v_coefs(m, s)
-            return append_dims(b / r, x.ndim) * x + append_dims(a, x.ndim) * out
-        return self.sde.eps_from_score(x, t, self.score_from_raw(x, t, out))
+        return self.prediction("eps", x, t, **model_kwargs)
 
     def x0(self, x: Tensor, t, **model_kwargs: Any) -> Tensor:
         r"""$\hat x_0(x, t) = \mathbb E[x_0 \mid x_t = x]$ (the denoiser)."""
-        t = self._time(x, t)
-        return self._x0_from_raw(x, t, self.raw(x, t, **model_kwargs))
+        return self.prediction("x0", x, t, **model_kwargs)
 
     def v(self, x: Tensor, t, **model_kwargs: Any) -> Tensor:
         r"""$\hat v = a\hat\epsilon - b\hat x_0$ (see the module docstring for $a$, $b$)."""
-        t = self._time(x, t)
-        out = self.raw(x, t, **model_kwargs)
-        if self.parameterization == "v":
-            return out
-        score = self.score_from_raw(x, t, out)
-        return v_from_eps_x0(self.sde, t, self.sde.eps_from_score(x, t, score), self.sde.x0_from_score(x, t, score))
+        return self.prediction("v", x, t, **model_kwargs)
 
     def extra_repr(self) -> str:
         return f"sde={self.sde!r}, parameterization={self.parameterization!r}"

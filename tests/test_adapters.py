@@ -159,8 +159,9 @@ def test_from_x0_and_from_v_match_oracle(sde, generator):
 
     def v_model(x, t, **kw):
         m, s = (v[:, None] for v in sde.marginal(t))
-        x0 = x0_model(x, t)
-        return m * (x - m * x0) / s - s * x0            # v = m eps - s x0 with eps = (x - m x0)/s
+        x0, r = x0_model(x, t), (m.square() + s.square()).sqrt()
+        # sdegen's one v convention: v = (m eps - s x0)/r, r = sqrt(m^2 + s^2), eps = (x - m x0)/s.
+        return (m * (x - m * x0) / s - s * x0) / r
 
     for adapter, model in ((from_x0, x0_model), (from_v, v_model)):
         sde_out, score_fn = adapter(model, sde)

@@ -19,6 +19,7 @@ SDES = {
     "subvp": lambda: sdegen.SubVPSDE(),
     "ve": lambda: sdegen.VESDE(sigma_min=0.01, sigma_max=50.0),
     "custom": _custom_sde,
+    "flow": lambda: sdegen.FlowMatchingSDE(),
 }
 
 
@@ -59,10 +60,10 @@ class _OracleNet(torch.nn.Module):
         return self.model.raw_from_score(x, t, self.gm.score(x, t, sde))
 
 
-def _xt(shape=(64, 2), seed=0, lo=0.02):
+def _xt(shape=(64, 2), seed=0, lo=0.02, hi=0.99):
     gen = torch.Generator().manual_seed(seed)
     x = 2 * torch.randn(shape, generator=gen, dtype=F64)
-    t = lo + (1 - lo) * torch.rand(shape[0], generator=gen, dtype=F64)
+    t = lo + (hi - lo) * torch.rand(shape[0], generator=gen, dtype=F64)
     return x, t, gen
 
 
@@ -118,7 +119,7 @@ def test_oracle_score_through_every_parameterization(sde_name, param):
     model = ScoreModel(net, sde, param, sigma_data=0.5)
     net.model = model
     gen = torch.Generator().manual_seed(3)
-    t = 0.02 + 0.98 * torch.rand(128, generator=gen, dtype=F64)
+    t = 0.02 + (0.98 * sde.T - 0.02) * torch.rand(128, generator=gen, dtype=F64)
     m, s = sde.marginal(t)
     # Points drawn from p_t itself, so the check covers where the score matters.
     x = m[:, None] * gm.sample(128, generator=gen) + s[:, None] * torch.randn(128, 2, generator=gen, dtype=F64)
@@ -167,3 +168,100 @@ def test_model_kwargs_reach_the_net():
     a, b = model(x, t, y=torch.zeros(8, dtype=torch.long)), model(x, t, y=2)
     assert not torch.allclose(a, b)
     torch.testing.assert_close(model(x, t), model(x, t, y=net.null_label))
+
+
+# ---------------------------------------------------------------------- one conversion table (issue 14, item 3)
+from sdegen import adapters  # noqa: E402
+from sdegen.parameterization import PREDICTIONS, convert, from_score, to_score  # noqa: E402
+
+_ENTRY_SDES = {"vp": SDES["vp"], "subvp": SDES["subvp"], "ve": lambda: sdegen.VESDE(0.01, 20.0),
+               "flow": SDES["flow"]}
+_ADAPTERS = {"v": adapters.from_v, "x0": adapters.from_x0, "flow_velocity": adapters.from_flow}
+
+
+@pytest.mark.parametrize("sde_name", list(_ENTRY_SDES))
+@pytest.mark.parametrize("kind", list(_ADAPTERS))
+def test_score_model_and_adapter_give_the_same_score(sde_name, kind):
+    # The same network output F read by ScoreModel(net, sde, kind) and by adapters.from_<kind>: one
+    # convention, one conversion. Before, "v" differed by 0.46 on VE and 0.027 on sub-VP.
+    sde = _ENTRY_SDES[sde_name]()
+    x, t, gen = _xt(seed=7)
+    out = torch.randn(x.shape, generator=gen, dtype=F64)
+    via_model = ScoreModel(_Fixed(out), sde, kind)(x, t)
+    _, score_fn = _ADAPTERS[kind](lambda x, t: out, sde)
+    torch.testing.assert_close(score_fn(x, t), via_model, rtol=1e-13, atol=1e-13)
+
+
+def test_denoiser_adapter_is_the_x0_row():
+    # EDM's D(x, sigma) on VE (m = 1, sigma = s) is the x0 row; from_denoiser passes sigma = s(t).
+    sde_ref = sdegen.VESDE(0.01, 20.0)
+    x, t, gen = _xt(seed=8)
+    out = torch.randn(x.shape, generator=gen, dtype=F64)
+    seen = {}
+
+    def denoiser(x_in, sigma):
+        seen["sigma"] = sigma
+        return out
+
+    _, score_fn = adapters.from_denoiser(denoiser, 0.01, 20.0)
+    torch.testing.assert_close(score_fn(x, t), ScoreModel(_Fixed(out), sde_ref, "x0")(x, t), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(seen["sigma"], sde_ref.marginal(t)[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
+def test_table_matches_the_definitions_for_a_known_pair(sde_name):
+    # For data at one point x0 (a Dirac), x = m x0 + s eps has the exact score -eps/s, and every row
+    # must return its defining quantity: eps; x0; v = a eps - b x0 (a = m/r, b = s/r); the path
+    # velocity m' x0 + s' eps (by central differences of the marginal, step 1e-6: error ~1e-9, and
+    # the numerical marginal of the custom SDE is ~1e-10 accurate).
+    sde = SDES[sde_name]()
+    x0, t, gen = _xt(seed=9, lo=0.05, hi=0.95)
+    eps = torch.randn(x0.shape, generator=gen, dtype=F64)
+    m, s = (v[:, None] for v in sde.marginal(t))
+    x = m * x0 + s * eps
+    score = -eps / s
+    h = 1e-6
+    (mp, sp), (mm, sm) = sde.marginal(t + h), sde.marginal(t - h)
+    dm, ds = ((mp - mm) / (2 * h))[:, None], ((sp - sm) / (2 * h))[:, None]
+    r = (m.square() + s.square()).sqrt()
+    expected = {"score": score, "eps": eps, "x0": x0, "denoiser": x0, "v": (m * eps - s * x0) / r,
+                "flow_velocity": dm * x0 + ds * eps}
+    assert set(expected) == set(PREDICTIONS)
+    for kind, value in expected.items():
+        tol = 1e-6 if kind == "flow_velocity" else 1e-10
+        torch.testing.assert_close(from_score(kind, score, x, t, sde), value, rtol=tol, atol=tol)
+        torch.testing.assert_close(to_score(kind, value, x, t, sde), score, rtol=1e-6 if tol > 1e-9 else 1e-9,
+                                   atol=1e-6 if tol > 1e-9 else 1e-9)
+
+
+def test_flow_velocity_is_eps_minus_x0_on_the_straight_path():
+    sde = sdegen.FlowMatchingSDE()
+    x0, t, gen = _xt(seed=10)
+    eps = torch.randn(x0.shape, generator=gen, dtype=F64)
+    x = (1 - t)[:, None] * x0 + t[:, None] * eps
+    torch.testing.assert_close(convert(eps, x, t, sde, source="eps", target="flow_velocity"), eps - x0,
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(convert(eps - x0, x, t, sde, source="flow_velocity", target="x0"), x0,
+                               rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("source", PREDICTIONS)
+@pytest.mark.parametrize("target", PREDICTIONS)
+def test_convert_round_trips(source, target):
+    sde = SDES["subvp"]()
+    x, t, gen = _xt(seed=11)
+    out = torch.randn(x.shape, generator=gen, dtype=F64)
+    back = convert(convert(out, x, t, sde, source=source, target=target), x, t, sde, source=target, target=source)
+    torch.testing.assert_close(back, out, rtol=1e-9, atol=1e-9)
+
+
+def test_table_errors():
+    sde = sdegen.VPSDE()
+    x = torch.zeros(2, 2, dtype=F64)
+    t = torch.full((2,), 0.5, dtype=F64)
+    with pytest.raises(ValueError, match="prediction kind must be one of .*'flow_velocity'; got 'velocity'"):
+        to_score("velocity", x, x, t, sde)
+    with pytest.raises(ValueError, match=r"shaped like x \(2, 2\)"):
+        to_score("eps", torch.zeros(2, 3, dtype=F64), x, t, sde)
+    with pytest.raises(ValueError, match="prediction kind"):
+        convert(x, x, t, sde, source="eps", target="noise")

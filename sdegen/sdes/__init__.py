@@ -2,7 +2,9 @@
 
 from .affine import AffineSDE
 from .base import SDE, CustomSDE, ReverseSDE
+from .flow import AbstractInterpolantSDE, FlowMatchingSDE, InterpolantSDE, flow_shift
 from .ve import VESDE
 from .vp import SubVPSDE, VPSDE
 
-__all__ = ["SDE", "AffineSDE", "ReverseSDE", "CustomSDE", "VPSDE", "SubVPSDE", "VESDE"]
+__all__ = ["SDE", "AffineSDE", "ReverseSDE", "CustomSDE", "VPSDE", "SubVPSDE", "VESDE",
+           "AbstractInterpolantSDE", "InterpolantSDE", "FlowMatchingSDE", "flow_shift"]
