@@ -6,6 +6,7 @@ Nothing here knows about SDEs; every other module may import it.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -16,6 +17,10 @@ __all__ = [
     "as_time",
     "check_time_range",
     "check_positive",
+    "check_number",
+    "check_int",
+    "check_seed",
+    "check_bool",
     "check_floating",
     "sum_except_batch",
     "is_traceable_device",
@@ -101,17 +106,142 @@ def check_time_range(t: Tensor, T: float, *, name: str = "t", lo: float = 0.0) -
         raise ValueError(f"{name} must lie in [{lo}, {T}], got values in [{tmin}, {tmax}]")
 
 
+def _describe(value: Any) -> str:
+    """``repr`` of a received value with its type, for error messages (shortened if long)."""
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _as_real(value: Any, name: str, expected: str) -> float:
+    """``value`` as a Python float if it is a real number; ``TypeError`` otherwise.
+
+    Accepted: ``int``, ``float``, numpy integer/floating scalars, ``fractions.Fraction`` and 0-d real
+    tensors. Refused: ``bool`` (``True`` is an ``int`` in Python, but never a meant number here),
+    strings (``"1e-3"`` is a typo for ``1e-3`` in a config, not a number), complex values, ``None`` and
+    tensors with more than one element.
+    """
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.ndim > 1 or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be {expected}, got a tensor of dtype {value.dtype} and shape "
+                            f"{tuple(value.shape)}")
+        return float(value.item())
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {_describe(value)}")
+    return float(value)
+
+
+def check_number(value: Any, name: str, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    r"""Return ``value`` as a finite float after checking its type and range.
+
+    The one number check of the public entry points: errors name the argument, the expected range and
+    the received value with its type.
+
+    Args:
+        value: the received value.
+        name: the argument's name, used in the message.
+        low: lower bound, or ``None`` for none.
+        high: upper bound, or ``None`` for none.
+        low_open: exclude ``low`` itself.
+        high_open: exclude ``high`` itself.
+
+    Returns:
+        ``float(value)``.
+
+    Raises:
+        TypeError: ``value`` is not a real number (``bool``, ``str``, ``None``, complex, a tensor
+            with more than one element).
+        ValueError: ``value`` is NaN, infinite or outside the range.
+    """
+    expected = "a finite number" + _range_text(low, high, low_open, high_open)
+    v = _as_real(value, name, "a real number")
+    ok = math.isfinite(v)
+    if ok and low is not None:
+        ok = v > low if low_open else v >= low
+    if ok and high is not None:
+        ok = v < high if high_open else v <= high
+    if not ok:
+        raise ValueError(f"{name} must be {expected}, got {_describe(value)}")
+    return v
+
+
+def _fmt(v) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
+def _range_text(low, high, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        return f" in {'(' if low_open else '['}{_fmt(low)}, {_fmt(high)}{')' if high_open else ']'}"
+    if low is not None:
+        return f" {'>' if low_open else '>='} {_fmt(low)}"
+    if high is not None:
+        return f" {'<' if high_open else '<='} {_fmt(high)}"
+    return ""
+
+
 def check_positive(value: Any, name: str, *, allow_zero: bool = False) -> float:
-    """Return ``float(value)`` after checking it is a finite positive (or non-negative) number."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+    """Return ``float(value)`` after checking it is a finite positive (or non-negative) real number.
+
+    ``bool`` and ``str`` are refused with a ``TypeError`` (see [`check_number`][sdegen._utils.check_number]).
+    """
+    v = _as_real(value, name, "a real number")
     ok = v >= 0 if allow_zero else v > 0
     if not math.isfinite(v) or not ok:
         kind = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"{name} must be a finite {kind} number, got {value!r}")
+        raise ValueError(f"{name} must be a finite {kind} number, got {_describe(value)}")
     return v
+
+
+def check_int(value: Any, name: str, *, low: int | None = None, high: int | None = None) -> int:
+    r"""Return ``value`` as a Python ``int`` after checking its type and range ``[low, high]``.
+
+    Accepted: ``int``, numpy integer scalars and 0-d integer tensors. Refused with ``TypeError``:
+    ``bool``, every float (``1.7`` would silently become 1, and ``2.0`` is refused too so that
+    the rule is one rule), strings and ``None``.
+
+    Args:
+        value: the received value.
+        name: the argument's name, used in the message.
+        low: smallest allowed value, or ``None``.
+        high: largest allowed value, or ``None``.
+
+    Raises:
+        TypeError: ``value`` is not an integer.
+        ValueError: ``value`` lies outside ``[low, high]``.
+    """
+    expected = "an int" + _range_text(low, high, False, False)
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.ndim > 1 or value.is_floating_point() or value.is_complex() \
+                or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be {expected}, got a tensor of dtype {value.dtype} and shape "
+                            f"{tuple(value.shape)}")
+        v = int(value.item())
+    elif isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {expected}, got {_describe(value)}")
+    else:
+        v = int(value)
+    if (low is not None and v < low) or (high is not None and v > high):
+        raise ValueError(f"{name} must be {expected}, got {_describe(value)}")
+    return v
+
+
+#: Largest seed accepted anywhere (torch generators take 64-bit seeds; the training loop derives
+#: ``seed + 1`` and ``seed + 2`` from it, so the bound stays well inside).
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    """A seed: an int in ``[0, 2**63 - 1]`` (negative seeds are refused everywhere, as in the CLI)."""
+    return check_int(value, name, low=0, high=MAX_SEED)
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """Return ``value`` if it is a ``bool`` (numpy bools included); ``TypeError`` otherwise (``1``, ``"yes"``)."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {_describe(value)}")
 
 
 def check_floating(x: Tensor, name: str = "x") -> None:

@@ -30,12 +30,17 @@ from torch import Tensor, nn
 from ..parameterization import ScoreModel
 from ..sdes import SubVPSDE, VESDE, VPSDE
 
-__all__ = ["CheckpointError", "write_checkpoint", "read_checkpoint", "list_checkpoints", "model_spec",
-           "build_model", "load", "NET_CLASSES", "SDE_CLASSES"]
+__all__ = ["CheckpointError", "RunDirectory", "write_checkpoint", "read_checkpoint", "list_checkpoints",
+           "model_spec", "build_model", "load", "data_fingerprint", "check_net_config", "NET_CLASSES",
+           "SDE_CLASSES", "NET_LIMITS"]
 
 FORMAT = "sdegen-checkpoint"
-VERSION = 1
+VERSION = 2          # 2: the record carries ``record_sha256`` over its own content (1: weights only)
+_READABLE = (1, 2)
 _NAME = re.compile(r"^step-(\d{8,})\.json$")
+_WEIGHTS = re.compile(r"^step-(\d{8,})\.safetensors$")
+_TMP = re.compile(r"^\.step-\d{8,}\.(json|safetensors)\..*\.tmp$")
+LOCK_NAME = ".sdegen.lock"
 
 
 class CheckpointError(RuntimeError):
@@ -76,8 +81,61 @@ def model_spec(model: ScoreModel) -> dict[str, Any]:
             "parameterization": model.parameterization, "sigma_data": model.sigma_data}
 
 
-def build_model(spec: dict[str, Any], *, net: nn.Module | None = None, sde=None) -> ScoreModel:
-    """Rebuild a [`ScoreModel`][sdegen.parameterization.ScoreModel] from `model_spec` output (weights not loaded)."""
+#: Largest value of each integer field of a network config that :func:`load` will build. A checkpoint's
+#: JSON is data from a file: an edited ``hidden`` or ``depth`` must be refused before anything is
+#: allocated (hidden 6000 and depth 24 would allocate 7 GB before the weights are found not to fit).
+NET_LIMITS: dict[str, dict[str, int]] = {
+    "MLP": {"dim": 1 << 20, "hidden": 1 << 14, "depth": 256, "emb_dim": 1 << 14, "num_classes": 1 << 20},
+    "UNet": {"in_channels": 1024, "channels": 4096, "num_res_blocks": 64, "heads": 256, "groups": 4096,
+             "emb_dim": 1 << 16, "num_classes": 1 << 20, "out_channels": 1024},
+}
+_MAX_LEVELS, _MAX_MULT = 8, 64
+
+
+def check_net_config(name: str, cfg: dict[str, Any]) -> None:
+    """Refuse a network config from a checkpoint whose sizes exceed [`NET_LIMITS`][sdegen.training.checkpoint.NET_LIMITS].
+
+    Raises:
+        CheckpointError: an integer field is not an int or is out of range, or a field is unknown.
+    """
+    from .._utils import check_int
+
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"network config of {name} must be a JSON object, got {type(cfg).__name__}")
+    limits = NET_LIMITS.get(name, {})
+    for key, high in limits.items():
+        v = cfg.get(key)
+        if v is None and key in ("num_classes", "emb_dim", "out_channels"):
+            continue
+        try:
+            check_int(v, f"{name} config field {key!r}", low=1, high=high)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"refusing to build the checkpoint's network: {err}") from None
+    if name == "UNet":
+        mults = cfg.get("channel_mults")
+        if not (isinstance(mults, list) and 1 <= len(mults) <= _MAX_LEVELS and all(
+                isinstance(m, int) and not isinstance(m, bool) and 1 <= m <= _MAX_MULT for m in mults)):
+            raise CheckpointError(f"refusing to build the checkpoint's network: UNet config field 'channel_mults' "
+                                  f"must be a list of 1..{_MAX_LEVELS} ints in [1, {_MAX_MULT}], got {mults!r}")
+
+
+def _meta_shapes(cls: type, cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Parameter and buffer shapes of ``cls(**cfg)``, built on the meta device (no memory allocated)."""
+    with torch.device("meta"):
+        net = cls(**cfg)
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def build_model(spec: dict[str, Any], *, net: nn.Module | None = None, sde=None,
+                weights: dict[str, Tensor] | None = None) -> ScoreModel:
+    """Rebuild a :class:`~sdegen.ScoreModel` from :func:`model_spec` output (weights not loaded).
+
+    A network rebuilt from the spec is first checked against
+    [`NET_LIMITS`][sdegen.training.checkpoint.NET_LIMITS] and, when ``weights`` (the checkpoint's
+    ``model.*`` tensors, prefix removed) are given, built on the meta device and compared with their
+    names and shapes, so a config that does not describe the stored weights is refused before any
+    memory is allocated.
+    """
     try:
         if net is None:
             name, cfg = spec["net"]["class"], spec["net"]["config"]
@@ -85,6 +143,18 @@ def build_model(spec: dict[str, Any], *, net: nn.Module | None = None, sde=None)
             if name not in classes or cfg is None:
                 raise CheckpointError(f"the checkpoint's network class {name!r} is not one sdegen can rebuild "
                                       f"(known: {', '.join(classes)}); pass net=<an instance> to load()")
+            check_net_config(name, cfg)
+            if weights is not None:
+                want = {k[len("net."):]: tuple(v.shape) for k, v in weights.items() if k.startswith("net.")}
+                try:
+                    got = _meta_shapes(classes[name], cfg)
+                except (ValueError, TypeError, RuntimeError) as err:
+                    raise CheckpointError(f"the checkpoint's network config {cfg} is invalid: {err}") from err
+                if got != want:
+                    diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+                    raise CheckpointError(f"the checkpoint's network config {cfg} does not describe its stored "
+                                          f"weights (differences at {diff[:5]}): the JSON record was edited or "
+                                          f"belongs to other weights")
             net = classes[name](**cfg)
         if sde is None:
             name, cfg = spec["sde"]["class"], spec["sde"]["config"]
@@ -150,11 +220,23 @@ def write_checkpoint(directory, step: int, tensors: dict[str, Tensor], meta: dic
     atomic_write_bytes(d / f"{stem}.safetensors", blob)
     record = dict(meta, format=FORMAT, version=VERSION, step=step, weights=f"{stem}.safetensors",
                   sha256=hashlib.sha256(blob).hexdigest(), size=len(blob))
+    record = json.loads(json.dumps(record))          # the JSON form (tuples -> lists) is what gets hashed
+    record["record_sha256"] = _record_digest(record)
     atomic_write_bytes(d / f"{stem}.json", json.dumps(record, indent=1, sort_keys=True).encode())
     for old_step, old in list_checkpoints(d)[max(int(keep), 1):]:
         old.unlink(missing_ok=True)           # record first: a weights file without record is ignored
         (d / f"step-{old_step:08d}.safetensors").unlink(missing_ok=True)
     return d / f"{stem}.json"
+
+
+def _record_digest(record: dict[str, Any]) -> str:
+    """sha256 of the record's canonical JSON without its own ``record_sha256`` field.
+
+    This detects an edited or damaged record (a changed parameterization, net or SDE config); like
+    the weights checksum it is not a signature: whoever can write the directory can recompute it.
+    """
+    body = {k: v for k, v in record.items() if k != "record_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _read_one(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -166,8 +248,12 @@ def _read_one(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         raise CheckpointError(f"{path}: unreadable JSON record ({err})") from err
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an sdegen checkpoint record (format={meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("version") != VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {meta.get('version')!r}, this sdegen reads {VERSION}")
+    if meta.get("version") not in _READABLE:
+        raise CheckpointError(f"{path}: checkpoint version {meta.get('version')!r}, this sdegen reads "
+                              f"{', '.join(map(str, _READABLE))}")
+    if meta.get("version") >= 2 and meta.get("record_sha256") != _record_digest(meta):
+        raise CheckpointError(f"{path}: the JSON record does not match its checksum (record_sha256): it was "
+                              f"edited or is corrupt")
     wpath = path.parent / str(meta.get("weights", ""))
     if wpath.parent != path.parent or not wpath.is_file():
         raise CheckpointError(f"{path}: weights file {meta.get('weights')!r} is missing")
@@ -205,6 +291,119 @@ def read_checkpoint(directory) -> tuple[dict[str, Tensor], dict[str, Any], Path]
     if problems:
         raise CheckpointError(f"no valid checkpoint in {directory}: " + "; ".join(problems))
     return None
+
+
+# ---------------------------------------------------------------------------------------- run directory
+def data_fingerprint(x: Tensor, y: Tensor | None = None, *, rows: int = 1024) -> dict[str, Any]:
+    """Shape, dtype and a sha256 of up to ``rows`` evenly strided rows of the training data (and labels).
+
+    Stored in every checkpoint so that a resume with other data is refused. Hashing a strided
+    subsample keeps the cost bounded for large data sets; a change confined to rows between the
+    sampled ones is not detected (the shape and dtype always are).
+    """
+    n = x.shape[0]
+    stride = max(1, -(-n // rows))
+    h = hashlib.sha256()
+    for part in (x, y):
+        if part is None:
+            continue
+        sub = part[::stride].detach().to("cpu").contiguous().reshape(-1)
+        h.update(sub.view(torch.uint8).numpy().tobytes())
+    return {"shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", ""),
+            "labels": None if y is None else str(y.dtype).replace("torch.", ""), "stride": stride,
+            "sha256": h.hexdigest()}
+
+
+class RunDirectory:
+    """Exclusive use of a checkpoint directory by one training run (a context manager).
+
+    On entry: the directory is created (and must be a writable directory), no file of the run
+    (checkpoint records, weights, the lock, ``extra`` names) may be a symbolic link, the lock file
+    ``.sdegen.lock`` is locked with ``fcntl.flock`` (exclusive, non-blocking) and holds the pid, and
+    orphans of interrupted atomic writes (``.step-*.tmp``, weights files without a record) are removed.
+    The kernel drops a ``flock`` when its process dies, so a lock left by a killed run is taken over
+    without a race; a second live writer is refused with the pid that holds the lock.
+
+    Args:
+        path: the checkpoint directory.
+        extra: other file names the run writes into the directory (checked for symbolic links).
+    """
+
+    def __init__(self, path, extra: tuple[str, ...] = ()):
+        self.path = Path(path)
+        self.extra = tuple(extra)
+        self._fd: int | None = None
+
+    def __enter__(self) -> "RunDirectory":
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"checkpoint_dir must be a directory, got {str(p)!r}, which is a file")
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"checkpoint_dir {str(p)!r} cannot be created: {err.strerror or err}") from None
+        self._refuse_symlinks()
+        self._lock()
+        try:
+            self._remove_orphans()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _refuse_symlinks(self) -> None:
+        for entry in self.path.iterdir():
+            name = entry.name
+            ours = (_NAME.match(name) or _WEIGHTS.match(name) or name == LOCK_NAME or name in self.extra)
+            if ours and entry.is_symlink():
+                raise CheckpointError(f"{entry} is a symbolic link; a run directory must not contain links "
+                                      f"(a planted link would make the run write elsewhere). Remove it")
+
+    def _lock(self) -> None:
+        lock = self.path / LOCK_NAME
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(lock, flags, 0o644)
+        except OSError as err:
+            raise ValueError(f"checkpoint_dir {str(self.path)!r} is not writable: {err.strerror or err}") from None
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - no flock (Windows): an O_EXCL marker would be needed
+            self._fd = fd
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise CheckpointError(f"checkpoint_dir {str(self.path)!r} is in use by another training process "
+                                  f"(pid {holder}); wait for it to finish or use another directory") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def _remove_orphans(self) -> None:
+        records = {m.group(1) for p in self.path.iterdir() if (m := _NAME.match(p.name))}
+        for entry in self.path.iterdir():
+            m = _WEIGHTS.match(entry.name)
+            # Only under the lock: no other writer can be between its two atomic writes.
+            if _TMP.match(entry.name) or (m and m.group(1) not in records):
+                entry.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Release the lock (the lock file stays: removing it would race with a process opening it)."""
+        if self._fd is not None:
+            try:
+                import fcntl
+
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            except (ImportError, OSError):  # pragma: no cover
+                pass
+            os.close(self._fd)
+            self._fd = None
 
 
 def prefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -250,7 +449,7 @@ def load(checkpoint_dir, *, ema: bool = True, net: nn.Module | None = None, sde=
     if found is None:
         raise CheckpointError(f"no checkpoint found in {checkpoint_dir}")
     tensors, meta, path = found
-    model = build_model(meta["model"], net=net, sde=sde)
+    model = build_model(meta["model"], net=net, sde=sde, weights=prefixed(tensors, "model"))
     load_state_strict(model, prefixed(tensors, "model"), f"model weights in {path.name}")
     shadow = prefixed(tensors, "ema")
     if ema and shadow:

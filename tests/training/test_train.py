@@ -128,10 +128,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         train(_model(), _data(), steps=12, checkpoint_dir=tmp_path, loss=nan_at_step_7, **dict(OPTS, log_every=1))
     assert list_checkpoints(tmp_path)[0][0] == 6
     load(tmp_path)                                                           # still valid
-    bad = _data().clone()
-    bad[5, 0] = float("nan")
-    with pytest.raises(TrainingDivergedError, match="check the data"):
-        train(_model(), bad, steps=20, batch_size=256, lr=1e-3, progress=False, log_every=1)
+
 
 
 def test_bad_data_is_refused_before_anything_is_written(tmp_path):
