@@ -39,6 +39,9 @@ from .sdes.discrete import AbstractChainSDE
 from .solvers.adaptive_sde import ADAPTIVE_SDE_OPTIONS, run_adaptive_sde
 from .solvers.dpm_solver import DPM_SOLVER_OPTIONS, build_dpm_solver
 from .solvers.edm import HEUN_KARRAS_OPTIONS, build_heun_karras
+from .solvers.unipc import UNIPC_OPTIONS, build_unipc
+from .solvers.deis import DEIS_OPTIONS, build_deis
+from .solvers.multistep import IPNDM_OPTIONS, LMS_OPTIONS, PNDM_OPTIONS, build_ipndm, build_lms, build_pndm
 from .solvers.sde_dpm import SDE_DPM_OPTIONS, build_sde_dpm_solver
 from .solvers.ancestral_k import DPM2_OPTIONS, EULER_ANCESTRAL_OPTIONS, build_dpm2, build_euler_ancestral
 
@@ -340,6 +343,16 @@ METHODS: MethodTable = MethodTable({
                               doc="probability-flow ODE, EDM Heun on the Karras rho grid (2N-1 evaluations)"),
     "dpm_solver": MethodSpec(_fixed_grid_runner(build_dpm_solver), options=DPM_SOLVER_OPTIONS, default_steps=20,
                              doc="probability-flow ODE, DPM-Solver/DPM-Solver++ multistep, orders 1-3"),
+    "unipc": MethodSpec(_fixed_grid_runner(build_unipc), options=UNIPC_OPTIONS, default_steps=20,
+                        doc="probability-flow ODE, UniPC multistep predictor-corrector (UniP orders 1-3 + UniC)"),
+    "deis": MethodSpec(_fixed_grid_runner(build_deis), options=DEIS_OPTIONS, default_steps=20,
+                       doc="probability-flow ODE, DEIS tAB exponential integrator, orders 1-3"),
+    "pndm": MethodSpec(_fixed_grid_runner(build_pndm), options=PNDM_OPTIONS, default_steps=50,
+                       doc="probability-flow ODE, PNDM pseudo linear multistep (warmup 'prk'; 'heun' = PLMS)"),
+    "ipndm": MethodSpec(_fixed_grid_runner(build_ipndm), options=IPNDM_OPTIONS, default_steps=20,
+                        doc="probability-flow ODE, iPNDM (AB4 on the DDIM transfer, lower-order start)"),
+    "lms": MethodSpec(_fixed_grid_runner(build_lms), options=LMS_OPTIONS, default_steps=20,
+                      doc="probability-flow ODE, linear multistep in sigma, orders 1-4"),
     "adaptive_sde": MethodSpec(run_adaptive_sde, options=ADAPTIVE_SDE_OPTIONS, reverse_sde=True, fixed_grid=False,
                                default_steps=None, doc="reverse SDE, adaptive EM/improved-Euler pair with rtol/atol"),
     "sde_dpm_solver": MethodSpec(_fixed_grid_runner(build_sde_dpm_solver), options=SDE_DPM_OPTIONS, reverse_sde=True,

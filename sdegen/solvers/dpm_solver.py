@@ -40,10 +40,14 @@ from torch import Tensor
 from .._utils import append_dims
 from .base import AbstractFixedGridSolver, Dynamics
 
-__all__ = ["DPMSolver", "PREDICTIONS"]
+__all__ = ["DPMSolver", "PREDICTIONS", "SOLVER_TYPES"]
 
 #: The two forms: ``"data"`` (DPM-Solver++) and ``"noise"`` (DPM-Solver).
 PREDICTIONS = ("data", "noise")
+#: The second-order coefficient: ``"exact"`` ($\varphi_2$; diffusers' ``solver_type="heun"``) or
+#: ``"midpoint"`` ($\tfrac h2\varphi_1$; diffusers' default ``solver_type="midpoint"``, k-diffusion's
+#: ``sample_dpmpp_2m``).
+SOLVER_TYPES = ("exact", "midpoint")
 
 
 def _phi(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -91,6 +95,12 @@ class DPMSolver(AbstractFixedGridSolver):
       from the quadratic through $D_{i-2}, D_{i-1}, D_i$ in $\lambda$.
 
     (Noise form: replace $s/s$ by $m/m$, $m_{i+1}\varphi_k$ by $-s_{i+1}\psi_k$, $D$ by $\hat\epsilon$.)
+    ``solver_type="midpoint"`` replaces $\varphi_2$ on the order-2 steps by $\tfrac h2\varphi_1$ (the
+    two agree to $O(h^3)$, so the order stays 2): the form of diffusers' ``DPMSolverMultistepScheduler``
+    (default ``solver_type="midpoint"``) and k-diffusion's ``sample_dpmpp_2m``, Lu et al. 2022b, Alg. 2
+    as printed. sdegen's default ``"exact"`` is diffusers' ``solver_type="heun"``. Order-3 steps use
+    the exact $\varphi_2, \varphi_3$ either way.
+
     The first steps use the orders their history allows (1, then 2, ...). With ``lower_order_final``
     the last steps also lower the order ($\min(\text{order}, N - i)$ on step $i$ of $N$): the steps
     near the data are the largest in $\lambda$ and a multistep extrapolation over them is least stable
@@ -101,12 +111,14 @@ class DPMSolver(AbstractFixedGridSolver):
         prediction: ``"data"`` (DPM-Solver++, default) or ``"noise"`` (DPM-Solver).
         n_steps: number of grid steps $N$, needed for ``lower_order_final``.
         lower_order_final: lower the order on the last steps (default on).
+        solver_type: ``"exact"`` (default) or ``"midpoint"``, the order-2 coefficient (see above).
     """
 
     order: int = 2  # type: ignore[misc]  # an instance field here: the order is an option
     prediction: str = "data"
     n_steps: int | None = None
     lower_order_final: bool = True
+    solver_type: str = "exact"
     #: Optional per-step ``(m0, s0, m1, s1)`` as float64 host floats for the grid this solver runs on
     #: (see [`tabulated`][sdegen.solvers.dpm_solver.DPMSolver.tabulated]): the same update with scalar coefficients, a few kernels per step.
     table: tuple | None = field(default=None, repr=False)
@@ -121,6 +133,8 @@ class DPMSolver(AbstractFixedGridSolver):
             raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
         if self.n_steps is not None and (not isinstance(self.n_steps, int) or self.n_steps < 1):
             raise ValueError(f"n_steps must be a positive int or None, got {self.n_steps!r}")
+        if self.solver_type not in SOLVER_TYPES:
+            raise ValueError(f"solver_type must be one of {', '.join(SOLVER_TYPES)}, got {self.solver_type!r}")
 
     def tabulated(self, sde, times: Tensor) -> "DPMSolver":
         """This solver with the grid's marginal coefficients computed once in float64 on the host."""
@@ -151,6 +165,8 @@ class DPMSolver(AbstractFixedGridSolver):
             ep1 = math.expm1(h)
             c = (ep1, ep1 - h, ep1 - h - 0.5 * h * h)
             lin, out = m1 / m0, -s1
+        if k == 2 and self.solver_type == "midpoint":
+            c = (c[0], 0.5 * h * c[0], c[2])
         # The update is linear in x and the stored y's with host-float weights: fold the divided
         # differences into one weight per y (k + 1 kernels instead of ~15). With D10 = (y0 - y1)/h0,
         # D21 = (y1 - y2)/r1 and d2 = (D10 - D21)/(h0 + r1):
@@ -196,6 +212,8 @@ class DPMSolver(AbstractFixedGridSolver):
         else:
             c = _psi(h)
             lin, out = m1 / m0, -s1
+        if k == 2 and self.solver_type == "midpoint":
+            c = (c[0], 0.5 * h * c[0], c[2])
         acc = append_dims(c[0], x.ndim) * y
         if d1 is not None:
             acc = acc + append_dims(c[1], x.ndim) * d1
@@ -213,11 +231,14 @@ def build_dpm_solver(ctx, opts: dict) -> DPMSolver:
     under VP they give a variance error of about 0.5 % at 10 NFE and 0.6 % at 20."""
     from ..grids import get_grid
 
-    grid_opts = {"rho": opts["rho"]} if isinstance(opts["grid"], str) and opts["grid"] == "karras" else {}
-    ctx.times = get_grid(opts["grid"], ctx.sde, ctx.steps, ctx.eps, **grid_opts)
+    grid = opts["grid"]
+    if isinstance(grid, str):
+        ctx.times = get_grid(grid, ctx.sde, ctx.steps, ctx.eps, **({"rho": opts["rho"]} if grid == "karras" else {}))
+    else:  # a user grid sets the number of steps and the final time itself
+        ctx.times = get_grid(grid, ctx.sde, None, None)
     # A user grid (a tensor) sets the number of steps itself.
     solver = DPMSolver(order=opts["order"], prediction=opts["prediction"], n_steps=ctx.times.numel() - 1,
-                       lower_order_final=bool(opts["lower_order_final"]))
+                       lower_order_final=bool(opts["lower_order_final"]), solver_type=opts["solver_type"])
     # Affine SDEs: per-step coefficients once, on the host, in float64 (others get the step's
     # own error naming the AffineSDE requirement).
     from ..sdes import AffineSDE
@@ -226,4 +247,5 @@ def build_dpm_solver(ctx, opts: dict) -> DPMSolver:
 
 
 #: ``sdegen.sample(method="dpm_solver")`` options and defaults.
-DPM_SOLVER_OPTIONS = {"order": 3, "prediction": "noise", "grid": "karras", "rho": 7.0, "lower_order_final": False}
+DPM_SOLVER_OPTIONS = {"order": 3, "prediction": "noise", "grid": "karras", "rho": 7.0, "lower_order_final": False,
+                      "solver_type": "exact"}

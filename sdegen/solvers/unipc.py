@@ -1,0 +1,242 @@
+r"""UniPC: the unified predictor (UniP) and corrector (UniC) of Zhao et al. 2023, any affine SDE.
+
+In $\lambda = \log(m/s)$ (half of ``sde.log_snr``) with $h = \lambda_{i+1} - \lambda_i$ and predictions
+$y_j$ (data $\hat x_0$ or noise $\hat\epsilon$, Tweedie from the score), a step of order $p$ from
+$t_a$ to $t_b$ is (Zhao et al. 2023, Alg. 2/3 and eq. 8, with $\hat h = -h$ for data, $h$ for noise)
+
+$$x_b = \ell\,x_a + o\big[\hat h\varphi_1(\hat h)\,y_a + B(\hat h)\textstyle\sum_{k=1}^{p-1}\rho_k D_k\big],\qquad
+  D_k = \frac{y_{a-k} - y_a}{r_k},\ r_k = \frac{\lambda_{a-k} - \lambda_a}{h},$$
+
+$\hat h\varphi_1(\hat h) = e^{\hat h} - 1$, $(\ell, o) = (s_b/s_a, -m_b)$ (data) or $(m_b/m_a, -s_b)$ (noise),
+and $B(\hat h) = \hat h$ (``"bh1"``) or $e^{\hat h} - 1$ (``"bh2"``). The weights solve
+$\sum_k \rho_k r_k^{q-1} = g_q(\hat h)\,q!/B(\hat h)$, $q = 1..p-1$, with $g_1 = \varphi_1 - 1$,
+$g_{q+1} = g_q/\hat h - 1/(q+1)!$ (eq. 8); for $p = 2$ UniP uses $\rho_1 = \tfrac12$.
+
+**UniC** (the corrector): after the model is evaluated at the predicted $x_b$, the step $a \to b$ is
+redone with the new prediction $y_b$ as one more node ($r_p = 1$, $D_p = y_b - y_a$; $p$ equations;
+$\rho = \tfrac12$ for $p = 1$). The model is *not* re-evaluated at the corrected state: the next step
+starts from it with the prediction $y_b$ already made, so one evaluation per step and the order rises
+from $p$ to $p + 1$ (Zhao et al. 2023, Thm. 3.3). The last step has no corrector (no evaluation follows).
+
+Every coefficient depends only on the grid and the step index: they are computed once per grid in
+float64 on the host (:meth:`UniPC.tabulated`), and a step is $\ell x + \sum_j w_j y_j$.
+
+Notation map (UniPC → sdegen): $\alpha_t$ → ``mean_coef`` $m$; $\sigma_t$ → ``std`` $s$;
+$\lambda_t$ → ``0.5 * sde.log_snr(t)``; $x_\theta$ / $\epsilon_\theta$ → ``prediction="data"`` / ``"noise"``.
+
+Reference: W. Zhao, L. Bai, Y. Rao, J. Zhou, J. Lu, *UniPC: A Unified Predictor-Corrector Framework
+for Fast Sampling of Diffusion Models*, NeurIPS 2023 (arXiv:2302.04867).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .base import AbstractFixedGridSolver, Dynamics
+from .dpm_solver import PREDICTIONS
+
+__all__ = ["UniPC", "VARIANTS"]
+
+#: The $B(h)$ choices of Zhao et al. 2023, §3.2: ``"bh1"`` $B = h$, ``"bh2"`` $B = e^h - 1$.
+VARIANTS = ("bh1", "bh2")
+
+
+def _b_vector(hh: float, p: int, variant: str) -> tuple[float, float, list[float]]:
+    r"""$(e^{\hat h} - 1,\ B(\hat h),\ [g_q q!/B]_{q=1..p})$ for $\hat h$ (see the module docstring)."""
+    phi1 = math.expm1(hh)
+    B = hh if variant == "bh1" else phi1
+    g, fact, b = phi1 / hh - 1.0, 1.0, []
+    for q in range(1, p + 1):
+        b.append(g * fact / B)
+        fact *= q + 1
+        g = g / hh - 1.0 / fact
+    return phi1, B, b
+
+
+def _weights(lam: list[float], a: int, p: int, hh: float, variant: str, corrector: bool) -> tuple[list[float], float]:
+    r"""Weights of $y_a, y_{a-1}, \dots, y_{a-p+1}$ (and of $y_b$ for the corrector) in the bracket
+    $[\cdot]$ of the update, for the step $a \to a + 1$ of order $p$ (before the factor $o$)."""
+    h = lam[a + 1] - lam[a]
+    phi1, B, b = _b_vector(hh, p, variant)
+    r = [(lam[a - k] - lam[a]) / h for k in range(1, p)]
+    if corrector:
+        if p == 1:
+            rho = [0.5]
+        else:
+            R = np.array([[rk ** q for rk in r + [1.0]] for q in range(p)])
+            rho = np.linalg.solve(R, np.array(b[:p])).tolist()
+    elif p == 1:
+        rho = []
+    elif p == 2:
+        rho = [0.5]
+    else:
+        R = np.array([[rk ** q for rk in r] for q in range(p - 1)])
+        rho = np.linalg.solve(R, np.array(b[:p - 1])).tolist()
+    w = [phi1] + [0.0] * (p - 1)
+    for k in range(1, p):
+        w[k] += B * rho[k - 1] / r[k - 1]
+        w[0] -= B * rho[k - 1] / r[k - 1]
+    w_new = 0.0
+    if corrector:
+        w_new = B * rho[-1]
+        w[0] -= w_new
+    return w, w_new
+
+
+def _prediction_table(m: list[float], s: list[float], prediction: str) -> tuple:
+    r"""Per grid point ``(a, b)`` with $y = a x + b \nabla\log p$: Tweedie's $\hat x_0 = (x + s^2\nabla\log p)/m$
+    (``"data"``) or $\hat\epsilon = -s\nabla\log p$ (``"noise"``)."""
+    if prediction == "data":
+        return tuple((1.0 / mi, si * si / mi) for mi, si in zip(m, s))
+    return tuple((0.0, -si) for si in s)
+
+
+def _prediction(x: Tensor, score: Tensor, a: float, b: float) -> Tensor:
+    """``a x + b score`` with host-float ``a, b`` (one or two kernels)."""
+    return score * b if a == 0.0 else torch.add(x, score, alpha=b / a).mul_(a)
+
+
+@dataclass(frozen=True)
+class UniPC(AbstractFixedGridSolver):
+    r"""UniPC multistep sampler: UniP-$p$ predictor with the UniC corrector, any affine SDE.
+
+    Step $i$ ($t_i \to t_{i+1}$) evaluates the model once at $x_i$, giving $y_i$; with ``corrector``
+    and $i > 0$ it first corrects $x_i$ by UniC over the previous step $t_{i-1} \to t_i$ (the same
+    order as that step's predictor), then predicts $x_{i+1}$ by UniP of order
+    $\min(\text{order}, i + 1)$ (and $\le N - i$ with ``lower_order_final``). The update formulas are
+    in the module docstring. One evaluation per step; global order ``order + 1`` with the corrector
+    (``lower_order_final=False``; the last step then has local error $O(h^{p+1})$), ``order`` without.
+    Equals diffusers' ``UniPCMultistepScheduler`` (``solver_order=order``, ``predict_x0``,
+    ``solver_type=variant``, ``lower_order_final``) on the same grid.
+
+    The ``state`` is ``{"i", "hist", "last"}``: the step index, the last ``order`` predictions and the
+    corrected state $x_{i-1}^c$ the corrector restarts from.
+
+    Args:
+        order: the UniP order $p$: 1, 2 or 3 (diffusers' ``solver_order``).
+        prediction: ``"data"`` ($\hat x_0$, default) or ``"noise"`` ($\hat\epsilon$).
+        variant: ``"bh1"`` or ``"bh2"`` (default), the $B(h)$ of Zhao et al. §3.2.
+        corrector: apply UniC after each evaluation (default on).
+        n_steps: number of grid steps $N$ (for ``lower_order_final``).
+        lower_order_final: order $\min(p, N - i)$ on step $i$ (default on, as diffusers).
+        table: per-step coefficients from :meth:`tabulated` (required to step).
+    """
+
+    order: int = 2  # type: ignore[misc]  # the UniP order; the global order with UniC is order + 1
+    prediction: str = "data"
+    variant: str = "bh2"
+    corrector: bool = True
+    n_steps: int | None = None
+    lower_order_final: bool = True
+    table: tuple | None = field(default=None, repr=False)
+    table_y: tuple | None = field(default=None, repr=False)
+
+    stochastic: ClassVar[bool] = False
+    evals_per_step: ClassVar[int] = 1
+
+    def __post_init__(self):
+        if self.order not in (1, 2, 3):
+            raise ValueError(f"order must be 1, 2 or 3, got {self.order!r}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if not isinstance(self.corrector, bool):
+            raise TypeError(f"corrector must be a bool, got {self.corrector!r}")
+        if self.n_steps is not None and (not isinstance(self.n_steps, int) or self.n_steps < 1):
+            raise ValueError(f"n_steps must be a positive int or None, got {self.n_steps!r}")
+
+    @property
+    def global_order(self) -> int:
+        """The convergence order: ``order + 1`` with the corrector, ``order`` without."""
+        return self.order + (1 if self.corrector else 0)
+
+    def _orders(self, n: int) -> list[int]:
+        ks = []
+        for i in range(n):
+            k = min(self.order, i + 1)
+            if self.lower_order_final:
+                k = max(1, min(k, n - i))
+            ks.append(k)
+        return ks
+
+    def tabulated(self, sde, times: Tensor) -> "UniPC":
+        r"""This solver with every step's weights computed once in float64 on the host.
+
+        Row $i$: ``(lin, out, wp, lin_c, out_c, wc, wc_new)``: predictor $x_{i+1} = \ell x + o\sum_j
+        w^p_j y_{i-j}$ and corrector $x^c_i = \ell_c x^c_{i-1} + o_c(\sum_j w^c_j y_{i-1-j} + w^c_\text{new} y_i)$
+        (``None`` where no corrector applies)."""
+        t = times.detach().to("cpu", torch.float64)
+        m, s = (v.tolist() for v in sde.marginal(t))
+        n = len(m) - 1
+        lam = [math.log(mi / si) for mi, si in zip(m, s)]
+        data = self.prediction == "data"
+        ks = self._orders(n)
+        rows = []
+        for i in range(n):
+            h = lam[i + 1] - lam[i]
+            hh = -h if data else h
+            lin, out = (s[i + 1] / s[i], -m[i + 1]) if data else (m[i + 1] / m[i], -s[i + 1])
+            wp, _ = _weights(lam, i, ks[i], hh, self.variant, False)
+            corr = None
+            if self.corrector and i > 0:
+                a = i - 1
+                hc = lam[i] - lam[a]
+                hhc = -hc if data else hc
+                lin_c, out_c = (s[i] / s[a], -m[i]) if data else (m[i] / m[a], -s[i])
+                wc, wc_new = _weights(lam, a, ks[a], hhc, self.variant, True)
+                corr = (lin_c, [out_c * w for w in wc], out_c * wc_new)
+            rows.append((lin, [out * w for w in wp], corr))
+        return dataclasses.replace(self, n_steps=n if self.n_steps is None else self.n_steps, table=tuple(rows),
+                                   table_y=_prediction_table(m, s, self.prediction))
+
+    def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
+        return {"i": 0, "hist": [], "last": None}
+
+    def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
+        if self.table is None:
+            dyn.affine  # a non-affine SDE: the "needs an AffineSDE" error
+            raise ValueError("UniPC steps with per-grid coefficients: build it with solver.tabulated(sde, times)")
+        i = state["i"]
+        lin, wp, corr = self.table[i]
+        y = _prediction(x, dyn.score(x, t0), *self.table_y[i])
+        hist = state["hist"]
+        if corr is not None:
+            lin_c, wc, wc_new = corr
+            x = state["last"] * lin_c
+            x.add_(y, alpha=wc_new)
+            for wj, yj in zip(wc, reversed(hist)):
+                x.add_(yj, alpha=wj)
+        hist = (hist + [y])[-self.order:]
+        x_new = x * lin
+        for wj, yj in zip(wp, reversed(hist)):
+            x_new.add_(yj, alpha=wj)
+        return x_new, {"i": i + 1, "hist": hist, "last": x}
+
+
+def build_unipc(ctx, opts: dict) -> UniPC:
+    r"""``sdegen.sample`` builder: sets ``ctx.times`` to the ``grid`` option and returns the tabulated solver."""
+    from ..grids import get_grid
+    from ..sdes import AffineSDE
+
+    grid = opts["grid"]
+    if isinstance(grid, str):
+        ctx.times = get_grid(grid, ctx.sde, ctx.steps, ctx.eps, **({"rho": opts["rho"]} if grid == "karras" else {}))
+    else:  # a user grid sets the number of steps and the final time itself
+        ctx.times = get_grid(grid, ctx.sde, None, None)
+    solver = UniPC(order=opts["order"], prediction=opts["prediction"], variant=opts["variant"],
+                   corrector=opts["corrector"], n_steps=ctx.times.numel() - 1,
+                   lower_order_final=bool(opts["lower_order_final"]))
+    return solver.tabulated(ctx.sde, ctx.times) if isinstance(ctx.sde, AffineSDE) else solver
+
+
+#: ``sdegen.sample(method="unipc")`` options and defaults (diffusers' defaults; the log-SNR grid).
+UNIPC_OPTIONS = {"order": 2, "prediction": "data", "variant": "bh2", "corrector": True, "lower_order_final": True,
+                 "grid": "log_snr", "rho": 7.0}
