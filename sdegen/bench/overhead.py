@@ -34,7 +34,8 @@ from ..oracle import named_mixture
 from ..sampling import sample
 from ..sdes import VPSDE
 
-FIXED = ("euler_maruyama", "ode_euler", "ode_heun", "ancestral", "reverse_diffusion", "pc", "dpm_solver", "heun_karras")
+FIXED = ("euler_maruyama", "ode_euler", "ode_heun", "ancestral", "reverse_diffusion", "pc", "dpm_solver", "heun_karras",
+         "unipc", "deis", "pndm", "ipndm", "lms")
 PER_STEP_TARGET_US = 30.0
 RK45_TARGET_RATIO = 2.0
 

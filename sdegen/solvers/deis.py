@@ -28,28 +28,30 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
-from numpy.polynomial import polynomial as P
 
 from .base import AbstractFixedGridSolver, Dynamics
+from .multistep import _basis
 
 __all__ = ["DEIS"]
 
 
 def _exp_lagrange_integrals(v: list[float], v_end: float) -> list[float]:
-    r"""$\int_0^{v_\text{end}} e^{v} L_j(v)\,dv$ for the Lagrange basis $L_j$ on the nodes ``v`` (``v[0] = 0``)."""
+    r"""$\int_0^{v_\text{end}} e^{v} L_j(v)\,dv$ for the Lagrange basis $L_j$ on the nodes ``v`` (``v[0] = 0``).
+
+    The antiderivative of $e^v L$ is $e^v(L - L' + L'' - \dots)$; plain Python floats (fast to tabulate)."""
+    ev = math.exp(v_end)
     out = []
-    for j, vj in enumerate(v):
-        others = [vk for k, vk in enumerate(v) if k != j]
-        c = P.polyfromroots(others) / np.prod([vj - vk for vk in others]) if others else np.array([1.0])
-        # antiderivative of e^v L(v) is e^v (L - L' + L'' - ...)
-        F, d, sign = np.zeros_like(c), c, 1.0
-        while d.size and np.any(d != 0):
-            F = P.polyadd(F, sign * d)
-            d, sign = P.polyder(d), -sign
-        out.append(math.exp(v_end) * float(P.polyval(v_end, F)) - float(P.polyval(0.0, F)))
+    for j in range(len(v)):
+        c = _basis(v, j)
+        F = [0.0] * len(c)
+        d, sign = c, 1.0
+        while d:
+            for n, dn in enumerate(d):
+                F[n] += sign * dn
+            d, sign = [n * dn for n, dn in enumerate(d)][1:], -sign
+        out.append(ev * sum(fn * v_end ** n for n, fn in enumerate(F)) - F[0])
     return out
 
 
