@@ -297,3 +297,60 @@ def test_library_never_unpickles_or_evaluates():
             if isinstance(ap, ast.Constant) and ap.value is True:
                 problems.append(f"{where}: allow_pickle=True")
     assert not problems, "\n".join(problems)
+
+
+# ---------------------------------------------------------------------------------------------- the JSON record
+def _one_checkpoint(directory: Path) -> Path:
+    torch.manual_seed(0)
+    model = sdegen.ScoreModel(sdegen.nn.MLP(2, hidden=16, depth=1), sdegen.VPSDE(), "eps")
+    data = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    sdegen.train(model, data, steps=2, batch_size=16, checkpoint_dir=directory, keep=1, progress=False)
+    return list_checkpoints(directory)[0][1]
+
+
+def _edit(record: Path, rehash: bool, **changes) -> None:
+    """Edit the record's model spec; with ``rehash`` also recompute its checksum (a deliberate forgery)."""
+    from sdegen.training.checkpoint import _record_digest
+
+    meta = json.loads(record.read_text())
+    for key, value in changes.items():
+        if key == "parameterization":
+            meta["model"]["parameterization"] = value
+        else:
+            meta["model"]["net"]["config"][key] = value
+    if rehash:
+        meta["record_sha256"] = _record_digest(meta)
+    record.write_text(json.dumps(meta))
+
+
+def test_an_edited_record_is_refused_by_its_checksum(tmp_path):
+    record = _one_checkpoint(tmp_path)
+    assert sdegen.load(tmp_path).parameterization == "eps"
+    _edit(record, rehash=False, parameterization="x0")      # loaded silently before the record had a checksum
+    with pytest.raises(CheckpointError, match="JSON record does not match its checksum"):
+        sdegen.load(tmp_path)
+
+
+def test_a_net_config_that_does_not_describe_the_weights_is_refused_before_building(tmp_path, monkeypatch):
+    record = _one_checkpoint(tmp_path)
+    built = []
+    original = sdegen.nn.MLP.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(torch.get_default_device().type)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(sdegen.nn.MLP, "__init__", counting_init)
+    # Checksum recomputed: only the comparison with the stored weights can catch it (7 GB before the fix).
+    _edit(record, rehash=True, hidden=6000, depth=24)
+    with pytest.raises(CheckpointError, match="does not describe its stored weights"):
+        sdegen.load(tmp_path)
+    assert built == ["meta"]                         # shapes from a meta-device build only: nothing allocated
+    built.clear()
+    _edit(record, rehash=True, hidden=10**6)           # over the bound: refused before even a meta build
+    with pytest.raises(CheckpointError, match=r"'hidden' must be an int in \[1, 16384\], got 1000000"):
+        sdegen.load(tmp_path)
+    _edit(record, rehash=True, hidden=16, depth=True)
+    with pytest.raises(CheckpointError, match=r"'depth' must be an int in \[1, 256\], got True"):
+        sdegen.load(tmp_path)
+    assert built == []
