@@ -148,10 +148,13 @@ def _autograd_derivative(fn: Callable, t: Tensor, name: str) -> Tensor:
         tt = t.detach().requires_grad_(True)
         y = eval_time_fn(fn, tt, name)
         if not y.requires_grad:
-            # A constant (a float or a tensor not built from t) has derivative 0; a function computed
-            # outside autograd (numpy) would be silently wrong, so it is refused.
-            raise TypeError(f"{name}(t) is not differentiable by autograd (computed through numpy, "
-                            f"under torch.no_grad or from t.detach()?); pass d_{name}= explicitly")
+            # No graph: either a constant (derivative 0) or a function computed outside autograd
+            # (numpy, no_grad), whose derivative would silently read as 0. Tell them apart by value.
+            shifted = eval_time_fn(fn, t.detach() + 1e-3, name)
+            if not torch.equal(shifted.detach(), y.detach()):
+                raise TypeError(f"{name}(t) is not differentiable by autograd (computed through numpy, "
+                                f"under torch.no_grad or from t.detach()?); pass d_{name}= explicitly")
+            return torch.zeros_like(t)
         (d,) = torch.autograd.grad(y.sum(), tt, allow_unused=True)
     return torch.zeros_like(t) if d is None else d.detach()
 
