@@ -422,6 +422,47 @@ _DIFFUSERS_SCHEDULE_FIELDS = frozenset({
 _DIFFUSERS_SAMPLER_FIELDS = {
     "DDPMScheduler": frozenset({"variance_type", "timestep_spacing", "steps_offset"}),
     "DDIMScheduler": frozenset({"set_alpha_to_one", "timestep_spacing", "steps_offset"}),
+    "EulerDiscreteScheduler": frozenset({"timestep_spacing", "steps_offset", "interpolation_type", "use_karras_sigmas",
+                                         "use_exponential_sigmas", "use_beta_sigmas", "sigma_min", "sigma_max",
+                                         "timestep_type", "final_sigmas_type"}),
+    "EulerAncestralDiscreteScheduler": frozenset({"timestep_spacing", "steps_offset"}),
+    "DPMSolverMultistepScheduler": frozenset({
+        "solver_order", "algorithm_type", "solver_type", "lower_order_final", "euler_at_final", "use_karras_sigmas",
+        "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas", "flow_shift",
+        "final_sigmas_type", "lambda_min_clipped", "variance_type", "timestep_spacing", "steps_offset",
+        "use_dynamic_shifting", "time_shift_type"}),
+}
+#: DPMSolverMultistepScheduler values the plan reproduces (name -> (allowed, why not others)). lower_order_final,
+#: euler_at_final, lambda_min_clipped, timestep_spacing and steps_offset take any value: the timesteps are read,
+#: and with final_sigmas_type="zero" the last step is first order (x0-prediction) whatever they say.
+_DPM_VALUES = {
+    "solver_order": ((1, 2), "sdegen's order-3 step differs from diffusers' 3M"),
+    "algorithm_type": (("dpmsolver++",), "the data-prediction multistep is what sdegen's dpm_solver reproduces"),
+    "solver_type": (("midpoint", "heun"), "unknown"),
+    "use_karras_sigmas": ((False,), "Karras sigmas fall between training steps"),
+    "use_exponential_sigmas": ((False,), "exponential sigmas fall between training steps"),
+    "use_beta_sigmas": ((False,), "beta sigmas fall between training steps"),
+    "use_lu_lambdas": ((False,), "uniform-lambda steps fall between training steps"),
+    "use_flow_sigmas": ((False,), "a flow-matching schedule is not this VP chain"),
+    "flow_shift": ((1.0,), "only used with flow sigmas"),
+    "final_sigmas_type": (("zero",), "the plan ends at the data"),
+    "variance_type": ((None,), "learned variances are not implemented"),
+    "use_dynamic_shifting": ((False,), "a flow-matching option"),
+    "time_shift_type": (("exponential",), "a flow-matching option"),
+}
+#: Values the plan reproduces, where a field has others that it does not (name -> (allowed, why not others)).
+_EULER_VALUES = {
+    # "linspace" gives fractional timesteps (sigma interpolated linearly in the step, not in log abar as the
+    # DiscreteVPSDE is) and, like "trailing", starts from sigma_max * z instead of sqrt(sigma_max^2 + 1) * z.
+    "timestep_spacing": (("leading",), "only 'leading' starts from N(0, I) on integer steps"),
+    "interpolation_type": (("linear",), "'log_linear' spaces sigma geometrically"),
+    "use_karras_sigmas": ((False,), "Karras sigmas fall between training steps"),
+    "use_exponential_sigmas": ((False,), "exponential sigmas fall between training steps"),
+    "use_beta_sigmas": ((False,), "beta sigmas fall between training steps"),
+    "sigma_min": ((None,), "only used by the refused sigma spacings"),
+    "sigma_max": ((None,), "only used by the refused sigma spacings"),
+    "timestep_type": (("discrete",), "continuous timesteps are not chain steps"),
+    "final_sigmas_type": (("zero",), "the plan ends at the data"),
 }
 #: DDPMScheduler.variance_type -> the chain plan's noise variance.
 _DIFFUSERS_VARIANCES = {"fixed_small": "posterior", "fixed_small_log": "posterior", "fixed_large": "beta"}
@@ -453,16 +494,21 @@ def _check_diffusers_fields(name: str, config: dict, ignore: frozenset) -> None:
         refused.append(f"variance_type={variance!r} (supported: {', '.join(map(repr, _DIFFUSERS_VARIANCES))}; "
                        "learned variances are not implemented, and diffusers' own 'fixed_large_log' step takes "
                        "the square root of log(beta) < 0)")
+    values = _EULER_VALUES if name.startswith("Euler") else _DPM_VALUES if name.startswith("DPMSolver") else {}
+    if values:
+        for field, (allowed, why) in values.items():
+            if field in config and config[field] not in allowed:
+                refused.append(f"{field}={config[field]!r} ({why}; supported: {', '.join(map(repr, allowed))})")
     if refused:
         raise ValueError(f"from_diffusers cannot reproduce {name} with " + "; ".join(refused))
 
 
-def _diffusers_plan(name: str, scheduler, config: dict, n: int) -> ChainPlan:
+def _diffusers_plan(name: str, scheduler, config: dict, n: int, T: float) -> ChainPlan:
     r"""The chain steps of the scheduler's own loop, read from ``scheduler.timesteps`` (diffusers timestep
     $k$ is chain index $i = k + 1$; a target of diffusers timestep $-1$ is $\bar\alpha = 1$, index 0)."""
     if name not in _DIFFUSERS_SAMPLER_FIELDS:
         return ChainPlan.full(n)
-    ks = [int(k) for k in scheduler.timesteps.tolist()]
+    ks = [int(round(k)) for k in scheduler.timesteps.tolist()]
     if name == "DDPMScheduler":
         # DDPMScheduler.previous_timestep: the next listed timestep once set_timesteps ran, else k - 1.
         strided = bool(getattr(scheduler, "custom_timesteps", False) or getattr(scheduler, "num_inference_steps", None))
@@ -471,6 +517,30 @@ def _diffusers_plan(name: str, scheduler, config: dict, n: int) -> ChainPlan:
                          variance=_DIFFUSERS_VARIANCES[config.get("variance_type", "fixed_small")], eta=1.0,
                          noiseless_step_one=True)
     n_inf = getattr(scheduler, "num_inference_steps", None)
+    if name == "DPMSolverMultistepScheduler":
+        # DPM-Solver++ (data prediction) on the listed steps, then its first-order step to sigma = 0,
+        # which is x0-prediction at the last step: sdegen's dpm_solver on that grid plus the Tweedie step.
+        if not n_inf:
+            raise ValueError(f"{name}: call scheduler.set_timesteps(num_inference_steps) before from_diffusers")
+        steps = tuple(k + 1 for k in ks)
+        if steps[0] != n:
+            raise ValueError(f"{name} with timestep_spacing={config.get('timestep_spacing')!r}, steps_offset="
+                             f"{config.get('steps_offset')!r} starts at timestep {ks[0]} < N - 1 = {n - 1} from "
+                             "N(0, I), which sdegen's grids refuse (a grid starts at T, where the prior lives); use "
+                             "timestep_spacing='linspace' or 'trailing'")
+        dpm = {"grid": torch.tensor(steps, dtype=torch.float64) * (T / n), "order": int(config.get("solver_order", 2)),
+               "prediction": "data", "lower_order_final": False, "denoise": True,
+               "solver_type": "midpoint" if config.get("solver_type", "midpoint") == "midpoint" else "exact"}
+        return ChainPlan(steps, steps[1:] + (0,), variance="posterior", eta=0.0, noiseless_step_one=False,
+                         method_options={"dpm_solver": dpm})
+    if name.startswith("Euler"):
+        # Euler in (x / m, sigma) with the eps implied by x0 is DDIM (eta 0) between the listed steps;
+        # Euler ancestral's (sigma_down, sigma_up) split is the posterior step (eta 1). Both end at sigma = 0.
+        if not n_inf:
+            raise ValueError(f"{name}: call scheduler.set_timesteps(num_inference_steps) before from_diffusers")
+        steps = tuple(int(round(k)) + 1 for k in ks)
+        eta = 1.0 if name == "EulerAncestralDiscreteScheduler" else 0.0
+        return ChainPlan(steps, steps[1:] + (0,), variance="posterior", eta=eta, noiseless_step_one=False)
     if not n_inf:
         raise ValueError("DDIMScheduler: call scheduler.set_timesteps(num_inference_steps) before from_diffusers "
                          "(its loop is defined by those timesteps)")
@@ -514,6 +584,7 @@ def from_diffusers(unet, scheduler, *, timesteps: str = "continuous", T: float =
     | ``timestep_spacing``, ``steps_offset`` | read through ``scheduler.timesteps`` (DDPM, DDIM) |
     | ``variance_type`` (DDPM) | ``fixed_small``/``fixed_small_log``: $\tilde\beta$; ``fixed_large``: $\beta$; others refused |
     | ``set_alpha_to_one`` (DDIM) | the final step's target $\bar\alpha$ (1 or $\bar\alpha_1$) |
+    | Euler / Euler ancestral: ``timestep_spacing="leading"``, ``steps_offset``, default sigma options | the plan with $\eta = 0$ / $\eta = 1$; other spacings and sigma options refused |
     | ``rescale_betas_zero_snr`` | ``False`` only (refused when ``True``) |
     | any other field (other scheduler classes' solver settings) | refused, unless named in ``ignore`` |
 
@@ -546,7 +617,7 @@ def from_diffusers(unet, scheduler, *, timesteps: str = "continuous", T: float =
                                _PREDICTIONS)
     _check_choice(timesteps, "timesteps", TIMESTEP_MODES)
     ab = torch.as_tensor(scheduler.alphas_cumprod).detach().to("cpu", torch.float64)
-    sde = DiscreteVPSDE(alphas_cumprod=ab, T=T, plan=_diffusers_plan(name, scheduler, config, ab.numel()))
+    sde = DiscreteVPSDE(alphas_cumprod=ab, T=T, plan=_diffusers_plan(name, scheduler, config, ab.numel(), T))
     score_fn = _DiscreteStepScore(unet, sde, prediction=prediction, timesteps=timesteps, first_step=0,
                                   call=_call_diffusers_unet)
     if config.get("thresholding", False):

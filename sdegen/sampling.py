@@ -558,6 +558,10 @@ def sample(sde: SDE, score_fn: Callable[..., Tensor], shape, *, method: str, ste
     spec = _check_method(method)
     opts = _resolve_options(method, spec, method_options)
     steps_given = steps is not None
+    if not steps_given and isinstance(sde, AbstractChainSDE):
+        # The chain's own sampler settings for this method (e.g. diffusers' DPM-Solver++ grid and
+        # order); options the caller passes win.
+        opts.update({k: v for k, v in sde.plan.method_options.get(method, {}).items() if k not in method_options})
     steps = _check_steps(method, spec, steps)
     eps = _check_eps(eps, sde.T)
     if isinstance(return_trajectory, bool):

@@ -125,6 +125,47 @@ def test_ddim_scheduler_by_the_natural_call(case):
     assert float(ref.abs().max()) > 0.1
 
 
+def _euler_loop(model, scheduler, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(SHAPE, generator=g, dtype=F64) * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for k in scheduler.timesteps:
+            out = model(scheduler.scale_model_input(x, k), k).sample
+            x = scheduler.step(out, k, x, generator=g).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("cls,config", [
+    ("EulerDiscreteScheduler", dict()),
+    ("EulerDiscreteScheduler", dict(prediction_type="v_prediction", steps_offset=1)),
+    ("EulerAncestralDiscreteScheduler", dict()),
+    ("EulerAncestralDiscreteScheduler", dict(prediction_type="v_prediction")),
+])
+def test_euler_schedulers_by_the_natural_call(cls, config):
+    """Euler in (x/m, sigma) is DDIM (eta 0) and Euler ancestral is the posterior step (eta 1) on the listed steps;
+    the scheduler's loop works on x/m, whose final value (sigma = 0) is the sample itself."""
+    scheduler = getattr(diffusers, cls)(num_train_timesteps=N_TRAIN, beta_start=1e-3, beta_end=0.2,
+                                        timestep_spacing="leading", **config)
+    scheduler.set_timesteps(6)
+    ref = _euler_loop(unet(), scheduler, 6)
+    res = _natural(unet(), scheduler, 6)
+    assert res.nfe == 6
+    torch.testing.assert_close(res.samples, ref, rtol=1e-5, atol=1e-5)
+    assert float(ref.abs().max()) > 0.1
+
+
+@pytest.mark.parametrize("config,named", [
+    (dict(timestep_spacing="linspace"), "timestep_spacing='linspace'"),
+    (dict(timestep_spacing="leading", use_karras_sigmas=True), "use_karras_sigmas=True"),
+    (dict(timestep_spacing="leading", interpolation_type="log_linear"), "interpolation_type='log_linear'"),
+])
+def test_euler_settings_not_reproduced_are_refused(config, named):
+    scheduler = diffusers.EulerDiscreteScheduler(num_train_timesteps=N_TRAIN, **config)
+    scheduler.set_timesteps(5)
+    with pytest.raises(ValueError, match=named):
+        from_diffusers(unet(), scheduler)
+
+
 def test_explicit_steps_leave_the_plan():
     """With steps= the method runs on its own uniform grid (the plan is the default, not a constraint)."""
     scheduler = _ddpm()
@@ -148,10 +189,10 @@ def test_unsupported_values_are_refused_by_name(config, named):
 
 
 def test_other_scheduler_fields_are_refused_by_name_unless_ignored():
-    scheduler = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=N_TRAIN)
+    scheduler = diffusers.UniPCMultistepScheduler(num_train_timesteps=N_TRAIN)
     with pytest.raises(ValueError) as err:
         from_diffusers(unet(), scheduler)
-    for field in ("solver_order", "algorithm_type", "solver_type", "use_karras_sigmas", "timestep_spacing"):
+    for field in ("solver_order", "predict_x0", "solver_type", "use_karras_sigmas", "timestep_spacing"):
         assert field in str(err.value)
     fields = {k for k in scheduler.config if not k.startswith("_")}
     sde, score_fn = from_diffusers(unet(), scheduler, ignore=fields)
@@ -221,3 +262,32 @@ def test_sdegen_scheduler_config_round_trip(tmp_path):
         SdegenScheduler(method="rk45")
     with pytest.raises(RuntimeError, match="set_timesteps"):
         SdegenScheduler().step(x, 0, x)
+
+
+@pytest.mark.parametrize("config", [dict(solver_type="midpoint"), dict(solver_type="heun"),
+                                    dict(prediction_type="v_prediction", timestep_spacing="trailing"),
+                                    dict(solver_order=1, lower_order_final=False)])
+def test_dpm_solver_multistep_by_the_natural_call(config):
+    """DPM-Solver++ 2M (midpoint and heun) on the scheduler's steps, then its first-order step to sigma = 0:
+    sample(method="dpm_solver") without steps= reads the grid and settings from the adapter's plan."""
+    scheduler = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=N_TRAIN, beta_start=1e-3, beta_end=0.2,
+                                                      **config)
+    scheduler.set_timesteps(6)
+    ref = _euler_loop(unet(), scheduler, 8)
+    sde, score_fn = from_diffusers(unet(), scheduler)
+    res = sdegen.sample(sde, score_fn, SHAPE, method="dpm_solver", generator=torch.Generator().manual_seed(8),
+                        dtype=F64)
+    assert res.nfe == 6
+    torch.testing.assert_close(res.samples, ref, rtol=1e-5, atol=1e-5)
+    assert float(ref.abs().max()) > 0.1
+
+
+@pytest.mark.parametrize("config,named", [(dict(algorithm_type="sde-dpmsolver++"), "algorithm_type"),
+                                          (dict(solver_order=3), "solver_order=3"),
+                                          (dict(use_karras_sigmas=True), "use_karras_sigmas=True"),
+                                          (dict(timestep_spacing="leading"), "timestep_spacing='leading'")])
+def test_dpm_solver_settings_not_reproduced_are_refused(config, named):
+    scheduler = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=N_TRAIN, **config)
+    scheduler.set_timesteps(5)
+    with pytest.raises(ValueError, match=named):
+        from_diffusers(unet(), scheduler)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import abc
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
 
 import torch
 from torch import Tensor
@@ -53,6 +55,10 @@ class ChainPlan:
         variance: ``"posterior"`` or ``"beta"``.
         eta: $\eta \ge 0$; the default of the ancestral method's ``eta=`` option.
         noiseless_step_one: no noise on a step evaluated at $i = 1$.
+        method_options: per method name, option defaults that reproduce the model's own sampler
+            with that method (e.g. ``{"dpm_solver": {"grid": (...), "order": 2, ...}}`` for diffusers'
+            DPM-Solver++ 2M); ``sdegen.sample`` applies them when no ``steps=`` is given, below the
+            options the caller passes.
 
     Raises:
         ValueError: empty or non-decreasing steps, targets out of range, unknown variance, eta < 0.
@@ -63,6 +69,7 @@ class ChainPlan:
     variance: str = "posterior"
     eta: float = 1.0
     noiseless_step_one: bool = True
+    method_options: Mapping[str, Mapping] = field(default_factory=dict, hash=False)
 
     def __post_init__(self):
         steps, targets = tuple(int(i) for i in self.steps), tuple(int(j) for j in self.targets)
@@ -83,6 +90,11 @@ class ChainPlan:
                 or self.eta < 0:
             raise ValueError(f"eta must be a finite float >= 0, got {self.eta!r}")
         object.__setattr__(self, "eta", float(self.eta))
+        if not isinstance(self.method_options, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, Mapping) for k, v in self.method_options.items()):
+            raise TypeError(f"method_options must map method names to option dicts, got {self.method_options!r}")
+        object.__setattr__(self, "method_options", MappingProxyType(
+            {k: MappingProxyType(dict(v)) for k, v in self.method_options.items()}))
 
     @classmethod
     def full(cls, n: int) -> "ChainPlan":
