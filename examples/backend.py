@@ -99,7 +99,7 @@ def tour(n: int = 2000) -> dict:
 
 
 def save_figure(panels: dict, out: str) -> str:
-    """Scatter every sample set over the 8-gaussians density and save ``out/backend.png``."""
+    """Scatter every sample set over the 8-gaussians density and save ``<out>/backend.png``."""
     from sdegen import plotting
 
     gm = sdegen.named_mixture("8gaussians")

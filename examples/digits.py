@@ -2,9 +2,9 @@ r"""Train a small U-Net score model on scikit-learn's 8×8 digits (CPU), sample,
 
 Usage::
 
-    OMP_NUM_THREADS=2 python examples/digits.py --threads 2 --out out/digits  # the full run (~27 min, 2 shared cores)
+    OMP_NUM_THREADS=2 python examples/digits.py --threads 2 --out outputs/digits  # the full run (~27 min, 2 shared cores)
     python examples/digits.py --fast --out /tmp/digits                        # a smoke run (seconds)
-    python examples/digits.py --plot-only --out out/digits                    # redraw the figure of a finished run
+    python examples/digits.py --plot-only --out outputs/digits                    # redraw the figure of a finished run
 
 The defaults (400 training steps, 256 samples, 100 sampler steps) are sized for 20-30 minutes on
 two shared CPU cores; more steps (e.g. ``--steps 3000``) give cleaner samples where time allows.
@@ -107,7 +107,7 @@ def _figure(path, samples, real, metrics: dict, max_side: int = 8) -> None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="out/digits", help="output folder")
+    p.add_argument("--out", default="outputs/digits", help="output folder")
     p.add_argument("--fast", action="store_true", help="a few steps and samples, for a smoke test")
     p.add_argument("--steps", type=int, default=None, help="training steps (default 400, --fast 30)")
     p.add_argument("--samples", type=int, default=None, help="samples to draw (default 256, --fast 36)")

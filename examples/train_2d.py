@@ -2,7 +2,7 @@ r"""Train an MLP score model on a 2-D data set (CPU), sample with RK45 and PC, a
 
 Usage::
 
-    python examples/train_2d.py --data 8gaussians --out out/train_2d
+    python examples/train_2d.py --data 8gaussians --out outputs/train_2d
     python examples/train_2d.py --fast --out /tmp/train_2d
 
 Writes ``samples_2d.png`` (data and each sampler's samples side by side) and ``metrics.json``: the
@@ -68,7 +68,7 @@ def train_and_sample(data_name="8gaussians", *, steps=3000, n=2000, seed=0, fast
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="8gaussians", choices=list(TOY_2D))
-    p.add_argument("--out", default="out/train_2d")
+    p.add_argument("--out", default="outputs/train_2d")
     p.add_argument("--fast", action="store_true")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)

@@ -16,6 +16,8 @@ import argparse
 import os
 import sys
 
+from . import __version__
+
 __all__ = ["main", "build_parser", "parse_option"]
 
 SDE_NAMES = ("vp", "subvp", "ve")
@@ -179,7 +181,15 @@ def _cmd_train(args) -> int:
         if data.ndim != 4:
             raise CLIError(f"--net unet needs image data (N, C, H, W), got data of shape {tuple(data.shape)}")
         net = snn.UNet(data.shape[1])
-    model = ScoreModel(net, sde, parameterization=args.parameterization).to(device)
+    if args.sigma_data is not None and args.parameterization != "edm":
+        raise CLIError(f"--sigma-data applies to --parameterization edm only, got --parameterization "
+                       f"{args.parameterization}")
+    sigma_data = 1.0
+    if args.parameterization == "edm":
+        sigma_data = args.sigma_data if args.sigma_data is not None else float(data.float().std())
+        if not sigma_data > 0:
+            raise CLIError(f"--sigma-data must be a positive number, got {sigma_data}")
+    model = ScoreModel(net, sde, parameterization=args.parameterization, sigma_data=sigma_data).to(device)
     from .training.checkpoint import list_checkpoints
 
     resumed = bool(list_checkpoints(args.out))
@@ -211,6 +221,17 @@ def _score_source(args, device):
 
     model = load(args.checkpoint, device=device)
     return model.sde, model, _data_shape(args.checkpoint, model), None
+
+
+def _recorded_data(directory: str) -> str | None:
+    """The ``--data`` a `sdegen train` run used (from its record), or None."""
+    import json
+
+    rec = os.path.join(directory, _CLI_RECORD)
+    if not os.path.isfile(rec):
+        return None
+    with open(rec) as f:
+        return json.load(f).get("data")
 
 
 def _data_shape(directory: str, model) -> tuple[int, ...]:
@@ -290,11 +311,15 @@ def _write_samples(path: str, x, args, nfe: int) -> None:
         np.savez(path, samples=x.numpy(), nfe=np.array(nfe), method=np.array(args.method))
     elif path.endswith(".png"):
         if x.ndim == 2 and x.shape[1] == 2:
-            lp = None
-            if args.oracle:
-                from .oracle import named_mixture
-                lp = named_mixture(args.oracle).log_prob
-            fig = plotting.scatter_panels({f"{args.method} (NFE {nfe})": x}, log_prob=lp, max_points=x.shape[0])
+            from .oracle import MIXTURE_NAMES, named_mixture
+
+            # Contours of the true density when it is known (an oracle, or a checkpoint trained on a
+            # named mixture); otherwise samples_figure draws a kernel density estimate of the samples.
+            name = args.oracle or (_recorded_data(args.checkpoint) if args.checkpoint else None)
+            lp = named_mixture(name).log_prob if name in MIXTURE_NAMES else None
+            source = f"oracle {args.oracle}" if args.oracle else f"checkpoint {args.checkpoint}"
+            fig = plotting.samples_figure(x, log_prob=lp,
+                                          title=f"sdegen sample: {source}, method {args.method}, NFE {nfe}")
         elif x.ndim == 4:
             fig = plotting.sample_grid(x[:64], title=f"{args.method} (NFE {nfe})")
         else:
@@ -313,9 +338,14 @@ def _cmd_likelihood(args) -> int:
     device = _device(args.device)
     sde, score_fn, tail, gm = _score_source(args, device)
     dtype = torch.float64 if args.float64 else torch.float32
+    if args.data is None and gm is None:
+        # The run records its data (sdegen_cli.json, written by `sdegen train`): use it by default.
+        args.data = _recorded_data(args.checkpoint)
+        if args.data is None:
+            raise CLIError(f"--data is required: checkpoint {args.checkpoint!r} does not record its data set "
+                           f"({_CLI_RECORD} missing); give a data set name or an .npz file")
+        print(f"data: {args.data!r}, as recorded by the training run ({args.n} points, seed {args.seed})")
     if args.data is None:
-        if gm is None:
-            raise CLIError("--data is required with --checkpoint (a data set name or an .npz file)")
         x = gm.sample(args.n, generator=torch.Generator(device=device).manual_seed(args.seed))
     else:
         x = _load_data(args.data, args.n, args.seed, device)
@@ -377,6 +407,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: 1, or OMP_NUM_THREADS when set; "
+                   "bench: torch's default). Small models run fastest on one thread per process")
 
 
 def _score_args(p: argparse.ArgumentParser) -> None:
@@ -391,6 +423,7 @@ def _score_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``sdegen`` argument parser (one sub-parser per command)."""
     p = argparse.ArgumentParser(prog="sdegen", description="Score-based generative modelling with SDEs.")
+    p.add_argument("--version", action="version", version=f"sdegen {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("demo", help="train a small model on 2-D data and compare every sampler (the main job)",
@@ -416,8 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--net", default="mlp", choices=("mlp", "unet"), help="network (default: mlp)")
     t.add_argument("--hidden", type=int, default=128, help="MLP width (default 128)")
     t.add_argument("--depth", type=int, default=3, help="MLP residual blocks (default 3)")
-    t.add_argument("--parameterization", default="eps", choices=("score", "eps", "x0", "v"),
-                   help="what the network predicts (default: eps)")
+    t.add_argument("--parameterization", default="eps", choices=("score", "eps", "x0", "v", "edm"),
+                   help="what the network predicts (default: eps; edm: the EDM preconditioned denoiser, "
+                        "with --sigma-data)")
+    t.add_argument("--sigma-data", type=float, default=None,
+                   help="data standard deviation of the edm parameterization (default: that of the training data)")
     t.add_argument("--steps", type=int, default=4000, help="training steps (default 4000)")
     t.add_argument("--batch-size", type=int, default=512, help="batch size (default 512)")
     t.add_argument("--lr", type=float, default=2e-3, help="learning rate (default 2e-3)")
@@ -474,10 +510,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_positive_ints(args) -> None:
-    for name in ("n", "steps", "train_steps", "n_data", "batch_size", "hidden", "depth"):
+    for name in ("n", "steps", "train_steps", "n_data", "batch_size", "hidden", "depth", "threads"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+
+
+def _set_threads(args) -> None:
+    # The models here are small: a second intra-op thread gains little and, on a busy machine,
+    # costs several times the CPU per step (spinning threads). One thread per process unless asked.
+    threads = getattr(args, "threads", None)
+    if threads is None and (os.environ.get("OMP_NUM_THREADS") or args.command == "bench"):
+        return
+    import torch
+
+    torch.set_num_threads(threads or 1)
 
 
 def main(argv=None) -> int:
@@ -485,6 +532,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check_positive_ints(args)
+        _set_threads(args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("sdegen: interrupted", file=sys.stderr)

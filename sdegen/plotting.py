@@ -29,10 +29,13 @@ __all__ = [
     "density_grid",
     "plot_density",
     "scatter_panels",
+    "outside_window",
+    "samples_figure",
     "trajectory_panels",
     "loss_curve",
     "sample_grid",
     "error_vs_nfe",
+    "log_ticks",
     "save",
 ]
 
@@ -101,6 +104,21 @@ def _square(ax, lim: float) -> None:
     ax.set_yticks([-math.floor(lim), 0, math.floor(lim)])
 
 
+def outside_window(points, lim: float) -> int:
+    r"""How many 2-D points lie outside the square $[-\text{lim}, \text{lim}]^2$ (non-finite ones count).
+
+    Args:
+        points: ``(N, 2)`` tensor or array.
+        lim: half-width of the window.
+
+    Returns:
+        count (int): the number of points a panel of half-width ``lim`` does not show.
+    """
+    pts = to_numpy(points)
+    inside = np.isfinite(pts).all(axis=1) & (np.abs(pts) <= lim).all(axis=1)
+    return int(len(pts) - inside.sum())
+
+
 def scatter_panels(panels: Mapping[str, object], *, log_prob=None, lim: float = 3.0, ncols: int | None = None,
                    max_points: int = 2000, title: str | None = None, row_labels: Sequence[str] | None = None):
     r"""One 2-D scatter panel per entry, each over the target density's contours.
@@ -116,7 +134,9 @@ def scatter_panels(panels: Mapping[str, object], *, log_prob=None, lim: float = 
         row_labels: optional label per row, written left of the row's first panel.
 
     Returns:
-        fig (matplotlib.figure.Figure): the figure.
+        fig (matplotlib.figure.Figure): the figure. A panel whose points fall outside the window
+            (or are not finite) says how many in its title, so a clean-looking panel cannot hide
+            far-away samples; [`outside_window`][sdegen.plotting.outside_window] counts them.
     """
     names = list(panels)
     if not names:
@@ -134,18 +154,81 @@ def scatter_panels(panels: Mapping[str, object], *, log_prob=None, lim: float = 
             if grid is not None:
                 plot_density(ax, grid)
             pts = panels[name]
+            label = name
             if pts is not None:
                 pts = to_numpy(pts)[:max_points]
                 ax.scatter(pts[:, 0], pts[:, 1], s=2.0, c=_SAMPLE_COLOR, alpha=0.6, linewidths=0)
+                out = outside_window(pts, lim)
+                if out:
+                    label = f"{name}\n{out} of {len(pts)} points outside the window"
             else:
                 ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes, color="0.4")
-            ax.set_title(name)
+            ax.set_title(label, color="#b00000" if label != name else "black")
             _square(ax, lim)
         if row_labels is not None:
             for r, label in enumerate(row_labels[:nrows]):
                 axes[r, 0].set_ylabel(label, fontsize=10, fontweight="bold")
         if title:
             fig.suptitle(title)
+        fig.tight_layout()
+    return fig
+
+
+def samples_figure(samples, *, title: str | None = None, log_prob=None, lim: float | None = None,
+                   max_points: int = 20000):
+    r"""One labelled 2-D scatter of samples over density contours (what ``sdegen sample --out x.png`` writes).
+
+    With ``log_prob`` the contours are the target density (e.g. an oracle mixture); without it, a
+    Gaussian kernel density estimate of the samples themselves (Scott's bandwidth, on at most 2000
+    points), and the legend says which. Points outside the window are counted in the title.
+
+    Args:
+        samples: ``(N, 2)`` tensor or array.
+        title: figure title (the count of points outside the window is appended when non-zero).
+        log_prob (Callable | None): optional target log-density ``(B, 2) -> (B,)``.
+        lim: half-width of the square window (default: the 99.5 % quantile of $|x|$, rounded up to
+            a half, at least 1).
+        max_points: at most this many points are drawn (the first ones).
+
+    Returns:
+        fig (matplotlib.figure.Figure): a 5.5 x 5.5 inch figure (about 600 px at the style's dpi).
+    """
+    pts = to_numpy(samples)
+    if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) == 0:
+        raise ValueError(f"samples must have shape (N, 2) with N >= 1, got {pts.shape}")
+    finite = pts[np.isfinite(pts).all(axis=1)]
+    if lim is None:
+        q = float(np.quantile(np.abs(finite), 0.995)) if len(finite) else 1.0
+        lim = max(1.0, math.ceil(2 * q * 1.05) / 2)
+    out = outside_window(pts, lim)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5.5, 5.5))
+        if log_prob is not None:
+            plot_density(ax, density_grid(log_prob, lim))
+            contour_label = "target density"
+        elif len(finite) >= 10:
+            from scipy.stats import gaussian_kde
+
+            kde = gaussian_kde(finite[:2000].T)
+            X, Y, P = density_grid(lambda z: torch.from_numpy(np.log(np.maximum(kde(z.numpy().T), 1e-300))), lim)
+            plot_density(ax, (X, Y, P), filled=False)
+            contour_label = "kernel density estimate of the samples"
+        else:
+            contour_label = None
+        shown = pts[:max_points]
+        ax.scatter(shown[:, 0], shown[:, 1], s=3.0, c=_SAMPLE_COLOR, alpha=0.5, linewidths=0,
+                   label=f"{len(shown)} samples")
+        if contour_label:
+            ax.plot([], [], color=_DATA_COLOR, lw=0.8, label=f"contours: {contour_label}")
+        _square(ax, lim)
+        ax.set_xlabel("$x_1$")
+        ax.set_ylabel("$x_2$")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
+        full = title or ""
+        if out:
+            full += f"{chr(10) if full else ''}{out} of {len(pts)} points outside the window"
+        if full:
+            ax.set_title(full)
         fig.tight_layout()
     return fig
 
@@ -220,6 +303,7 @@ def loss_curve(losses: Sequence[float], *, title: str | None = None, smooth: int
         ax.set_ylabel("loss")
         if np.all(y > 0):
             ax.set_yscale("log")
+            log_ticks(ax, "y")
         ax.legend(frameon=False)
         if title:
             ax.set_title(title)
@@ -291,6 +375,7 @@ def error_vs_nfe(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], 
         ax.set_xscale("log")
         if logy:
             ax.set_yscale("log")
+        log_ticks(ax)
         ax.set_xlabel("score evaluations (NFE)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="major", alpha=0.3)
@@ -299,6 +384,38 @@ def error_vs_nfe(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], 
             ax.set_title(title)
         fig.tight_layout()
     return fig
+
+
+def log_ticks(ax, axis: str = "both") -> None:
+    r"""Readable tick labels on the log-scaled axes of ``ax``: call after the data are drawn.
+
+    Matplotlib labels the minor ticks of a log axis spanning less than about one decade, and its
+    labels then collide. Here minor ticks stay unlabelled; labels sit at $1, 2, 5 \times 10^k$ when the
+    axis spans at most two decades, else at the powers of the base only (every other one beyond
+    eight decades), written as plain numbers (``0.02``, ``500``, ``1e-06``).
+
+    Args:
+        ax: a matplotlib ``Axes``.
+        axis: ``"x"``, ``"y"`` or ``"both"``; axes that are not log-scaled are left alone.
+    """
+    from matplotlib import ticker
+
+    if axis not in ("x", "y", "both"):
+        raise ValueError(f"axis must be 'x', 'y' or 'both', got {axis!r}")
+    for name in ("x", "y") if axis == "both" else (axis,):
+        target = ax.xaxis if name == "x" else ax.yaxis
+        if target.get_scale() != "log":
+            continue
+        lo, hi = sorted(ax.get_xlim() if name == "x" else ax.get_ylim())
+        base = getattr(target.get_transform(), "base", 10.0)
+        decades = math.log(hi / lo, base) if lo > 0 and hi > lo else 1.0
+        subs = (1.0, 2.0, 5.0) if base == 10 and decades <= 2 else (1.0,)
+        target.set_major_locator(ticker.LogLocator(base=base, subs=subs, numticks=12))
+        target.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        target.set_minor_formatter(ticker.NullFormatter())
+        if decades > 8:
+            ticks = [t for t in target.get_major_locator().tick_values(lo, hi) if lo <= t <= hi]
+            target.set_major_locator(ticker.FixedLocator(ticks[::2]))
 
 
 def save(fig, path: str | os.PathLike) -> str:

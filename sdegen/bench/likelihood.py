@@ -113,7 +113,7 @@ def _solver_comparison(n: int, tol: float, eps: float, repeats: int, device: tor
 
 
 def _plot(result: dict, path: pathlib.Path) -> None:
-    from ..plotting import STYLE, plt, save
+    from ..plotting import STYLE, log_ticks, plt, save
 
     sweep, comp = result["divergence_sweep"], result["solver_comparison"]
     with plt.rc_context(STYLE):
@@ -128,6 +128,7 @@ def _plot(result: dict, path: pathlib.Path) -> None:
         for ax, title in zip(axes[:3], ("wall time per sample [ms]", "evaluations", "|error| [nats/dim]")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            log_ticks(ax)  # no overlapping minor-tick labels on short log ranges
             ax.set_xlabel("dimension d")
             ax.set_title(title)
             ax.legend(fontsize=7)

@@ -134,6 +134,8 @@ def _plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..plotting import log_ticks
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     per = result["per_step_us"]
     ax1.barh(list(per), list(per.values()), color="tab:blue")
@@ -148,6 +150,7 @@ def _plot(result: dict, path: Path) -> None:
     ax2.axhline(1.0, color="gray", ls=":", lw=1)
     ax2.set_xscale("log")
     ax2.invert_xaxis()
+    log_ticks(ax2, "x")  # no overlapping minor-tick labels on short log ranges
     ax2.set_xlabel("rtol = atol")
     ax2.set_ylabel("scipy time / rk45 time")
     ax2.set_title("native RK45 vs scipy solve_ivp (same tolerance)")

@@ -197,6 +197,8 @@ def _plot(result: dict, path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..plotting import log_ticks
+
     acc = result["accuracy"]
     sdes = list(acc["sdes"])
     fig, axes = plt.subplots(2, len(sdes) + 1, figsize=(5 * (len(sdes) + 1), 8))
@@ -210,6 +212,7 @@ def _plot(result: dict, path: pathlib.Path) -> None:
             ax.set_xlabel(label)
             ax.set_ylabel("sliced W2 to exact")
             ax.set_title(f"{name}, {acc['mixture']}, n={acc['n']}")
+            log_ticks(ax)  # no overlapping minor-tick labels on short log ranges
     axes[0, 0].legend(fontsize=7)
     bars = [("overhead_4096", "ratio", 1.05, "sampler / bare score time (batch 4096)"),
             ("overhead_16", "overhead_us_per_step", 30, "overhead per step at batch 16 (us)")]
