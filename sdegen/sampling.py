@@ -39,6 +39,9 @@ from .sdes.discrete import AbstractChainSDE
 from .solvers.adaptive_sde import ADAPTIVE_SDE_OPTIONS, run_adaptive_sde
 from .solvers.dpm_solver import DPM_SOLVER_OPTIONS, build_dpm_solver
 from .solvers.edm import HEUN_KARRAS_OPTIONS, build_heun_karras
+from .solvers.sde_dpm import SDE_DPM_OPTIONS, build_sde_dpm_solver
+from .solvers.ancestral_k import DPM2_OPTIONS, EULER_ANCESTRAL_OPTIONS, build_dpm2, build_euler_ancestral
+from .solvers.restart import RESTART_OPTIONS, build_restart
 from .solvers.unipc import UNIPC_OPTIONS, build_unipc
 from .solvers.deis import DEIS_OPTIONS, build_deis
 from .solvers.multistep import IPNDM_OPTIONS, LMS_OPTIONS, PNDM_OPTIONS, build_ipndm, build_lms, build_pndm
@@ -355,6 +358,19 @@ METHODS: MethodTable = MethodTable({
                       doc="probability-flow ODE, linear multistep in sigma, orders 1-4"),
     "adaptive_sde": MethodSpec(run_adaptive_sde, options=ADAPTIVE_SDE_OPTIONS, reverse_sde=True, fixed_grid=False,
                                default_steps=None, doc="reverse SDE, adaptive EM/improved-Euler pair with rtol/atol"),
+    "sde_dpm_solver": MethodSpec(_fixed_grid_runner(build_sde_dpm_solver), options=SDE_DPM_OPTIONS, reverse_sde=True,
+                                 default_steps=20,
+                                 doc="reverse SDE, SDE-DPM-Solver++ 1 / 2M-SDE / 3M-SDE with eta (one evaluation per step)"),
+    "euler_ancestral": MethodSpec(_fixed_grid_runner(build_euler_ancestral, grid_option=True),
+                                  options=EULER_ANCESTRAL_OPTIONS, reverse_sde=True, default_steps=50,
+                                  doc="Euler ancestral in (x/m, sigma) with eta (k-diffusion, diffusers EulerAncestral)"),
+    "dpm2": MethodSpec(_fixed_grid_runner(build_dpm2(False), grid_option=True), options=DPM2_OPTIONS, default_steps=20,
+                       doc="probability-flow ODE, k-diffusion DPM-2 (midpoint in log sigma, 2 evaluations per step)"),
+    "dpm2_ancestral": MethodSpec(_fixed_grid_runner(build_dpm2(True), grid_option=True),
+                                 options=EULER_ANCESTRAL_OPTIONS, reverse_sde=True, default_steps=20,
+                                 doc="DPM-2 ancestral with eta (k-diffusion, diffusers KDPM2Ancestral)"),
+    "restart": MethodSpec(_fixed_grid_runner(build_restart), options=RESTART_OPTIONS, default_steps=18,
+                          doc="Restart sampling: Heun ODE with K forward re-noising restarts over a sigma interval"),
     "sde_dpm_solver": MethodSpec(_fixed_grid_runner(build_sde_dpm_solver), options=SDE_DPM_OPTIONS, reverse_sde=True,
                                  default_steps=20,
                                  doc="reverse SDE, SDE-DPM-Solver++ 1 / 2M-SDE / 3M-SDE with eta (one evaluation per step)"),

@@ -22,7 +22,8 @@ __all__ = ["marginal_rows", "sigma_to_time", "lambda_of"]
 
 def marginal_rows(sde: AffineSDE, times: Tensor) -> list[tuple[float, float]]:
     r"""``[(m(t_k), s(t_k)), ...]`` for every time of ``times`` (float64 host floats)."""
-    t = torch.as_tensor(times).detach().to("cpu", torch.float64).reshape(-1)
+    # dtype given: a list of Python floats would otherwise become a float32 tensor (1e-7 errors).
+    t = torch.as_tensor(times, dtype=torch.float64).detach().to("cpu").reshape(-1)
     m, s = sde.marginal(t)
     return list(zip(m.tolist(), s.tolist()))
 

@@ -42,9 +42,9 @@ from .marginal_rows import lambda_of, marginal_rows
 
 __all__ = ["SDEDPMSolverPP", "build_sde_dpm_solver", "SDE_DPM_OPTIONS", "SOLVER_TYPES"]
 
-#: The 2M correction: ``"heun"`` (the exact $I_1 D'$ term, sdegen's default) or ``"midpoint"``
+#: The 2M correction: ``"exact"`` (the exact $I_1 D'$ term, sdegen's default; diffusers' ``"heun"``) or ``"midpoint"``
 #: (diffusers' default ``solver_type``: $\tfrac12 I_0\,h D'$, the same to first order in $h$).
-SOLVER_TYPES = ("heun", "midpoint")
+SOLVER_TYPES = ("exact", "midpoint")
 
 
 def _integrals(h: float, eta: float) -> tuple[float, float, float]:
@@ -65,7 +65,7 @@ class SDEDPMSolverPP(AbstractFixedGridSolver):
     - order 1 (SDE-DPM-Solver++1; Lu et al. 2022b, eq. 18 for $\eta = 1$):
       $x_{i+1} = \frac{s_{i+1}}{s_i}e^{-\eta h}x_i + m_{i+1}I_0 D_i + s_{i+1}\sqrt{1-e^{-2\eta h}}\,z$;
     - order 2 (2M-SDE, k-diffusion ``dpmpp_2m_sde``): $+\ m_{i+1} I_1 (D_i - D_{i-1})/h_{i-1}$
-      (``solver_type="heun"``) or $+\ \tfrac12 m_{i+1} I_0\,h (D_i - D_{i-1})/h_{i-1}$ (``"midpoint"``);
+      (``solver_type="exact"``, diffusers' ``"heun"``) or $+\ \tfrac12 m_{i+1} I_0\,h (D_i - D_{i-1})/h_{i-1}$ (``"midpoint"``);
     - order 3 (3M-SDE): $+\ m_{i+1}(I_1 p' + I_2 p'')$ with $p$ the quadratic through the last three $D$'s in $\lambda$.
 
     $z = \Delta w/\sqrt{|\Delta t|}$ is the loop's unit draw. The first steps use the orders their
@@ -78,7 +78,7 @@ class SDEDPMSolverPP(AbstractFixedGridSolver):
     Args:
         order: 1, 2 or 3.
         eta: $\eta \ge 0$, the noise level (1: the reverse SDE; 0: the probability-flow ODE).
-        solver_type: ``"heun"`` (exact integral) or ``"midpoint"`` (diffusers' default), for order 2.
+        solver_type: ``"exact"`` (the exact integral; diffusers' ``"heun"``) or ``"midpoint"`` (diffusers' default), for order 2.
         n_steps: number of grid steps $N$, needed for ``lower_order_final``.
         lower_order_final: lower the order on the last steps.
         table: per-step ``(m0, s0, m1, s1, 1/sqrt|dt|)`` host floats (see `tabulated`); required.
@@ -86,7 +86,7 @@ class SDEDPMSolverPP(AbstractFixedGridSolver):
 
     order: int = 2  # type: ignore[misc]  # an option here
     eta: float = 1.0
-    solver_type: str = "heun"
+    solver_type: str = "exact"
     n_steps: int | None = None
     lower_order_final: bool = True
     table: tuple | None = field(default=None, repr=False)
@@ -166,6 +166,6 @@ def build_sde_dpm_solver(ctx, opts: dict) -> SDEDPMSolverPP:
 
 
 #: ``sdegen.sample(method="sde_dpm_solver")`` options and defaults (k-diffusion's ``dpmpp_2m_sde``
-#: defaults: order 2, $\eta = 1$, and the exact ``"heun"`` coefficient).
-SDE_DPM_OPTIONS = {"order": 2, "eta": 1.0, "solver_type": "heun", "grid": "karras", "rho": 7.0,
+#: defaults: order 2, $\eta = 1$; the exact second-order coefficient).
+SDE_DPM_OPTIONS = {"order": 2, "eta": 1.0, "solver_type": "exact", "grid": "karras", "rho": 7.0,
                    "lower_order_final": True}
