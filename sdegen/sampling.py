@@ -45,8 +45,6 @@ from .solvers.restart import RESTART_OPTIONS, build_restart
 from .solvers.unipc import UNIPC_OPTIONS, build_unipc
 from .solvers.deis import DEIS_OPTIONS, build_deis
 from .solvers.multistep import IPNDM_OPTIONS, LMS_OPTIONS, PNDM_OPTIONS, build_ipndm, build_lms, build_pndm
-from .solvers.sde_dpm import SDE_DPM_OPTIONS, build_sde_dpm_solver
-from .solvers.ancestral_k import DPM2_OPTIONS, EULER_ANCESTRAL_OPTIONS, build_dpm2, build_euler_ancestral
 
 __all__ = ["sample", "METHODS", "MethodSpec", "RunContext"]
 
@@ -371,17 +369,6 @@ METHODS: MethodTable = MethodTable({
                                  doc="DPM-2 ancestral with eta (k-diffusion, diffusers KDPM2Ancestral)"),
     "restart": MethodSpec(_fixed_grid_runner(build_restart), options=RESTART_OPTIONS, default_steps=18,
                           doc="Restart sampling: Heun ODE with K forward re-noising restarts over a sigma interval"),
-    "sde_dpm_solver": MethodSpec(_fixed_grid_runner(build_sde_dpm_solver), options=SDE_DPM_OPTIONS, reverse_sde=True,
-                                 default_steps=20,
-                                 doc="reverse SDE, SDE-DPM-Solver++ 1 / 2M-SDE / 3M-SDE with eta (one evaluation per step)"),
-    "euler_ancestral": MethodSpec(_fixed_grid_runner(build_euler_ancestral, grid_option=True),
-                                  options=EULER_ANCESTRAL_OPTIONS, reverse_sde=True, default_steps=50,
-                                  doc="Euler ancestral in (x/m, sigma) with eta (k-diffusion, diffusers EulerAncestral)"),
-    "dpm2": MethodSpec(_fixed_grid_runner(build_dpm2(False), grid_option=True), options=DPM2_OPTIONS, default_steps=20,
-                       doc="probability-flow ODE, k-diffusion DPM-2 (midpoint in log sigma, 2 evaluations per step)"),
-    "dpm2_ancestral": MethodSpec(_fixed_grid_runner(build_dpm2(True), grid_option=True),
-                                 options=EULER_ANCESTRAL_OPTIONS, reverse_sde=True, default_steps=20,
-                                 doc="DPM-2 ancestral with eta (k-diffusion, diffusers KDPM2Ancestral)"),
 })
 """Every sampling method by name: a dict of [`MethodSpec`][sdegen.sampling.MethodSpec] (runner, options
 and their defaults, one-line doc). Runners take a `RunContext` and the method's options. The guide
