@@ -19,6 +19,7 @@ and their defaults.
 from __future__ import annotations
 
 import functools
+import math
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -28,9 +29,9 @@ from torch import Tensor
 
 from ._utils import check_positive
 from .sdes import SDE, AffineSDE, VPSDE
-from .grids import get_grid
+from .grids import get_grid, sampling_start, user_grid
 from .solvers.base import AbstractFixedGridSolver, CountingScore, Dynamics, NonFiniteError, SampleResult, \
-    integrate_fixed_grid
+    check_finite_state, integrate_fixed_grid
 from .solvers.correctors import AnnealedLangevinCorrector, LangevinCorrector, PredictorCorrector, langevin_alpha
 from .solvers.ode_steps import ODEEuler, ODEHeun
 from .solvers.sde_steps import Ancestral, EulerMaruyama, ReverseDiffusion, ancestral_table, chain_table, \
@@ -41,7 +42,6 @@ from .solvers.dpm_solver import DPM_SOLVER_OPTIONS, build_dpm_solver
 from .solvers.edm import HEUN_KARRAS_OPTIONS, build_heun_karras
 from .solvers.sde_dpm import SDE_DPM_OPTIONS, build_sde_dpm_solver
 from .solvers.ancestral_k import DPM2_OPTIONS, EULER_ANCESTRAL_OPTIONS, build_dpm2, build_euler_ancestral
-from .solvers.restart import RESTART_OPTIONS, build_restart
 from .solvers.unipc import UNIPC_OPTIONS, build_unipc
 from .solvers.deis import DEIS_OPTIONS, build_deis
 from .solvers.multistep import IPNDM_OPTIONS, LMS_OPTIONS, PNDM_OPTIONS, build_ipndm, build_lms, build_pndm
@@ -64,6 +64,8 @@ class RunContext:
         steps_given: whether the caller passed ``steps=`` (else a chain SDE's own plan may apply).
         own_final_step: set by a builder whose grid ends with the model's own final step (a chain
             plan), so ``denoise`` defaults to ``False``.
+        t_start: the time of ``x`` and the start of every grid (``sde.T``, or earlier for an
+            img2img/SDEdit run; ``None`` read as ``sde.T``).
     """
 
     sde: SDE
@@ -79,6 +81,11 @@ class RunContext:
     times: Tensor | None = None
     steps_given: bool = True
     own_final_step: bool = False
+    t_start: float | None = None
+
+    def __post_init__(self):
+        if self.t_start is None:
+            self.t_start = float(self.sde.T)
 
     def unit_draw(self) -> Callable[[int], Tensor]:
         """``draw(k)``: the k-th extra unit Gaussian shaped like ``x`` (for correctors)."""
@@ -150,6 +157,11 @@ def _fixed_grid_runner(build: Callable[[RunContext, dict], AbstractFixedGridSolv
             ctx.times = get_grid(opts["grid"], ctx.sde, ctx.steps, ctx.eps)
             ctx.steps = ctx.times.numel() - 1
         solver = build(ctx, opts)
+        if ctx.t_start < ctx.sde.T and abs(float(ctx.times[0]) - ctx.t_start) > 1e-9 * max(1.0, ctx.sde.T):
+            # A builder with a grid of its own (e.g. a chain SDE's plan) must not start a part-way run
+            # from another time: x is a sample of p_{t_start}, nothing else.
+            raise ValueError(f"method {ctx.method!r} runs its own time grid here, which starts at "
+                             f"t={float(ctx.times[0]):.6g}, not at t_start={ctx.t_start:.6g}; it cannot start part-way")
         x, traj, _ = integrate_fixed_grid(solver, ctx.dyn, ctx.x, ctx.times, generator=ctx.generator,
                                           noise=ctx.noise, progress=ctx.progress, record_every=ctx.record_every,
                                           desc=ctx.method)
@@ -182,6 +194,19 @@ def _build_ancestral(ctx: RunContext, opts: dict) -> Ancestral:
             raise ValueError("the ancestral step on a VPSDE is the DDPM chain on its own grid t_i = iT/N; "
                              f"grid={grid!r} does not apply (use predictor='reverse_diffusion' for other grids)")
         n = ctx.steps
+        if ctx.t_start < sde.T:
+            # Part-way on the chain: steps = N is the chain's length (as DDPM img2img: strength x N
+            # steps), and the run starts at its step k with t_k = k T / N = t_start.
+            k = round(n * ctx.t_start / sde.T)
+            if k < 1 or abs(k * sde.T / n - ctx.t_start) > 1e-9 * sde.T:
+                raise ValueError(f"method 'ancestral' on a VPSDE runs the DDPM chain of steps={n} on t_i = iT/N; "
+                                 f"t_start={ctx.t_start:.6g} is not on it (nearest: {max(k, 1) * sde.T / n:.6g}); "
+                                 "choose t_start (or strength) and steps with strength * steps an integer")
+            ab = _ddpm_alphas_cumprod(sde, n).reshape(-1)
+            ab = ab[1:] if ab.numel() == n + 1 else ab        # abar_1 .. abar_N
+            ctx.times = torch.arange(k, -1, -1, dtype=torch.float64) * (sde.T / n)
+            ctx.steps = k
+            return Ancestral(ddpm_ancestral_table(ab[:k], ctx.times))
         ctx.times = torch.arange(n, -1, -1, dtype=torch.float64) * (sde.T / n)
         return Ancestral(ddpm_ancestral_table(_ddpm_alphas_cumprod(sde, n), ctx.times))
     return Ancestral(ancestral_table(sde, ctx.times))
@@ -251,10 +276,10 @@ def _adaptive_ode_runner(module: str, fn_name: str, returns_trajectory: bool):
     def run(ctx: RunContext, **opts):
         fn = _backend(module, fn_name)()
         if returns_trajectory:
-            y, stats, traj = fn(ctx.dyn.ode_drift, ctx.x, ctx.sde.T, ctx.eps, progress=ctx.progress,
+            y, stats, traj = fn(ctx.dyn.ode_drift, ctx.x, ctx.t_start, ctx.eps, progress=ctx.progress,
                                 record_every=ctx.record_every, **opts)
         else:
-            (y, stats), traj = fn(ctx.dyn.ode_drift, ctx.x, ctx.sde.T, ctx.eps, **opts), None
+            (y, stats), traj = fn(ctx.dyn.ode_drift, ctx.x, ctx.t_start, ctx.eps, **opts), None
         return y, traj, _times_from(stats, traj, ctx), dict(stats)
 
     return run
@@ -269,7 +294,7 @@ def _run_torchsde(ctx: RunContext, **opts):
         # is shared by the batch, so torchsde samples stay repeatable but not batch-invariant.
         z = ctx.noise(0).reshape(-1)[:64].to("cpu", torch.float64)
         generator = torch.Generator().manual_seed(int((z * 1e6).round().abs().sum().item()) % 2**62)
-    y, stats = fn(ctx.dyn.reverse_drift, ctx.dyn.diffusion, ctx.x, ctx.sde.T, ctx.eps, steps=ctx.steps,
+    y, stats = fn(ctx.dyn.reverse_drift, ctx.dyn.diffusion, ctx.x, ctx.t_start, ctx.eps, steps=ctx.steps,
                   generator=generator, **opts)
     return y, None, _times_from(stats, None, ctx), dict(stats)
 
@@ -279,7 +304,7 @@ def _times_from(stats: Mapping, traj, ctx: RunContext) -> Tensor:
         return stats["times"].detach().to("cpu", torch.float64)
     if traj:
         return torch.tensor([t for t, _ in traj], dtype=torch.float64)
-    return torch.tensor([ctx.sde.T, ctx.eps], dtype=torch.float64)
+    return torch.tensor([ctx.t_start, ctx.eps], dtype=torch.float64)
 
 
 def _backend(module: str, name: str) -> Callable[[], Callable]:
@@ -367,8 +392,6 @@ METHODS: MethodTable = MethodTable({
     "dpm2_ancestral": MethodSpec(_fixed_grid_runner(build_dpm2(True), grid_option=True),
                                  options=EULER_ANCESTRAL_OPTIONS, reverse_sde=True, default_steps=20,
                                  doc="DPM-2 ancestral with eta (k-diffusion, diffusers KDPM2Ancestral)"),
-    "restart": MethodSpec(_fixed_grid_runner(build_restart), options=RESTART_OPTIONS, default_steps=18,
-                          doc="Restart sampling: Heun ODE with K forward re-noising restarts over a sigma interval"),
 })
 """Every sampling method by name: a dict of [`MethodSpec`][sdegen.sampling.MethodSpec] (runner, options
 and their defaults, one-line doc). Runners take a `RunContext` and the method's options. The guide
@@ -411,12 +434,57 @@ def _check_steps(method: str, spec: MethodSpec, steps) -> int | None:
 
 def _check_eps(eps, T: float) -> float:
     try:
+        if isinstance(eps, bool):
+            raise TypeError
         e = float(eps)
     except (TypeError, ValueError):
         raise TypeError(f"eps must be a float in (0, T={T}), got {eps!r}") from None
     if not 0.0 < e < T:
         raise ValueError(f"eps must lie in (0, T={T}), got {eps!r}")
     return e
+
+
+def _check_start(sde: SDE, t_start, strength, x_init, x_T) -> float:
+    r"""The start time: ``T``, or ``t_start``, or ``strength * T``; checks the start-state arguments agree."""
+    T = float(sde.T)
+    if t_start is not None and strength is not None:
+        raise ValueError(f"give t_start= or strength= (t_start = strength * T), not both; got t_start={t_start!r}, "
+                         f"strength={strength!r}")
+    if strength is not None:
+        s = _real_arg(strength, "strength")
+        if not 0.0 < s <= 1.0:
+            raise ValueError(f"strength must lie in (0, 1] (t_start = strength * T), got {strength!r}")
+        t0 = s * T
+    elif t_start is not None:
+        t0 = _real_arg(t_start, "t_start")
+        if not 0.0 < t0 <= T:
+            raise ValueError(f"t_start must lie in (eps, T] = (eps, {T}], got {t_start!r}")
+    else:
+        t0 = T
+    if x_init is not None:
+        if x_T is not None:
+            raise ValueError("give x_init= (data, noised to t_start here) or x_T= (the start state), not both")
+        if t_start is None and strength is None:
+            raise ValueError("x_init= (data to start from part-way) needs t_start= or strength=")
+        if not isinstance(sde, AffineSDE):
+            raise TypeError(f"x_init= is noised to t_start by the SDE's Gaussian transition; {type(sde).__name__} is "
+                            "not an AffineSDE (pass x_T=, the state at t_start, instead)")
+    elif t0 < T and x_T is None:
+        raise ValueError(f"t_start={t0:.6g} < T={T} needs the data to start from (x_init=) or the state at t_start "
+                         "(x_T=); a prior draw is a sample of p_T only")
+    return t0
+
+
+def _real_arg(value, name: str) -> float:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return v
 
 
 def _check_dtype(dtype) -> torch.dtype:
@@ -479,24 +547,48 @@ def _start_state(sde: SDE, shape, x_T, device, dtype, generator, seeds) -> Tenso
         if seeds is not None:
             return seeds.prior(tuple(shape), torch.device(device or "cpu"), dtype) * sde.prior_std()
         return sde.prior_sample(shape, generator=generator, device=device, dtype=dtype)
-    if not isinstance(x_T, Tensor):
-        raise TypeError(f"x_T must be a torch.Tensor, got {type(x_T).__name__}")
-    _check_dtype(x_T.dtype)
-    if shape is not None and tuple(x_T.shape) != tuple(shape):
-        raise ValueError(f"x_T must have shape {tuple(shape)} (the shape argument), got {tuple(x_T.shape)}")
-    if device is not None and x_T.device != torch.device(device) and not (
-            torch.device(device).type == x_T.device.type and torch.device(device).index is None):
-        raise ValueError(f"x_T is on {x_T.device} but device={device!r} was requested")
-    if dtype is not None and x_T.dtype != dtype:
-        raise TypeError(f"x_T has dtype {x_T.dtype} but dtype={dtype} was requested")
-    return x_T
+    return _check_given_state(x_T, "x_T", shape, device, dtype)
+
+
+def _check_given_state(x: Tensor, name: str, shape, device, dtype) -> Tensor:
+    """Checks of a caller's ``x_T`` or ``x_init``: a finite float32/float64 ``(B, *D)`` tensor agreeing
+    with ``shape``, ``device`` and ``dtype`` where given (one host read for the finiteness, once)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name}: dtype must be torch.float32 or torch.float64, got {x.dtype}")
+    if x.ndim < 2:
+        raise ValueError(f"{name} must have shape (B, *D) with a batch dimension, got {tuple(x.shape)}")
+    if shape is not None and tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} (the shape argument), got {tuple(x.shape)}")
+    if device is not None and x.device != torch.device(device) and not (
+            torch.device(device).type == x.device.type and torch.device(device).index is None):
+        raise ValueError(f"{name} is on {x.device} but device={device!r} was requested")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but dtype={dtype} was requested")
+    check_finite_state(x, name)
+    return x
+
+
+def _noised_start(sde: AffineSDE, x_init, t_start: float, shape, device, dtype, generator, seeds) -> Tensor:
+    r"""$x_{t_\text{start}} = m(t_\text{start})\,x_0 + s(t_\text{start})\,z$, $z \sim \mathcal N(0, I)$: the
+    exact transition of the forward SDE from the data (SDEdit, Meng et al. 2022, §3)."""
+    x0 = _check_given_state(x_init, "x_init", shape, device, dtype)
+    # The marginal in float64 on the host, once: two scalars.
+    m, s = (float(v) for v in sde.marginal(torch.tensor([t_start], dtype=torch.float64)))
+    if seeds is not None:
+        z = seeds.prior(tuple(x0.shape), x0.device, x0.dtype)
+    else:
+        z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    return x0 * m + z * s
 
 
 # ---------------------------------------------------------------------------------------------- entry point
 def sample(sde: SDE, score_fn: Callable[..., Tensor], shape, *, method: str, steps: int | None = None,
-           eps: float = 1e-3, generator: torch.Generator | None = None, device=None, dtype=None,
+           eps: float | None = None, generator: torch.Generator | None = None, device=None, dtype=None,
            progress: bool = False, return_trajectory: bool | int = False, x_T: Tensor | None = None,
-           model_kwargs: dict | None = None, seeds=None, **method_options) -> SampleResult:
+           model_kwargs: dict | None = None, seeds=None, x_init: Tensor | None = None,
+           t_start: float | None = None, strength: float | None = None, **method_options) -> SampleResult:
     r"""Draw samples by integrating the reverse-time SDE or the probability-flow ODE from ``T`` to ``eps``.
 
     Methods (see [`METHODS`][sdegen.sampling.METHODS]; each step rule's docstring gives its update and order):
@@ -521,6 +613,10 @@ def sample(sde: SDE, score_fn: Callable[..., Tensor], shape, *, method: str, ste
       ``"scipy"`` (``solver="RK45"``): adaptive probability-flow ODE solvers (no ``steps``).
     * ``"torchsde"``: the reverse SDE through ``torchsde.sdeint`` (``solver="euler"``, ...).
 
+    Start part-way (img2img / SDEdit): ``sample(sde, score, None, method=..., x_init=x0, strength=0.5)``
+    noises the data ``x0`` to $t_\text{start} = 0.5\,T$ by the SDE's exact transition and integrates
+    from there; with the exact score the samples are again distributed as the data.
+
     Every method takes ``denoise=``: default ``True`` for the reverse-SDE methods (``False`` for the ODE
     ones), a final Tweedie step $\hat x_0 = (x + s(\epsilon)^2 s_\theta(x, \epsilon))/m(\epsilon)$ (one more score
     evaluation). It is skipped by default where it cannot apply (a non-affine SDE, a grid ending at 0).
@@ -531,20 +627,33 @@ def sample(sde: SDE, score_fn: Callable[..., Tensor], shape, *, method: str, ste
         shape (tuple[int, ...] | None): ``(B, *D)``; may be ``None`` when ``x_T`` is given.
         method: a key of [`METHODS`][sdegen.sampling.METHODS].
         steps: number of steps of fixed-grid methods (default 1000); adaptive methods take none.
-        eps: final time, in ``(0, T)``.
+        eps: final time, in ``(0, t_start)``; default ``1e-3``, or the last time of a user ``grid=``
+            (given together with a grid it must equal the grid's last time).
         generator: source of every random draw (same state, same samples).
         device (torch.device | str | None): of the samples (default: ``x_T``'s, else the generator's device).
         dtype (torch.dtype | None): of the samples (default: ``x_T``'s, else the
             default dtype); float32 or float64.
         progress: show a tqdm bar with the current ``t``.
         return_trajectory: ``True`` keeps every state, an int ``k`` every k-th (bounded memory).
-        x_T: start from this ``(B, *D)`` tensor instead of a prior draw.
+        x_T: start from this ``(B, *D)`` tensor instead of a prior draw (the state at ``t_start``;
+            must be finite).
         model_kwargs: keyword arguments passed to every ``score_fn`` call (e.g. class labels).
         seeds (int | Sequence[int] | object | None): optional per-sample noise making sample ``k`` independent of its batch-mates: an int
             offset (sample ``k`` uses seed ``offset + k``), a sequence of ints (one per sample), or
             an object with ``prior(shape, device, dtype)`` and ``__call__(i)`` such as
             `sdegen.PerSampleNoise`. Fixed-grid methods then give sample ``k`` bitwise the
             same whatever the batch; adaptive methods only with per-sample step control.
+        x_init: data ``(B, *D)`` to start from part-way (img2img / SDEdit, Meng et al. 2022): it is
+            noised to ``t_start`` by the exact transition $x = m(t_\text{start})\,x_0 + s(t_\text{start})\,z$
+            (``z`` from ``generator``, or the per-sample ``seeds``), then integrated down to ``eps``.
+            Needs an [`AffineSDE`][sdegen.AffineSDE] and ``t_start=`` or ``strength=``.
+        t_start: the start time in ``(eps, T]`` (default ``T``). Every grid (uniform, named, a
+            user grid, the solvers' own such as Karras for ``heun_karras``/``dpm_solver``) then runs
+            from ``t_start`` to ``eps``; ``steps`` counts the steps taken from ``t_start``, except for
+            ``ancestral`` on a VPSDE, where ``steps`` is the DDPM chain's length $N$ and
+            ``t_start`` must be one of its times $iT/N$. Below ``T`` it needs ``x_init`` or ``x_T``.
+        strength: ``t_start = strength * T``, in ``(0, 1]`` (diffusers' img2img convention);
+            exclusive with ``t_start``.
         **method_options (Any): the method's options (unknown ones are an error listing the valid ones).
 
     Returns:
@@ -566,37 +675,59 @@ def sample(sde: SDE, score_fn: Callable[..., Tensor], shape, *, method: str, ste
         # order); options the caller passes win.
         opts.update({k: v for k, v in sde.plan.method_options.get(method, {}).items() if k not in method_options})
     steps = _check_steps(method, spec, steps)
-    eps = _check_eps(eps, sde.T)
+    eps_given = eps is not None
+    eps = _check_eps(1e-3 if eps is None else eps, sde.T)
+    t_start = _check_start(sde, t_start, strength, x_init, x_T)
+    grid = opts.get("grid")
+    if grid is not None and not isinstance(grid, str):
+        # A user grid sets the steps and the final time: checked once here (1-D, finite, strictly
+        # decreasing, starting at t_start), converted to a float64 tensor for the builders, and any
+        # steps=/eps= given must agree with it.
+        grid = user_grid(grid, sde, steps=steps if steps_given else None, eps=eps if eps_given else None,
+                         t_start=t_start)
+        opts["grid"], steps, eps = grid, grid.numel() - 1, float(grid[-1])
+    if not eps < t_start:
+        raise ValueError(f"eps={eps!r} must lie below t_start={t_start!r} (samplers run from t_start down to eps)")
     if isinstance(return_trajectory, bool):
         record_every = 1 if return_trajectory else None
     elif isinstance(return_trajectory, int) and return_trajectory >= 1:
         record_every = return_trajectory
     else:
         raise ValueError(f"return_trajectory must be a bool or an int >= 1, got {return_trajectory!r}")
-    if shape is None and x_T is None:
-        raise ValueError("shape must be given (B, *D) unless x_T is")
-    seeds = _per_sample_noise(seeds, shape if shape is not None else tuple(x_T.shape))
+    given = x_T if x_T is not None else x_init
+    if shape is None and given is None:
+        raise ValueError("shape must be given (B, *D) unless x_T or x_init is")
+    if shape is None and not isinstance(given, Tensor):
+        raise TypeError(f"{'x_T' if x_T is not None else 'x_init'} must be a torch.Tensor, got {type(given).__name__}")
+    seeds = _per_sample_noise(seeds, shape if shape is not None else tuple(given.shape))
     counted = CountingScore(score_fn, model_kwargs)
     dyn = Dynamics(sde, counted)
     denoise = opts.pop("denoise")
     with torch.no_grad():
-        x = _start_state(sde, shape, x_T, device, dtype, generator, seeds)
+        if x_init is not None:
+            x = _noised_start(sde, x_init, t_start, shape, device, dtype, generator, seeds)
+        else:
+            x = _start_state(sde, shape, x_T, device, dtype, generator, seeds)
         times = None
         if spec.fixed_grid:
-            times = torch.linspace(sde.T, eps, steps + 1, dtype=torch.float64)
+            times = torch.linspace(t_start, eps, steps + 1, dtype=torch.float64)
         if seeds is not None:
             seeds = _BoundNoise(seeds, x)
         ctx = RunContext(sde, dyn, x, eps, steps, generator, seeds, bool(progress), record_every, method, times,
-                         steps_given=steps_given)
-        x, traj, times, stats = spec.run(ctx, **opts)
+                         steps_given=steps_given, t_start=t_start)
+        # Every grid a builder asks for (named, user, a solver's own) starts at t_start.
+        with sampling_start(t_start if t_start < sde.T else None):
+            x, traj, times, stats = spec.run(ctx, **opts)
         t_end = float(times[-1])
         denoise = False if denoise is None and ctx.own_final_step else _resolve_denoise(denoise, spec, sde, t_end)
         if denoise:
             t = torch.full((x.shape[0],), t_end, device=x.device, dtype=x.dtype)
-            x = sde.x0_from_score(x, t, dyn.score(x, t))
-            if not bool(torch.isfinite(x).all()):
-                raise NonFiniteError(f"the final denoising step at t={t_end:.6g} produced NaN/inf",
-                                     step=len(times) - 1, t=t_end)
+            x_last, x = x, sde.x0_from_score(x, t, dyn.score(x, t))
+            bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
+            if bool(bad.any()):
+                i = int(torch.nonzero(bad)[0])
+                raise NonFiniteError(f"the final denoising step at t={t_end:.6g} produced NaN/inf (first in sample {i})",
+                                     step=len(times) - 1, t=t_end, x=x_last, sample=i, x_t=t_end)
             times = torch.cat([times, times.new_zeros(1)])
             if traj is not None:
                 traj.append((0.0, x.detach().clone()))

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .._utils import append_dims, check_positive
-from .base import Dynamics, NonFiniteError, StepSizeError
+from .base import Dynamics, NonFiniteError, StepSizeError, check_finite_state
 
 __all__ = ["AdaptiveSDE", "adaptive_sde_integrate"]
 
@@ -175,6 +175,7 @@ def adaptive_sde_integrate(
     """
     if not t_start > t_end > 0:
         raise ValueError(f"need t_start > t_end > 0, got t_start={t_start}, t_end={t_end}")
+    check_finite_state(x, "x (the start state)")
     B, nd = x.shape[0], x.ndim
     kw = dict(device=x.device, dtype=x.dtype)
     t = torch.full((B,), float(t_start), **kw)
@@ -212,54 +213,65 @@ def adaptive_sde_integrate(
         else:
             err = (err2.sum() / (n_per * xa.shape[0])).sqrt().expand(xa.shape[0])
         ok = err <= 1.0
-        # A non-finite proposal is rejected like any other; if it stays non-finite while the step
-        # shrinks, the score itself is NaN/inf there: stop with the time instead of crawling on.
+        # A non-finite proposal is rejected like any other (and shrinks the step by min_factor; a NaN
+        # factor would make NaN times); if it stays non-finite while the step shrinks, the score itself
+        # is NaN/inf there: stop with the sample and time instead of crawling on.
         nonfinite = ~torch.isfinite(err)
-        if bool(nonfinite.any()):
-            bad_streak += 1
-            if bad_streak >= 3:
-                t_bad = float(ta[nonfinite][0])
-                raise NonFiniteError(f"adaptive_sde: the proposal stayed non-finite for {bad_streak} shrinking "
-                                     f"steps at t={t_bad:.6g}; the score function likely returns NaN/inf there",
-                                     step=k, t=t_bad, x=x)
-        else:
-            bad_streak = 0
         # Next step: the classical controller, bounded; after a rejection it never grows.
         fac = (opts.safety * err.clamp_min(1e-10).pow(-opts.exponent)).clamp(opts.min_factor, opts.max_factor)
         fac = torch.where(ok, fac, fac.clamp_max(opts.safety))
+        fac = torch.where(nonfinite, torch.full_like(fac, opts.min_factor), fac)
         t_new = torch.where(ok, t1, ta)
         h_new = torch.minimum(ha * fac, t_new - t_end)
         x_new = torch.where(append_dims(ok, nd), x_ie, xa)
-        n_ok = int(ok.sum())
+        if idx is None:
+            x_prev, x, t, h = x, x_new, t_new, h_new
+        else:
+            x_prev = x
+            x, t, h = x.index_copy(0, idx, x_new), t.index_copy(0, idx, t_new), h.index_copy(0, idx, h_new)
+        running = t - t_end > tiny
+        # The single host read of this attempt: every count and flag the control flow needs.
+        flags = torch.stack([ok.sum().to(t.dtype), nonfinite.sum().to(t.dtype), running.sum().to(t.dtype),
+                             (running & (h < opts.h_min)).any().to(t.dtype), t[0]]).tolist()
+        n_ok, n_bad, n_run = int(flags[0]), int(flags[1]), int(flags[2])
+        if n_bad:
+            bad_streak += 1
+            if bad_streak >= 3:
+                # Error path only. Batched mode spreads one error norm over the batch: the sample is
+                # the first whose own error sum is non-finite.
+                own = nonfinite & ~torch.isfinite(err2)
+                j = int(torch.nonzero(own if bool(own.any()) else nonfinite)[0])
+                i = j if idx is None else int(idx[j])
+                t_bad = float(ta[j])
+                raise NonFiniteError(f"adaptive_sde: the proposal for sample {i} stayed non-finite for {bad_streak} "
+                                     f"shrinking steps at t={t_bad:.6g} (attempt {k}); the score function likely "
+                                     "returns NaN/inf there", step=k, t=t_bad, x=x_prev, sample=i,
+                                     x_t=t_bad if not opts.per_sample else None)
+        else:
+            bad_streak = 0
         if n_ok < ok.numel():
             stack.push(all_idx if idx is None else idx, ~ok, ha, dw)
-        if idx is None:
-            x, t, h = x_new, t_new, h_new
-        else:
-            x, t, h = x.index_copy(0, idx, x_new), t.index_copy(0, idx, t_new), h.index_copy(0, idx, h_new)
         accepted += n_ok
         rejected += ok.numel() - n_ok
-        running = t - t_end > tiny
         if bar is not None:
             bar.n = float(t_start - t.max())
             bar.set_postfix(t=f"{float(t.max()):.4f}", h=f"{float(h.max()):.2e}", refresh=False)
             bar.update(0)
         if not opts.per_sample and n_ok:
-            times.append(float(t[0]))
+            times.append(flags[4])
         advanced += n_ok > 0
         if traj is not None and n_ok and advanced % record_every == 0:
             traj.append((float(t.max()), x.detach().clone()))
-        n_run = int(running.sum())
         if n_run == 0:
             break
         if opts.per_sample and n_run < B:
             idx = running.nonzero().squeeze(1)
-        h_run = sel(h) if idx is None else h[idx]
-        if bool((h_run < opts.h_min).any()):
+        if flags[3]:
+            h_run = torch.where(running, h, torch.full_like(h, math.inf))  # error path only
             bad = int(h_run.argmin())
-            t_bad = float((t if idx is None else t[idx])[bad])
-            raise StepSizeError(f"adaptive_sde: step size {float(h_run[bad]):.3g} below h_min={opts.h_min} at "
-                                f"t={t_bad:.6g} (rtol={opts.rtol}, atol={opts.atol}); loosen the "
+            t_bad = float(t[bad])
+            raise StepSizeError(f"adaptive_sde: step size {float(h_run[bad]):.3g} below h_min={opts.h_min} for "
+                                f"sample {bad} at t={t_bad:.6g} (rtol={opts.rtol}, atol={opts.atol}); loosen the "
                                 "tolerances or check the score for blow-ups", t=t_bad,
                                 dt=float(h_run[bad]), x=x, steps=k + 1)
     else:
@@ -283,7 +295,7 @@ def run_adaptive_sde(ctx, **opts):
     noise = None
     if ctx.noise is not None:
         noise = ctx.noise  # per-sample seeds: the k-th attempt's unit draws
-    x, stats, traj = adaptive_sde_integrate(solver, ctx.dyn, ctx.x, ctx.sde.T, ctx.eps, generator=ctx.generator,
+    x, stats, traj = adaptive_sde_integrate(solver, ctx.dyn, ctx.x, ctx.t_start, ctx.eps, generator=ctx.generator,
                                             noise=noise, progress=ctx.progress, record_every=ctx.record_every)
     times = stats.pop("times")
     return x, traj, times, stats

@@ -22,11 +22,11 @@ import torch
 from torch import Tensor
 
 from .._utils import check_floating, check_positive
-from .base import NonFiniteError, StepSizeError
+from .base import NonFiniteError, StepSizeError, check_finite_state
 from .rk45 import initial_step_size
 
-__all__ = ["torchdiffeq_integrate", "scipy_integrate", "torchsde_integrate",
-           "SCIPY_SOLVERS", "TORCHSDE_SOLVERS"]
+__all__ = ["torchdiffeq_integrate", "scipy_integrate", "torchsde_integrate", "backend_options",
+           "check_backend_options", "SCIPY_SOLVERS", "TORCHSDE_SOLVERS"]
 
 #: Methods of ``scipy.integrate.solve_ivp``.
 SCIPY_SOLVERS = ("RK45", "RK23", "DOP853", "Radau", "BDF", "LSODA")
@@ -43,7 +43,82 @@ def _check_common(y0: Tensor, t0, t1) -> tuple[float, float]:
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
             raise TypeError(f"{name} must be a finite Python float, got {v!r}")
         out.append(float(v))
+    check_finite_state(y0, "y0")
     return out[0], out[1]
+
+
+# Parameters of the backends' solver constructors that the adapters set themselves (or that are not
+# options: the function, the state, the time span, the tolerances, which are explicit arguments;
+# scipy_solver's inner `solver` would collide with the adapter's own `solver=`).
+_TORCHDIFFEQ_OWNED = frozenset({"self", "func", "y0", "rtol", "atol", "dtype", "solver"})
+# explicit_adams passes implicit=False to its parent itself: implicit= would be a duplicate argument.
+_TORCHDIFFEQ_FIXED = {"explicit_adams": frozenset({"implicit"})}
+_SCIPY_OWNED = frozenset({"self", "fun", "t0", "y0", "t_bound", "rtol", "atol", "vectorized"})
+# torchsde.sdeint's own keywords a user may set: ``options`` goes to the solver; the Brownian
+# interval's ``levy_area_approximation`` is taken by the adapter. The rest are set by the adapter
+# (bm, method, dt, adaptive), only act with adaptive=True, which the fixed-step adapter never uses
+# (rtol, atol, dt_min), or change what sdeint returns (names, logqp, extra, extra_solver_state).
+_TORCHSDE_OPTIONS = ("levy_area_approximation", "options")
+
+
+def backend_options(backend: str, solver: str) -> tuple[str, ...]:
+    r"""The keyword options ``backend``'s ``solver`` really accepts, read from the backend itself.
+
+    - ``"torchdiffeq"``: the named parameters of the solver class's ``__init__`` and its parents'
+      (what ``odeint(..., options=)`` reaches), plus ``norm``, which ``odeint`` itself takes.
+    - ``"scipy"``: the named parameters of the ``scipy.integrate`` method class (``first_step``,
+      ``max_step``, and ``jac``, ``min_step``, ... where the method has them). ``solve_ivp``'s own
+      ``t_eval``, ``dense_output``, ``events`` and ``args`` are not offered: they change which state
+      the adapter returns or the right-hand side's signature.
+    - ``"torchsde"``: ``options`` (the solver's options dict) and ``levy_area_approximation``.
+
+    Args:
+        backend: ``"torchdiffeq"``, ``"scipy"`` or ``"torchsde"``.
+        solver: the backend's method name.
+
+    Returns:
+        The sorted option names (``rtol``/``atol``, set explicitly, not included).
+    """
+    import inspect
+
+    if backend == "torchdiffeq":
+        from torchdiffeq._impl.odeint import SOLVERS
+
+        names = {"norm"}
+        for klass in SOLVERS[solver].__mro__:
+            if klass is object or "__init__" not in vars(klass):
+                continue
+            names.update(p.name for p in inspect.signature(klass.__init__).parameters.values()
+                         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        return tuple(sorted(names - _TORCHDIFFEQ_OWNED - _TORCHDIFFEQ_FIXED.get(solver, frozenset())))
+    if backend == "scipy":
+        import scipy.integrate
+
+        params = inspect.signature(getattr(scipy.integrate, solver).__init__).parameters.values()
+        return tuple(sorted(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                            and p.name not in _SCIPY_OWNED))
+    if backend == "torchsde":
+        return _TORCHSDE_OPTIONS
+    raise ValueError(f"unknown backend {backend!r}; valid: 'torchdiffeq', 'scipy', 'torchsde'")
+
+
+def check_backend_options(backend: str, solver: str, options) -> None:
+    """Raise ``TypeError`` listing the valid options if ``options`` has a name ``solver`` does not take.
+
+    The backends themselves only warn about unknown options (torchdiffeq, scipy, torchsde), so a typo
+    such as ``max_stepz=`` would run with the default silently; this makes it an error, as for the
+    native methods. Every adapter calls it, so ``sample`` and ``log_likelihood`` check alike.
+
+    Args:
+        backend: ``"torchdiffeq"``, ``"scipy"`` or ``"torchsde"``.
+        solver: the backend's method name.
+        options: the option names given (a mapping or an iterable of names).
+    """
+    valid = backend_options(backend, solver)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(f"{backend} solver {solver!r} got unknown option(s) {', '.join(unknown)}; valid options: "
+                        f"{', '.join(valid) or '(none)'} (besides solver, rtol, atol)")
 
 
 def _finite(out: Tensor, t, backend: str, calls: int) -> Tensor:
@@ -83,7 +158,8 @@ def torchdiffeq_integrate(fn: Callable[[Tensor, Tensor], Tensor], y0: Tensor, t0
         rtol (float): relative tolerance of the adaptive methods.
         atol (float): absolute tolerance of the adaptive methods.
         **opts (Any): passed as torchdiffeq's ``options`` dict (e.g. ``step_size=`` for fixed-grid methods,
-            ``first_step=``, ``max_num_steps=``).
+            ``first_step=``, ``max_num_steps=``); a name the solver does not take is a ``TypeError``
+            (see `backend_options`).
 
     Returns:
         ``(y1, stats)`` with ``stats = {"nfe_solver": calls of fn, "solver": solver}``.
@@ -97,6 +173,7 @@ def torchdiffeq_integrate(fn: Callable[[Tensor, Tensor], Tensor], y0: Tensor, t0
         raise ValueError(f"unknown torchdiffeq solver {solver!r}; choose one of {', '.join(sorted(SOLVERS))}")
     check_positive(rtol, "rtol")
     check_positive(atol, "atol")
+    check_backend_options("torchdiffeq", solver, opts)
     calls = [0]
 
     def func(t: Tensor, y: Tensor) -> Tensor:
@@ -139,7 +216,8 @@ def scipy_integrate(fn: Callable[[Tensor, Tensor], Tensor], y0: Tensor, t0: floa
         solver: one of `SCIPY_SOLVERS`.
         rtol (float): relative tolerance.
         atol (float): absolute tolerance.
-        **opts (Any): passed to ``solve_ivp`` (e.g. ``first_step=``, ``max_step=``).
+        **opts (Any): passed to ``solve_ivp`` (e.g. ``first_step=``, ``max_step=``); a name the method
+            does not take is a ``TypeError`` (see `backend_options`).
 
     Returns:
         ``(y1, stats)``, ``stats`` with ``nfe_solver`` (calls of ``fn``), scipy's ``nfev``, ``njev``,
@@ -156,6 +234,7 @@ def scipy_integrate(fn: Callable[[Tensor, Tensor], Tensor], y0: Tensor, t0: floa
         raise ValueError(f"unknown scipy solver {solver!r}; choose one of {', '.join(SCIPY_SOLVERS)}")
     check_positive(rtol, "rtol")
     check_positive(atol, "atol")
+    check_backend_options("scipy", solver, opts)
     shape, device, dtype = y0.shape, y0.device, y0.dtype
     calls = [0]
 
@@ -228,8 +307,8 @@ def torchsde_integrate(drift: Callable[[Tensor, Tensor], Tensor], diffusion: Cal
             interval).
         steps: number of fixed steps, $\Delta s = |t_1 - t_0| / \text{steps}$.
         generator: source of the Brownian path's seed.
-        **opts (Any): passed to ``sdeint`` (e.g. ``options=``), except ``levy_area_approximation`` which
-            goes to the Brownian interval.
+        **opts (Any): ``options=`` (passed to ``sdeint``) and ``levy_area_approximation`` (to the
+            Brownian interval); any other name is a ``TypeError``.
 
     Returns:
         ``(y1, stats)`` with ``stats = {"nfe_solver": drift calls, "solver": solver, "steps": steps,
@@ -244,6 +323,7 @@ def torchsde_integrate(drift: Callable[[Tensor, Tensor], Tensor], diffusion: Cal
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if not callable(drift) or not callable(diffusion):
         raise TypeError("drift and diffusion must be callables drift(x, t) and diffusion(t)")
+    check_backend_options("torchsde", solver, opts)
     if t0 == t1:
         return y0, {"nfe_solver": 0, "solver": solver, "steps": 0, "entropy": None}
     sign = -1.0 if t1 < t0 else 1.0

@@ -25,6 +25,7 @@ __all__ = [
     "NonFiniteError",
     "StepSizeError",
     "CountingScore",
+    "check_finite_state",
     "Dynamics",
     "AbstractFixedGridSolver",
     "integrate_fixed_grid",
@@ -51,11 +52,24 @@ class SampleResult:
 
 
 class NonFiniteError(FloatingPointError):
-    """The state became NaN/inf. ``step`` and ``t`` name the first bad step; ``x`` is the last good state."""
+    """The state or the score became NaN/inf during integration.
 
-    def __init__(self, message: str, *, step: int | None = None, t: float | None = None, x: Tensor | None = None):
+    Attributes:
+        step: index of the first bad step (0 = the step leaving the start time), or ``None``.
+        t: forward time at the start of that step (the solver runs from ``T`` down to ``eps``).
+        sample: index in the batch of the first sample that went bad, or ``None`` where unknown.
+        x: the last good state, ``(B, *D)`` with every entry finite (or ``None`` where none exists):
+            the state the failing step started from. Adaptive solvers check every step, so it is the
+            state at ``t`` (per-sample ``rk45``: each sample at its own time). The fixed-grid loop
+            reads its finiteness flags once every ``check_every`` steps, so ``x`` is the last state
+            it checked, at time ``x_t``, up to ``check_every`` steps before ``step``.
+        x_t: the forward time of ``x`` (``None`` for per-sample states or when ``x`` is ``None``).
+    """
+
+    def __init__(self, message: str, *, step: int | None = None, t: float | None = None, x: Tensor | None = None,
+                 sample: int | None = None, x_t: float | None = None):
         super().__init__(message)
-        self.step, self.t, self.x = step, t, x
+        self.step, self.t, self.x, self.sample, self.x_t = step, t, x, sample, x_t
 
 
 class StepSizeError(RuntimeError):
@@ -66,10 +80,35 @@ class StepSizeError(RuntimeError):
         self.t, self.dt, self.x, self.steps = t, dt, x, steps
 
 
-class CountingScore:
-    r"""Wrap a score function: count evaluations, bind ``model_kwargs``, check the output shape.
+def check_finite_state(x: Tensor, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` and the first bad sample if ``x`` has NaN/inf entries.
 
-    The count is a Python int incremented per call (no device sync). ``nfe`` is what
+    One host read, made once at an entry point (never per step): a non-finite start state is bad
+    input and is reported as such, not later as a non-finite score.
+    """
+    if x.numel() == 0:
+        return
+    ok = torch.isfinite(x.reshape(x.shape[0], -1) if x.ndim else x.reshape(1, 1)).all(-1)
+    if not bool(ok.all()):
+        raise ValueError(f"{name} contains NaN/inf (first in sample {int(torch.nonzero(~ok)[0])}); "
+                         "it must be finite")
+
+
+class CountingScore:
+    r"""Wrap a score function: count evaluations, bind ``model_kwargs``, check every output.
+
+    Every sampler, adaptive solver, backend adapter and the likelihood call the score through this
+    one wrapper, so its checks hold for all of them. Each call checks, without reading any value
+    (no device-to-host synchronisation, a few hundred nanoseconds):
+
+    - the output is a tensor shaped like ``x`` (else ``ValueError``);
+    - its dtype and device are ``x``'s (else ``TypeError`` naming both): a float64 score for a
+      float32 state would silently promote the samples, and bool, integer or complex outputs are
+      not scores;
+    - ``x`` was not modified in place (its autograd version counter is unchanged; else
+      ``RuntimeError``): solvers reuse ``x`` after the call, so an in-place edit changes the samples.
+
+    The count is a Python int incremented per call. ``nfe`` is what
     [`SampleResult`][sdegen.solvers.base.SampleResult] reports.
 
     Args:
@@ -88,10 +127,19 @@ class CountingScore:
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         self.nfe += 1
+        version = x._version
         out = self.score_fn(x, t, **self.model_kwargs)
         if not isinstance(out, Tensor) or out.shape != x.shape:
             raise ValueError(f"score_fn must return a tensor shaped like x {tuple(x.shape)}, "
                              f"got {tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
+        if out.dtype is not x.dtype or out.device != x.device:
+            raise TypeError(f"score_fn must return a tensor with x's dtype and device ({x.dtype} on {x.device}), "
+                            f"got {out.dtype} on {out.device}; cast inside the score function "
+                            "(e.g. return s.to(x.dtype)) or sample in the model's dtype")
+        if x._version != version:
+            raise RuntimeError("score_fn modified its input x in place (x's version counter changed during the "
+                               "call); the solver reuses x after the call, so the samples would change silently. "
+                               "Work on a copy (x = x.clone()) or use out-of-place operations")
         return out
 
 
@@ -207,6 +255,7 @@ def integrate_fixed_grid(
 
         bar = tqdm(total=n, desc=desc or type(solver).__name__, leave=False)
     state = solver.init_state(dyn, x, tvecs[0])
+    x_start = x
     last_good, last_checked = x, 0
     stochastic = solver.stochastic
     for i in range(n):
@@ -218,15 +267,23 @@ def integrate_fixed_grid(
                 z = noise(i) if callable(noise) else noise[i]
             dw = z * scales[i]
         x, state = solver.step(dyn, x, tvecs[i], tvecs[i + 1], state, dw)
-        pending.append(torch.isfinite(x).all())
+        # One (B,) flag per step, on the device: a block check then names the step and the sample.
+        pending.append(torch.isfinite(x).reshape(B, -1).all(1))
         if (i + 1) % check_every == 0 or i == n - 1:
             ok = torch.stack(pending)
             if not bool(ok.all()):
-                bad = last_checked + int(torch.nonzero(~ok)[0])
+                # Error path only: the reads below are no longer on the hot loop.
+                step_k, sample_k = (int(v) for v in torch.nonzero(~ok)[0])
+                bad = last_checked + step_k
+                if not bool(torch.isfinite(x_start).all()):
+                    raise ValueError("the start state x contains NaN/inf (sample "
+                                     f"{int(torch.nonzero(~torch.isfinite(x_start).reshape(B, -1).all(1))[0])}); "
+                                     "the input is bad, not the score")
                 raise NonFiniteError(
                     f"sampling state became non-finite at step {bad} (t={t_list[bad]:.6g} -> "
-                    f"{t_list[bad + 1]:.6g}); the score function likely returned NaN/inf there",
-                    step=bad, t=t_list[bad], x=last_good)
+                    f"{t_list[bad + 1]:.6g}), first in sample {sample_k}; the score function likely returned "
+                    "NaN/inf there", step=bad, t=t_list[bad], x=last_good, sample=sample_k,
+                    x_t=t_list[last_checked])
             last_good, last_checked, pending = x, i + 1, []
         if traj is not None and ((i + 1) % record_every == 0 or i == n - 1):
             traj.append((t_list[i + 1], x.detach().clone()))

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .._utils import append_dims, check_floating, check_positive
-from .base import NonFiniteError, StepSizeError
+from .base import NonFiniteError, StepSizeError, check_finite_state
 
 __all__ = ["ButcherTableau", "DOPRI5", "PIController", "rk45_integrate", "initial_step_size"]
 
@@ -482,17 +482,6 @@ def _first_bad_sample(*tensors: Tensor | None) -> int | None:
         if bool(bad.any()):
             return int(torch.nonzero(bad)[0])
     return None
-
-
-def check_finite_state(y: Tensor, name: str) -> None:
-    """Raise ``ValueError`` naming ``name`` and the first bad sample if ``y`` has NaN/inf entries.
-
-    One host read, made once at a solver's entry (not per step): a non-finite start state is bad
-    input, and is reported as such instead of as a non-finite score later.
-    """
-    if not bool(torch.isfinite(y).all()):
-        raise ValueError(f"{name} contains NaN/inf (first in sample {_first_bad_sample(y)}); the start state "
-                         "must be finite")
 
 
 def _nonfinite_start(fn_name: str, k1: Tensor, y0: Tensor, t0: float) -> NonFiniteError:
