@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from . import __version__
 
@@ -74,6 +75,14 @@ def _device(name: str):
         raise CLIError(f"--device must be cpu, cuda, cuda:N or auto, got {name!r}") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {name} requested but CUDA is not available on this machine; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                       f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if dev.type == "mps" and torch.backends.mps.is_available():
+        return dev
+    if dev.type not in ("cpu", "cuda"):
+        # meta holds no values, and other backends are untested: refused here rather than deep inside.
+        raise CLIError(f"--device must be cpu, cuda, cuda:N or auto (mps where available), got {name!r}")
     return dev
 
 
@@ -113,6 +122,13 @@ def _load_data(name: str, n: int, seed: int, device):
             if key is None:
                 raise CLIError(f"--data {name!r} must hold an array named 'x' or 'samples', found {f.files}")
             arr = f[key]
+        if arr.dtype.kind not in "fiu":      # complex would lose its imaginary part, bool/str are not data
+            raise CLIError(f"--data {name!r}: array {key!r} must hold real numbers (float or int), got dtype "
+                           f"{arr.dtype}")
+        if arr.ndim < 2 or arr.shape[0] < 1:
+            raise CLIError(f"--data {name!r}: array {key!r} must have shape (N, *D) with N >= 1, got {arr.shape}")
+        if arr.dtype.kind == "f" and not np.isfinite(arr[:n]).all():
+            raise CLIError(f"--data {name!r}: array {key!r} holds NaN or inf")
         return torch.as_tensor(arr, dtype=torch.float32, device=device)[:n]
     gen = torch.Generator().manual_seed(seed)
     if name in MIXTURE_NAMES:
@@ -133,6 +149,32 @@ def _dataset_names() -> list[str]:
 
 
 _CLI_RECORD = "sdegen_cli.json"  # data name and shape, written by `sdegen train` beside the checkpoints
+
+#: ``--opt`` keys that the ``sample`` command sets itself, and the flag to use instead.
+_RESERVED_OPTS = {"steps": "--steps", "method": "--method", "generator": "--seed", "seed": "--seed",
+                  "seeds": "--seed", "device": "--device", "dtype": "--float64", "progress": "--quiet",
+                  "shape": "--n", "batch_size": "--batch-size"}
+
+
+def _check_out_file(path: str, force: bool) -> None:
+    """Refuse to replace an existing ``--out`` file (or anything else at that path) without ``--force``."""
+    if os.path.islink(path):
+        raise CLIError(f"--out {path!r} is a symbolic link; give the real path")
+    if os.path.lexists(path):
+        if os.path.isdir(path):
+            raise CLIError(f"--out {path!r} is a directory; give a file name ending in .npz or .png")
+        if not force:
+            raise CLIError(f"--out {path!r} already exists; pass --force to replace it")
+
+
+def _refuse_links(directory: str) -> None:
+    """Refuse a run directory holding symbolic links (a planted link would redirect a write)."""
+    if not os.path.isdir(directory):
+        return                      # the directory itself may be a link the user made; its entries may not
+    for entry in os.scandir(directory):
+        if entry.is_symlink():
+            raise CLIError(f"--out {directory!r} holds a symbolic link ({entry.name}); a run directory must not "
+                           f"contain links. Remove it")
 
 
 # ---------------------------------------------------------------------- commands
@@ -190,8 +232,9 @@ def _cmd_train(args) -> int:
         if not sigma_data > 0:
             raise CLIError(f"--sigma-data must be a positive number, got {sigma_data}")
     model = ScoreModel(net, sde, parameterization=args.parameterization, sigma_data=sigma_data).to(device)
-    from .training.checkpoint import list_checkpoints
+    from .training.checkpoint import atomic_write_bytes, list_checkpoints
 
+    _refuse_links(args.out)
     resumed = bool(list_checkpoints(args.out))
     print(f"{'resuming' if resumed else 'training'} {args.net} on {args.data!r} ({tuple(data.shape)}), "
           f"{args.sde} SDE, {args.steps} steps -> {args.out}")
@@ -199,8 +242,9 @@ def _cmd_train(args) -> int:
                 seed=args.seed, progress=not args.quiet)
     import json
 
-    with open(os.path.join(args.out, _CLI_RECORD), "w") as f:
-        json.dump({"data": args.data, "data_shape": list(data.shape[1:])}, f)
+    # Atomic (temporary file + rename): a link planted at this name is replaced, never written through.
+    atomic_write_bytes(Path(args.out) / _CLI_RECORD,
+                       json.dumps({"data": args.data, "data_shape": list(data.shape[1:])}).encode())
     last = out.history[-1] if out.history else float("nan")
     print(f"done: step {out.step}, last loss {last:.4f}, {out.wall_time:.1f} s; checkpoint in {args.out}")
     return 0
@@ -262,8 +306,12 @@ def _cmd_sample(args) -> int:
 
     if not args.out.endswith((".npz", ".png")):  # checked before any work is done
         raise CLIError(f"--out must end in .npz or .png, got {args.out!r}")
+    _check_out_file(args.out, args.force)
     device = _device(args.device)
     opts = dict(parse_option(o) for o in args.opt)
+    for key in opts:
+        if key in _RESERVED_OPTS:
+            raise CLIError(f"--opt {key}=... is set by the command line itself; use {_RESERVED_OPTS[key]} instead")
     sde, score_fn, tail, _ = _score_source(args, device)
     dtype = torch.float64 if args.float64 else torch.float32
     shape = (args.n, *tail)
@@ -272,7 +320,7 @@ def _cmd_sample(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.batch_size is not None:
         from .distributed import sample_distributed, world
 
-        if opts.get("steps") is None and args.steps is not None:
+        if args.steps is not None:
             opts["steps"] = args.steps
         try:
             res = sample_distributed(sde, score_fn, args.n, tail, batch_size=args.batch_size or args.n,
@@ -308,7 +356,13 @@ def _write_samples(path: str, x, args, nfe: int) -> None:
     if parent:
         os.makedirs(parent, exist_ok=True)
     if path.endswith(".npz"):
-        np.savez(path, samples=x.numpy(), nfe=np.array(nfe), method=np.array(args.method))
+        import io
+
+        from .training.checkpoint import atomic_write_bytes
+
+        buf = io.BytesIO()
+        np.savez(buf, samples=x.numpy(), nfe=np.array(nfe), method=np.array(args.method))
+        atomic_write_bytes(Path(path), buf.getvalue())      # replaces a link at the path, never follows it
     elif path.endswith(".png"):
         if x.ndim == 2 and x.shape[1] == 2:
             from .oracle import MIXTURE_NAMES, named_mixture
@@ -476,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample in chunks of this many with a per-chunk seed plan (under torchrun the chunks "
                         "are dealt round-robin to the ranks; the result does not depend on the number of ranks)")
     s.add_argument("--out", default="outputs/samples.npz", help=".npz (arrays) or .png (figure)")
+    s.add_argument("--force", action="store_true", help="replace --out if it exists (default: refuse)")
     _common(s)
     s.set_defaults(func=_cmd_sample)
 
@@ -514,6 +569,11 @@ def _check_positive_ints(args) -> None:
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+    from ._utils import MAX_SEED
+
+    # One rule for every command and path (with or without --batch-size): 0 <= seed < 2**63.
+    if not 0 <= args.seed <= MAX_SEED:
+        raise CLIError(f"--seed must be an integer in [0, 2**63 - 1], got {args.seed}")
 
 
 def _set_threads(args) -> None:

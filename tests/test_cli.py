@@ -107,6 +107,82 @@ def test_bad_arguments_give_one_line(capsys, tmp_path, monkeypatch, argv, needle
     _one_line_error(capsys, argv, needle)
 
 
+# ---------------------------------------------------------------------- no silent overwrite, no links
+SAMPLE = ["sample", "--oracle", "gaussian", "--method", "ode_euler", "--steps", "2", "--n", "4", "--quiet"]
+
+
+def test_out_is_never_replaced_without_force(capsys, tmp_path):
+    out = tmp_path / "s.npz"
+    out.write_bytes(b"my results")
+    _one_line_error(capsys, SAMPLE + ["--out", str(out)], "already exists; pass --force")
+    assert out.read_bytes() == b"my results"
+    assert cli.main(SAMPLE + ["--out", str(out), "--force"]) == 0
+    assert np.load(out)["samples"].shape == (4, 2)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    link = tmp_path / "link.npz"
+    link.symlink_to(victim)
+    for extra in ([], ["--force"]):
+        _one_line_error(capsys, SAMPLE + ["--out", str(link)] + extra, "is a symbolic link")
+    assert victim.read_bytes() == b"precious"
+    (tmp_path / "d.npz").mkdir()
+    _one_line_error(capsys, SAMPLE + ["--out", str(tmp_path / "d.npz"), "--force"], "is a directory")
+
+
+def test_train_refuses_a_planted_link_in_the_run_directory(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (run / "sdegen_cli.json").symlink_to(victim)
+    _one_line_error(capsys, ["train", "--data", "moons", "--n-data", "64", "--hidden", "8", "--depth", "1",
+                             "--batch-size", "16", "--steps", "2", "--out", str(run), "--quiet"],
+                    "symbolic link", "sdegen_cli.json")
+    assert victim.read_text() == "precious" and sorted(p.name for p in run.iterdir()) == ["sdegen_cli.json"]
+
+
+@pytest.mark.parametrize("opt, flag", [("steps=5", "--steps"), ("generator=1", "--seed"), ("dtype=float64", "--float64"),
+                                       ("device=cpu", "--device"), ("method=euler_maruyama", "--method")])
+def test_opt_cannot_set_what_the_command_line_sets(capsys, tmp_path, opt, flag):
+    _one_line_error(capsys, SAMPLE + ["--opt", opt, "--out", str(tmp_path / "s.npz")],
+                    f"--opt {opt.split('=')[0]}=... is set by the command line itself; use {flag}")
+    assert not (tmp_path / "s.npz").exists()
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "cuda:99", "xla"])
+def test_unusable_devices_are_refused_up_front(capsys, tmp_path, device):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("mps is usable here")
+    _one_line_error(capsys, SAMPLE + ["--device", device, "--out", str(tmp_path / "s.npz")], "--device")
+
+
+@pytest.mark.parametrize("seed", ["-5", str(2**70)])
+@pytest.mark.parametrize("chunks", [[], ["--batch-size", "2"]])
+def test_seed_out_of_range_is_refused_on_every_path(capsys, tmp_path, seed, chunks):
+    _one_line_error(capsys, SAMPLE + chunks + ["--seed", seed, "--out", str(tmp_path / "s.npz")],
+                    "--seed must be an integer in [0, 2**63 - 1]", seed)
+
+
+def test_seed_zero_and_the_largest_seed_run(tmp_path):
+    for seed in ("0", str(2**63 - 1)):
+        assert cli.main(SAMPLE + ["--seed", seed, "--out", str(tmp_path / f"s{seed}.npz")]) == 0
+
+
+@pytest.mark.parametrize("array, needle", [
+    (np.ones((8, 2)) + 1j, "must hold real numbers (float or int), got dtype complex128"),
+    (np.array([[0.0, np.nan]] * 8), "holds NaN or inf"),
+    (np.ones((8, 2), dtype=bool), "got dtype bool"),
+    (np.ones(8), "must have shape (N, *D)"),
+])
+def test_data_files_with_values_that_would_be_changed_are_refused(capsys, tmp_path, array, needle):
+    path = tmp_path / "d.npz"
+    np.savez(path, x=array)
+    _one_line_error(capsys, ["train", "--data", str(path), "--steps", "2", "--out", str(tmp_path / "run"), "--quiet"],
+                    needle)
+    _one_line_error(capsys, ["likelihood", "--oracle", "gaussian", "--data", str(path), "--n", "4"], needle)
+    assert not (tmp_path / "run").exists()
+
+
 def test_error_from_the_real_entry_point_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sdegen.cli", "sample", "--oracle", "8gaussians", "--method", "nope",
                            "--out", str(tmp_path / "s.npz")], capture_output=True, text=True, timeout=120)
