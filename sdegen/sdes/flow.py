@@ -53,7 +53,7 @@ def _check_shift(shift) -> float:
     return check_positive(shift, "shift")
 
 
-def flow_shift(t, shift: float) -> Tensor:
+def flow_shift(t: Tensor | float, shift: float) -> Tensor:
     r"""The time shift $t' = \mathrm{shift}\cdot t / (1 + (\mathrm{shift} - 1)\,t)$ of ``FlowMatchEulerDiscreteScheduler``.
 
     Maps $[0, 1]$ onto itself, increasing, fixing 0 and 1; ``shift > 1`` spends more of a grid at
@@ -71,7 +71,7 @@ def flow_shift(t, shift: float) -> Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
-def flow_unshift(t, shift: float) -> Tensor:
+def flow_unshift(t: Tensor | float, shift: float) -> Tensor:
     r"""Inverse of [`flow_shift`][sdegen.sdes.flow.flow_shift]: $t = t' / (\mathrm{shift} - (\mathrm{shift} - 1)\,t')$."""
     shift = _check_shift(shift)
     t = torch.as_tensor(t)
