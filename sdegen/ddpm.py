@@ -542,7 +542,7 @@ class DDPM:
                 eps_hat = self._eps(eps_model, x, ii, model_kwargs)
                 ab = self._coef("alpha_bar", tau, x)
                 ab_prev = self._coef("alpha_bar", tau_prev, x)
-                x0_hat = (x - self._coef("sqrt_1mab", tau, x) * eps_hat) / self._coef("sqrt_ab", tau, x)
+                x0_hat = self.x0_from_eps(x, ii, eps_hat)
                 sigma2 = (eta ** 2) * (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
                 x = ab_prev.sqrt() * x0_hat + (1 - ab_prev - sigma2).clamp_min(0).sqrt() * eps_hat
                 if eta > 0:
