@@ -50,8 +50,23 @@ def _methods(quick: bool) -> dict:
         "dpm_solver-2": ("dpm_solver", {"order": 2}, lambda n: n, _ODE),
         "dpm_solver-3": ("dpm_solver", {}, lambda n: n, _ODE),
         "ddim (dpm-1, uniform t)": ("dpm_solver", {"order": 1, "grid": "uniform"}, lambda n: n, _ODE),
+        "dpm_solver-2 midpoint": ("dpm_solver", {"order": 2, "solver_type": "midpoint"}, lambda n: n, _ODE),
+        "unipc-2": ("unipc", {}, lambda n: n, _ODE),
+        "unipc-3": ("unipc", {"order": 3}, lambda n: n, _ODE),
+        "deis-3": ("deis", {}, lambda n: n, _ODE),
+        "plms (pndm, heun start)": ("pndm", {"warmup": "heun"}, lambda n: max(1, n - 1), _ODE),
+        "ipndm": ("ipndm", {}, lambda n: n, _ODE),
+        "lms-4": ("lms", {}, lambda n: n, _ODE),
         "ddpm_ancestral": ("ancestral", {}, lambda n: n, _SDE),
         "euler_maruyama": ("euler_maruyama", {}, lambda n: n - 1, _SDE),
+        # NFE n: reverse-SDE methods spend one evaluation on the final denoising step.
+        "sde_dpm_solver-2m (eta 1)": ("sde_dpm_solver", {}, lambda n: max(1, n - 1), _SDE),
+        "sde_dpm_solver-3m (eta 1)": ("sde_dpm_solver", {"order": 3}, lambda n: max(1, n - 1), _SDE),
+        "euler_ancestral": ("euler_ancestral", {}, lambda n: max(1, n - 1), _SDE),
+        "dpm2": ("dpm2", {}, lambda n: max(1, n // 2), _ODE),
+        "dpm2_ancestral": ("dpm2_ancestral", {}, lambda n: max(1, (n - 1) // 2), _SDE),
+        # 2 restarts of 3 Heun steps cost 12 evaluations; the main grid gets the rest.
+        "restart": ("restart", {}, lambda n: max(1, n // 2 - 7), _ODE),
     }
     return m
 
@@ -119,6 +134,20 @@ def _problem(sde_name, mix, n, nfes, quick, n_traj=256):
                 rows.append({"method": label, "nfe_asked": nfe, "error": repr(e)})
                 continue
             record(label, kind, res, wall, {"steps": to_steps(nfe)})
+    from . import peers
+
+    if peers.available():
+        # diffusers' schedulers on the same problem, exact score and x_T (see sdegen.bench.peers)
+        for label in peers.PEERS:
+            for nfe in nfes:
+                try:
+                    t0 = time.perf_counter()
+                    y, used, _ = peers.run_peer(label, sde, sf, x_T, nfe, EPS)
+                    res = sdegen.solvers.SampleResult(samples=y, nfe=used)
+                except Exception as e:  # noqa: BLE001 - a peer failing must not sink the run
+                    rows.append({"method": label, "nfe_asked": nfe, "error": repr(e)})
+                    continue
+                record(label, _ODE, res, time.perf_counter() - t0, {"steps": nfe})
     for label, (method, tols, kind) in _tol_methods(quick).items():
         for tol in tols:
             try:
@@ -198,6 +227,8 @@ def _overhead(batch: int, nfe_steps: int = 20, repeats: int = 7) -> dict:
     cases = {"ode_euler": {}, "ode_heun": {}, "heun_karras": {}, "dpm_solver": {},
              "euler_maruyama": {"denoise": False}, "reverse_diffusion": {"denoise": False},
              "ancestral": {"steps": 40}, "pc": {"denoise": False, "corrector": "annealed_langevin"},
+             "sde_dpm_solver": {"denoise": False}, "euler_ancestral": {"denoise": False}, "dpm2": {},
+             "dpm2_ancestral": {"denoise": False}, "restart": {},
              "rk45": {"rtol": 1e-3, "atol": 1e-3, "steps": None},
              "adaptive_sde": {"rtol": 0.05, "atol": 0.05, "steps": None, "denoise": False}}
     with torch.no_grad():
@@ -349,6 +380,9 @@ def _summary(result) -> str:
                   f"run sits at {conv[-1]['sw'] / first['floor']['sw']:.2f}x the floor, so ratios near that value "
                   "mean 'converged', not 'worse than the floor'.", ""]
     lines += _order_ratios(result)
+    from .peers import best_lines
+
+    lines += best_lines(result, cfg.get("nfes") or (10, 20, 50))
     lines += ["## Variance error on N(0.5, 0.5²), VP(0.1, 20) (exact: ODE maps are affine)", "",
               "| method | NFE | variance error |", "|---|---|---|"]
     for label, rs in result["variance"].items():
