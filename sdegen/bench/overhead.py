@@ -35,7 +35,8 @@ from ..sampling import sample
 from ..sdes import VPSDE
 
 FIXED = ("euler_maruyama", "ode_euler", "ode_heun", "ancestral", "reverse_diffusion", "pc", "dpm_solver", "heun_karras",
-         "unipc", "deis", "pndm", "ipndm", "lms")
+         "unipc", "deis", "pndm", "ipndm", "lms", "sde_dpm_solver", "euler_ancestral", "dpm2", "dpm2_ancestral",
+         "restart")
 PER_STEP_TARGET_US = 30.0
 RK45_TARGET_RATIO = 2.0
 

@@ -174,17 +174,20 @@ class DPM2(AbstractFixedGridSolver):
     def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
         if self.table is None:
             raise ValueError("DPM2 needs its per-step table: build it with DPM2.tabulated(sde, times)")
-        return 0
+        # The midpoint time vectors, made once on the state's device (not one allocation per step).
+        t_mid = torch.tensor([row[0][0] if row[0] is not None else 0.0 for row in self.table],
+                             dtype=t0.dtype, device=t0.device)
+        return 0, t_mid.unsqueeze(1).expand(len(self.table), t0.shape[0]).unbind(0)
 
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
-        first, second = self.table[state]
+        i, t_mid = state
+        first, second = self.table[i]
         score = dyn.score(x, t0)
         if first is None:
-            return linear_update(second, x, score, dw), state + 1
-        tm, a, b = first
+            return linear_update(second, x, score, dw), (i + 1, t_mid)
+        _, a, b = first
         xm = torch.add(x * a, score, alpha=b)
-        score_m = dyn.score(xm, torch.full_like(t0, tm))
-        return linear_update(second, x, score_m, dw), state + 1
+        return linear_update(second, x, dyn.score(xm, t_mid[i]), dw), (i + 1, t_mid)
 
 
 def build_euler_ancestral(ctx, opts: dict) -> EulerAncestral:

@@ -29,6 +29,7 @@ $\alpha_t, \sigma_t$ are ``mean_coef`` $m$ and ``std`` $s$ here.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -81,7 +82,7 @@ class SDEDPMSolverPP(AbstractFixedGridSolver):
         solver_type: ``"exact"`` (the exact integral; diffusers' ``"heun"``) or ``"midpoint"`` (diffusers' default), for order 2.
         n_steps: number of grid steps $N$, needed for ``lower_order_final``.
         lower_order_final: lower the order on the last steps.
-        table: per-step ``(m0, s0, m1, s1, 1/sqrt|dt|)`` host floats (see `tabulated`); required.
+        table: per-step host-float weights (see `tabulated`); required.
     """
 
     order: int = 2  # type: ignore[misc]  # an option here
@@ -104,13 +105,52 @@ class SDEDPMSolverPP(AbstractFixedGridSolver):
 
     @classmethod
     def tabulated(cls, sde: AffineSDE, times: Tensor, **options) -> "SDEDPMSolverPP":
-        """The solver for ``times`` (decreasing), with the grid's marginals computed once in float64."""
-        t = torch.as_tensor(times).detach().to("cpu", torch.float64).reshape(-1)
+        """The solver for ``times`` (decreasing), every step's weights computed once in float64 on the host."""
+        t = torch.as_tensor(times, dtype=torch.float64).detach().to("cpu").reshape(-1)
         ms = marginal_rows(sde, t)
         tl = t.tolist()
-        rows = tuple((*ms[k], *ms[k + 1], 1.0 / math.sqrt(abs(tl[k] - tl[k + 1]))) for k in range(len(tl) - 1))
-        options.setdefault("n_steps", len(rows))
-        return cls(table=rows, **options)
+        options.setdefault("n_steps", len(tl) - 1)
+        solver = cls(**options)
+        return dataclasses.replace(solver, table=solver._weights(ms, tl))
+
+    def _weights(self, ms: list, tl: list) -> tuple:
+        r"""Per step ``(s0^2, lin, (w_0, w_1, ...), c)``: the update is
+        $x_1 = \text{lin}\,x + \sum_j w_j\,\tilde D_j + c\,\Delta w$ with the stored $\tilde D_j = x_j + s_j^2 s_\theta(x_j)$
+        (Tweedie's $\hat x_0 = \tilde D/m$: the $1/m_j$ is folded into $w_j$), newest first."""
+        rows, lams, inv_m = [], [], []
+        n = len(tl) - 1
+        for i in range(n):
+            (m0, s0), (m1, s1) = ms[i], ms[i + 1]
+            lam0, lam1 = lambda_of(m0, s0), lambda_of(m1, s1)
+            lams, inv_m = (lams + [lam0])[-self.order:], (inv_m + [1.0 / m0])[-self.order:]
+            k = len(lams)
+            if self.lower_order_final and self.n_steps is not None:
+                k = max(1, min(k, self.n_steps - i))
+            if s1 == 0.0:
+                k = 1
+            h = lam1 - lam0
+            i0, i1, i2 = _integrals(h, self.eta)
+            # Divided differences folded into one weight per stored D (newest first):
+            # D10 = (D0 - D1)/h0, D21 = (D1 - D2)/r1, d2 = (D10 - D21)/(h0 + r1), p' = D10 + h0 d2, p'' = 2 d2.
+            if k == 1:
+                w = [i0]
+            else:
+                h0 = lams[-1] - lams[-2]
+                if k == 2:
+                    g = 0.5 * i0 * h if self.solver_type == "midpoint" else i1
+                    w = [i0 + g / h0, -g / h0]
+                else:
+                    r1 = lams[-2] - lams[-3]
+                    e = (i1 * h0 + 2.0 * i2) / (h0 + r1)
+                    g = i1 + e
+                    w = [i0 + g / h0, -g / h0 - e / r1, e / r1]
+            w = tuple(m1 * wj * im for wj, im in zip(w, reversed(inv_m)))
+            lin = 0.0 if s1 == 0.0 else (s1 / s0) * math.exp(-self.eta * h)
+            c = 0.0
+            if self.eta > 0.0 and s1 > 0.0:
+                c = s1 * math.sqrt(-math.expm1(-2.0 * self.eta * h)) / math.sqrt(abs(tl[i] - tl[i + 1]))
+            rows.append((s0 * s0, lin, w, c))
+        return tuple(rows)
 
     def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
         if self.table is None:
@@ -119,38 +159,14 @@ class SDEDPMSolverPP(AbstractFixedGridSolver):
 
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
         i, hist = state
-        m0, s0, m1, s1, inv_sqrt_dt = self.table[i]
-        lam0, lam1 = lambda_of(m0, s0), lambda_of(m1, s1)
-        score = dyn.score(x, t0)
-        d = torch.add(x, score, alpha=s0 * s0).mul_(1.0 / m0)             # Tweedie x0_hat
-        hist = (*hist, (lam0, d))[-self.order:]
-        k = len(hist)
-        if self.lower_order_final and self.n_steps is not None:
-            k = max(1, min(k, self.n_steps - i))
-        if s1 == 0.0:
-            k = 1
-        h = lam1 - lam0
-        i0, i1, i2 = _integrals(h, self.eta)
-        # Fold the divided differences into one host-float weight per stored D (k + 1 kernels):
-        # D10 = (D0 - D1)/h0, D21 = (D1 - D2)/r1, d2 = (D10 - D21)/(h0 + r1), p' = D10 + h0 d2, p'' = 2 d2.
-        if k == 1:
-            w = [i0]
-        else:
-            h0 = hist[-1][0] - hist[-2][0]
-            if k == 2:
-                g = 0.5 * i0 * h if self.solver_type == "midpoint" else i1
-                w = [i0 + g / h0, -g / h0]
-            else:
-                r1 = hist[-2][0] - hist[-3][0]
-                e = (i1 * h0 + 2.0 * i2) / (h0 + r1)
-                g = i1 + e
-                w = [i0 + g / h0, -g / h0 - e / r1, e / r1]
-        lin = 0.0 if s1 == 0.0 else (s1 / s0) * math.exp(-self.eta * h)
+        s0sq, lin, w, c = self.table[i]
+        d = torch.add(x, dyn.score(x, t0), alpha=s0sq)          # m0 * Tweedie x0_hat
+        hist = (d, *hist)[:self.order]                          # newest first
         x_new = x * lin
-        for wj, (_, dj) in zip(w, reversed(hist)):
-            x_new.add_(dj, alpha=m1 * wj)
-        if dw is not None and self.eta > 0.0 and s1 > 0.0:
-            x_new.add_(dw, alpha=s1 * math.sqrt(-math.expm1(-2.0 * self.eta * h)) * inv_sqrt_dt)
+        for wj, dj in zip(w, hist):
+            x_new.add_(dj, alpha=wj)
+        if dw is not None and c != 0.0:
+            x_new.add_(dw, alpha=c)
         return x_new, (i + 1, hist)
 
 
