@@ -286,3 +286,25 @@ def test_adapters_on_cuda(generator):
     out = score_fn(x.cuda(), t.cuda())
     assert out.device.type == "cuda"
     torch.testing.assert_close(out.cpu(), gm.score(x, t, sde), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+def test_discrete_step_score_fast_path_equals_the_table(prediction):
+    """The per-time coefficient path (one time for the batch, as the samplers pass it) equals the tensor path
+    through the prediction table, for the model's steps and the score; out-of-range times still raise."""
+    received = []
+
+    def model(x, u):
+        received.append(u)
+        return torch.sin(3 * x) + 0.01 * u[:, None]
+
+    sde, score_fn = from_discrete_eps(model, _cosine_betas(40), first_step=0, prediction=prediction)
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    for tv in (1.0, 0.4125, 0.0251):
+        t_view = torch.full((1,), tv, dtype=F64).expand(5)          # stride 0: the fast path
+        t_plain = torch.full((5,), tv, dtype=F64) + torch.zeros(5, dtype=F64)
+        fast, slow = score_fn(x, t_view), score_fn(x, t_plain)
+        torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(received[-2], received[-1], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="t must lie"):
+        score_fn(x, torch.full((1,), 1.5, dtype=F64).expand(5))

@@ -17,6 +17,12 @@
   10 % of either wall time it is timing noise and ``overhead_ratio`` is ``null``.
 * ``em_vs_torchsde``: the native Euler–Maruyama against ``method="torchsde"`` with its Euler solver,
   500 steps on the same grid, a trivial and the oracle score, batch 16 and 4096.
+* ``adapters``: ``dpm_solver`` (100 steps, DDPM linear schedule, N = 1000) on a discrete
+  $\epsilon$-model through ``adapters.from_discrete_eps`` against the same run with a plain score
+  function and against ``diffusers``' DPM-Solver++ 2M loop on the same model (when installed): a
+  trivial model at batch 16 and an MLP at batch 4096. ``adapter_us_per_call`` is the adapter's own
+  cost (adapter run minus plain run, per model call; issue 17's target: at most 20 µs at batch 16);
+  ``*_over_bare`` divide each run by its bare model calls (target for the adapter run at batch 4096: 1.03).
 
 Run it on an idle machine: these are microsecond figures, and the ratios are what to compare.
 """
@@ -39,6 +45,7 @@ FIXED = ("euler_maruyama", "ode_euler", "ode_heun", "ancestral", "reverse_diffus
          "restart")
 PER_STEP_TARGET_US = 30.0
 RK45_TARGET_RATIO = 2.0
+ADAPTER_TARGET_US = 20.0
 
 
 def _trivial_score():
@@ -129,6 +136,67 @@ def em_vs_torchsde(steps: int = 500, batches=(16, 4096), repeats: int = 3) -> li
     return rows
 
 
+def _eps_model(batch: int):
+    """A trivial eps-model (batch 16: ``x @ W``) or a small MLP of ``(x, u)`` (batch 4096)."""
+    g = torch.Generator().manual_seed(0)
+    if batch <= 16:
+        W = torch.randn(2, 2, generator=g)
+        return lambda x, u: x @ W
+    torch.manual_seed(0)          # the MLP's init; a benchmark, not library code
+    mlp = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.SiLU(), torch.nn.Linear(64, 2))
+    return lambda x, u: mlp(torch.cat([x, (u / 1000.0)[:, None].to(x.dtype)], 1))
+
+
+def _diffusers_dpm_loop(model, batch: int, steps: int):
+    """diffusers' DPM-Solver++ 2M loop on ``model`` (None when diffusers is not installed)."""
+    try:
+        from diffusers import DPMSolverMultistepScheduler
+    except ImportError:
+        return None
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear")
+
+    def run():
+        scheduler.set_timesteps(steps)
+        x = torch.randn(batch, 2, generator=torch.Generator().manual_seed(0))
+        for k in scheduler.timesteps:
+            x = scheduler.step(model(x, k.expand(batch)), k, x).prev_sample
+        return x
+
+    return run
+
+
+def adapter_overhead(steps: int = 100, batches=(16, 4096), repeats: int = 5) -> list[dict]:
+    """The adapter's own cost: ``dpm_solver`` through ``from_discrete_eps`` vs a plain score vs diffusers' loop."""
+    from ..adapters import from_discrete_eps
+
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    rows = []
+    with torch.no_grad():
+        for B in batches:
+            model = _eps_model(B)
+            sde, adapted = from_discrete_eps(model, betas)
+            x, u = torch.randn(B, 2), torch.full((B,), 500.0)
+            calls = max(20, 2000 // B)
+            bare = _best(lambda: [model(x, u) for _ in range(calls)], repeats) / calls
+            runs = {"plain": lambda: sample(sde, lambda y, t: model(y, t), (B, 2), method="dpm_solver", steps=steps),
+                    "adapter": lambda: sample(sde, adapted, (B, 2), method="dpm_solver", steps=steps)}
+            loop = _diffusers_dpm_loop(model, B, steps)
+            if loop is not None:
+                runs["diffusers"] = loop
+            nfe = runs["adapter"]().nfe                      # also a warm-up
+            best = {k: float("inf") for k in runs}
+            for _ in range(repeats):                         # alternated, so load changes hit every run alike
+                for k, fn in runs.items():
+                    best[k] = min(best[k], _best(fn, 1))
+            row = {"batch": B, "steps": steps, "nfe": nfe, "bare_call_us": 1e6 * bare}
+            for k, wall in best.items():
+                row[f"{k}_us_per_step"] = 1e6 * wall / steps
+                row[f"{k}_over_bare"] = wall / (nfe * bare)
+            row["adapter_us_per_call"] = 1e6 * (best["adapter"] - best["plain"]) / nfe
+            rows.append(row)
+    return rows
+
+
 def _plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -174,7 +242,10 @@ def run(out_dir, quick: bool = False) -> dict:
                                            batches=(16,) if quick else (16, 4096), repeats=1 if quick else 5),
             "em_vs_torchsde": em_vs_torchsde(steps=100 if quick else 500, batches=(16,) if quick else (16, 4096),
                                              repeats=1 if quick else 3),
-            "targets": {"per_step_us": PER_STEP_TARGET_US, "rk45_over_scipy": RK45_TARGET_RATIO},
+            "adapters": adapter_overhead(steps=20 if quick else 100, batches=(16,) if quick else (16, 4096),
+                                         repeats=1 if quick else 5),
+            "targets": {"per_step_us": PER_STEP_TARGET_US, "rk45_over_scipy": RK45_TARGET_RATIO,
+                        "adapter_us_per_call": ADAPTER_TARGET_US, "adapter_over_bare_4096": 1.03},
             "torch": torch.__version__, "threads": 1,
         }
     finally:
@@ -192,6 +263,12 @@ def _print(result: dict) -> None:
     for r in result.get("em_vs_torchsde", []):
         print(f"{r['score']:8s} B={r['batch']:5d} {r['steps']} steps: euler_maruyama {r['euler_maruyama_ms']:8.1f} ms, "
               f"torchsde (euler) {r['torchsde_ms']:8.1f} ms, ratio {r['ratio']:.2f}")
+    for r in result.get("adapters", []):
+        peer = (f", diffusers DPM++ 2M loop {r['diffusers_us_per_step']:8.1f} us/step ({r['diffusers_over_bare']:.3f}x)"
+                if "diffusers_us_per_step" in r else "")
+        print(f"adapter B={r['batch']:5d} dpm_solver {r['steps']} steps: plain score {r['plain_us_per_step']:8.1f} us/step "
+              f"({r['plain_over_bare']:.3f}x bare calls), from_discrete_eps {r['adapter_us_per_step']:8.1f} us/step "
+              f"({r['adapter_over_bare']:.3f}x){peer}; adapter's own cost {r['adapter_us_per_call']:.1f} us/call")
     for r in result["rk45_vs_scipy"]:
         print(f"{r['score']:8s} B={r['batch']:5d} tol={r['tol']:.0e}  rk45 {r['rk45_ms']:8.2f} ms ({r['rk45_nfe']:4d} NFE, "
               f"{r['rk45_overhead_us_per_nfe']:5.1f} us/NFE outside the score)  scipy {r['scipy_ms']:8.2f} ms "
