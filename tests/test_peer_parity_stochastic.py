@@ -20,6 +20,9 @@ directly on a grid ending at $t = 0$ (``sdegen.sample`` grids end at ``eps > 0``
 sample to float32; the σ tables are float32), so the comparison is at float32 round-off accumulated
 over 10-20 steps: ``2e-5`` times the largest state entry (measured 1e-7 to 5e-7 relative).
 
+``SASolverScheduler`` keeps the sample's dtype: with its σ table overwritten by the same schedule in
+float64 it is compared at float64 round-off (``1e-11``).
+
 Not compared: diffusers' third-order ``sde-dpmsolver++`` update. Its $D_2$ coefficient
 ``(1 - exp(-2h) - 2h)/(2h)^2 - 0.5`` tends to $-1$ as $h \to 0$ where the exact integral
 $I_2/h^2$ of a second derivative tends to 0, so it is not a third-order (or consistent second-derivative)
@@ -35,6 +38,7 @@ import torch
 from sdegen.adapters import from_discrete_eps
 from sdegen.solvers.ancestral_k import DPM2, EulerAncestral
 from sdegen.solvers.base import Dynamics, integrate_fixed_grid
+from sdegen.solvers.sa_solver import SASolver
 from sdegen.solvers.sde_dpm import SDEDPMSolverPP
 
 diffusers = pytest.importorskip("diffusers")
@@ -136,6 +140,29 @@ def test_sde_dpm_solver_pp_equals_diffusers(n, order, solver_type):
                                       lower_order_final=n < 15)
     ours = integrate_fixed_grid(solver, Dynamics(SDE, SCORE), x_T, times, noise=noise)[0]
     _assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("orders", [(1, 1), (2, 2), (3, 3), (3, 1), (4, 4), (1, 2)])
+@pytest.mark.parametrize("window", [False, True])
+def test_sa_solver_equals_diffusers_to_float64(orders, window):
+    """SASolverScheduler keeps the sample's dtype; with its sigmas overwritten by the float64 values of the
+    same schedule the comparison is at float64 round-off (measured <= 1e-13; tolerance 1e-11).
+    ``window``: diffusers' default tau(t) = 1 for training steps 200..800, else 0, which is sdegen's
+    ``tau_sigma`` = (sigma at step 200, sigma at step 800); otherwise tau = 1 on every step."""
+    n = 12
+    po, co = orders
+    sched = diffusers.SASolverScheduler(**SCHEDULE, predictor_order=po, corrector_order=co,
+                                        tau_func=None if window else (lambda t: 1))
+    sched.set_timesteps(n)
+    times = torch.cat([_times(sched.timesteps), _times([0])])     # final level: timestep 0's
+    sched.sigmas = SDE.sigma(times).to(F64)
+    x_T = _x_T()
+    gen = torch.Generator().manual_seed(2)
+    theirs = _diffusers(sched, x_T.clone(), lambda k: {"generator": gen})
+    win = tuple(SDE.sigma(_times([200, 800])).tolist()) if window else None
+    solver = SASolver.tabulated(SDE, times, predictor_order=po, corrector_order=co, tau=1.0, tau_sigma=win)
+    ours = integrate_fixed_grid(solver, Dynamics(SDE, SCORE), x_T, times, noise=_noise(n))[0]
+    assert (ours - theirs).abs().max().item() < 1e-11
 
 
 def test_noise_matters():

@@ -31,6 +31,7 @@ from sdegen.solvers.dpm_solver import DPMSolver
 from sdegen.solvers.sde_dpm import SDEDPMSolverPP
 from sdegen.solvers.ancestral_k import DPM2, EulerAncestral
 from sdegen.solvers.restart import Restart, restart_times
+from sdegen.solvers.sa_solver import SASolver
 from sdegen.grids import get_grid
 
 F64 = torch.float64
@@ -96,13 +97,15 @@ CASES = {
     "dpm2": ("dpm2", 30, {}),
     "dpm2_ancestral": ("dpm2_ancestral", 100, {}),
     "restart": ("restart", 30, {}),
+    "sa_solver": ("sa_solver", 100, {}),
+    "sa_solver_3_tau05": ("sa_solver", 40, {"predictor_order": 3, "corrector_order": 3, "tau": 0.5}),
     "restart_k4": ("restart", 20, {"restart_count": 4, "restart_sigma": (0.1, 1.0), "restart_steps": 4}),
 }
 FAST_N = 4000
 # One SDE per case in the fast suite (every SDE appears); the slow suite runs every pair at n = 10^4.
 FAST = {"sde_dpm_1": "user", "sde_dpm_2m": "vp", "sde_dpm_3m": "user", "sde_dpm_2m_eta05": "ve",
         "euler_ancestral": "subvp", "euler_ancestral_eta05": "user", "dpm2": "ve", "dpm2_ancestral": "vp",
-        "restart": "subvp", "restart_k4": "ve"}
+        "restart": "subvp", "restart_k4": "ve", "sa_solver": "user", "sa_solver_3_tau05": "vp"}
 # First-order samplers need more steps for their O(h) bias to sit below the check's resolution.
 FAST_STEPS = {"sde_dpm_1": 200, "sde_dpm_2m": 100, "euler_ancestral": 300}
 
@@ -116,7 +119,7 @@ def test_exact_distribution_fast(case):
 
 # Power, one case per family: the score x 1.1 must fail the same check (measured |z| 6-60 at n = 4000).
 POWER = {"sde_dpm_2m": "vp", "euler_ancestral_eta05": "subvp", "dpm2_ancestral": "vp", "dpm2": "user",
-         "restart": "ve"}
+         "restart": "ve", "sa_solver": "subvp"}
 
 
 @pytest.mark.parametrize("case", list(POWER))
@@ -180,6 +183,7 @@ MAKERS = {
     "euler_ancestral_eta05": (lambda sde, t: (EulerAncestral.tabulated(sde, t, eta=0.5), t), 1.0),
     "dpm2": (lambda sde, t: (DPM2.tabulated(sde, t), t), 2.0),
     "dpm2_ancestral": (lambda sde, t: (DPM2.tabulated(sde, t, ancestral=True), t), 2.0),
+    "sa_solver_2_2": (lambda sde, t: (SASolver.tabulated(sde, t), t), 2.0),
 }
 
 
@@ -190,7 +194,7 @@ def test_weak_order_from_exact_moments(name, sde_name):
 
     Measured on VP: SDE-DPM-Solver++1 = Euler ancestral 0.92-0.96 (weak order 1); 2M-SDE 2.04-2.09;
     DPM-2 and DPM-2 ancestral 2.04-2.05 (for a Gaussian target the ancestral noise of DPM-2 adds no
-    first-order error; weak order 1 is the general bound)."""
+    first-order error; weak order 1 is the general bound); SA-Solver (2, 2) with tau = 1: 2.14-2.35."""
     make, order = MAKERS[name]
     sde = SDES[sde_name]()
     errs = [_exact_moment_error(sde, make, n) for n in (80, 160, 320)]
