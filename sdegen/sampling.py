@@ -27,24 +27,23 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from ._utils import check_number, check_positive
+from ._utils import check_positive
 from .sdes import SDE, AffineSDE, VPSDE
 from .grids import get_grid, sampling_start, user_grid
 from .solvers.base import AbstractFixedGridSolver, CountingScore, Dynamics, NonFiniteError, SampleResult, \
     check_finite_state, integrate_fixed_grid
-from .solvers.correctors import AnnealedLangevinCorrector, BatchLangevinCorrector, LangevinCorrector, PredictorCorrector, \
-    langevin_alpha
+from .solvers.correctors import AnnealedLangevinCorrector, LangevinCorrector, PredictorCorrector, langevin_alpha
 from .solvers.ode_steps import ODEEuler, ODEHeun
-from .solvers.sde_steps import Ancestral, ChainStep, EulerMaruyama, ReverseDiffusion, ancestral_table, chain_table, \
+from .solvers.sde_steps import Ancestral, EulerMaruyama, ReverseDiffusion, ancestral_table, chain_table, \
     ddpm_ancestral_table
 from .sdes.discrete import AbstractChainSDE
 from .solvers.adaptive_sde import ADAPTIVE_SDE_OPTIONS, run_adaptive_sde
 from .solvers.dpm_solver import DPM_SOLVER_OPTIONS, build_dpm_solver
 from .solvers.edm import HEUN_KARRAS_OPTIONS, build_heun_karras
 from .solvers.sde_dpm import SDE_DPM_OPTIONS, build_sde_dpm_solver
-from .solvers.ancestral_k import DPM2_OPTIONS, EULER_ANCESTRAL_OPTIONS, build_dpm2, build_euler_ancestral
 from .solvers.restart import RESTART_OPTIONS, build_restart
 from .solvers.sa_solver import SA_SOLVER_OPTIONS, build_sa_solver
+from .solvers.ancestral_k import DPM2_OPTIONS, EULER_ANCESTRAL_OPTIONS, build_dpm2, build_euler_ancestral
 from .solvers.unipc import UNIPC_OPTIONS, build_unipc
 from .solvers.deis import DEIS_OPTIONS, build_deis
 from .solvers.multistep import IPNDM_OPTIONS, LMS_OPTIONS, PNDM_OPTIONS, build_ipndm, build_lms, build_pndm
@@ -187,8 +186,6 @@ def _build_ancestral(ctx: RunContext, opts: dict) -> Ancestral:
         ctx.times = plan.times(sde.alpha_bar.numel() - 1, sde.T)
         ctx.steps = len(plan.steps)
         ctx.own_final_step = True
-        if plan.x0_transform is not None:
-            return ChainStep.from_plan(sde, plan, eta, ctx.times)
         return Ancestral(chain_table(sde, plan, eta, ctx.times))
     if eta is not None:
         raise ValueError(f"eta={eta!r} applies to the ancestral step on a chain SDE's own plan (e.g. an SDE from "
@@ -251,8 +248,7 @@ _PREDICTORS: dict[str, Callable[[RunContext, dict], AbstractFixedGridSolver]] = 
     "ode_euler": _rule(ODEEuler),
     "ode_heun": _rule(ODEHeun),
 }
-_CORRECTORS = {"langevin": LangevinCorrector, "langevin_batch": BatchLangevinCorrector,
-               "annealed_langevin": AnnealedLangevinCorrector, None: None}
+_CORRECTORS = {"langevin": LangevinCorrector, "annealed_langevin": AnnealedLangevinCorrector, None: None}
 
 
 def _build_pc(ctx: RunContext, opts: dict) -> AbstractFixedGridSolver:
@@ -267,14 +263,7 @@ def _build_pc(ctx: RunContext, opts: dict) -> AbstractFixedGridSolver:
         return pred          # PC without a corrector is exactly the predictor: no extra evaluations
     t = ctx.times            # after the predictor's builder, which may have replaced the grid
     alphas = tuple(langevin_alpha(ctx.sde, t[:-1], t[1:]).tolist())
-    if corrector is LangevinCorrector:
-        corr = corrector(snr=float(opts["snr"]), data_std=opts["data_std"])
-    elif opts["data_std"] != 0.0:
-        raise ValueError(f"data_std applies to corrector='langevin' only, got data_std={opts['data_std']!r} "
-                         f"with corrector={opts['corrector']!r}")
-    else:
-        corr = corrector(snr=float(opts["snr"]))
-    return PredictorCorrector(pred, corr, n_corr, ctx.unit_draw(), alphas)
+    return PredictorCorrector(pred, corrector(snr=float(opts["snr"])), n_corr, ctx.unit_draw(), alphas)
 
 
 def _choice(value, table: Mapping, name: str):
@@ -357,7 +346,7 @@ METHODS: MethodTable = MethodTable({
                             doc="ancestral posterior sampling (VP: exactly DDPM; VE: SMLD)"),
     "pc": MethodSpec(_fixed_grid_runner(_build_pc, grid_option=True), reverse_sde=True,
                      options={"predictor": "reverse_diffusion", "corrector": "langevin", "snr": 0.16,
-                              "corrector_steps": 1, "data_std": 0.0, **_GRID},
+                              "corrector_steps": 1, **_GRID},
                      doc="predictor-corrector: predictor + Langevin/annealed Langevin corrector (or None)"),
     "ode_euler": MethodSpec(_fixed_grid_runner(_PREDICTORS["ode_euler"], grid_option=True), options=_GRID,
                             doc="probability-flow ODE, explicit Euler (order 1)"),
@@ -451,7 +440,15 @@ def _check_steps(method: str, spec: MethodSpec, steps) -> int | None:
 
 
 def _check_eps(eps, T: float) -> float:
-    return check_number(eps, "eps", low=0.0, high=T, low_open=True, high_open=True)
+    try:
+        if isinstance(eps, bool):
+            raise TypeError
+        e = float(eps)
+    except (TypeError, ValueError):
+        raise TypeError(f"eps must be a float in (0, T={T}), got {eps!r}") from None
+    if not 0.0 < e < T:
+        raise ValueError(f"eps must lie in (0, T={T}), got {eps!r}")
+    return e
 
 
 def _check_start(sde: SDE, t_start, strength, x_init, x_T) -> float:
@@ -608,10 +605,8 @@ def sample(sde: SDE, score_fn: Callable[..., Tensor], shape, *, method: str, ste
     * ``"ancestral"``: posterior sampling; for [`VPSDE`][sdegen.VPSDE] exactly the DDPM chain of
       ``sde.discretize(steps)`` on $t_i = iT/N$ (``eps`` ignored, no denoising); VE: SMLD.
     * ``"pc"``: ``predictor=`` one of ``"reverse_diffusion"`` (default), ``"euler_maruyama"``,
-      ``"ancestral"``, ``"ode_euler"``, ``"ode_heun"``; ``corrector="langevin"`` (default: the SNR rule
-      at the expected score norm, a step per time, $2\alpha r^2(s(t)^2 + m(t)^2\sigma^2)$ with
-      ``data_std=`` $\sigma$, default 0), ``"langevin_batch"`` (the paper's batch-mean norms; couples the
-      samples of a batch), ``"annealed_langevin"`` or ``None``; ``snr=0.16``; ``corrector_steps=1``.
+      ``"ancestral"``, ``"ode_euler"``, ``"ode_heun"``; ``corrector="langevin"`` (default),
+      ``"annealed_langevin"`` or ``None``; ``snr=0.16``; ``corrector_steps=1``.
     * ``"ode_euler"``, ``"ode_heun"``: the probability-flow ODE on the fixed grid.
 
     The generic fixed-grid methods (``euler_maruyama``, ``reverse_diffusion``, ``pc``, ``ode_euler``,
