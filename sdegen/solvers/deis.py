@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .._utils import check_bool, check_int
 from .base import AbstractFixedGridSolver, Dynamics
 from .multistep import _basis
 
@@ -81,8 +82,8 @@ class DEIS(AbstractFixedGridSolver):
     evals_per_step: ClassVar[int] = 1
 
     def __post_init__(self):
-        if self.order not in (1, 2, 3):
-            raise ValueError(f"order must be 1, 2 or 3, got {self.order!r}")
+        check_int(self.order, "order", low=1, high=3)
+        check_bool(self.lower_order_final, "lower_order_final")
         if self.n_steps is not None and (not isinstance(self.n_steps, int) or self.n_steps < 1):
             raise ValueError(f"n_steps must be a positive int or None, got {self.n_steps!r}")
 
@@ -130,7 +131,7 @@ def build_deis(ctx, opts: dict) -> DEIS:
         ctx.times = get_grid(grid, ctx.sde, ctx.steps, ctx.eps, **({"rho": opts["rho"]} if grid == "karras" else {}))
     else:  # a user grid sets the number of steps and the final time itself
         ctx.times = get_grid(grid, ctx.sde, None, None)
-    solver = DEIS(order=opts["order"], n_steps=ctx.times.numel() - 1, lower_order_final=bool(opts["lower_order_final"]))
+    solver = DEIS(order=opts["order"], n_steps=ctx.times.numel() - 1, lower_order_final=opts["lower_order_final"])
     return solver.tabulated(ctx.sde, ctx.times) if isinstance(ctx.sde, AffineSDE) else solver
 
 

@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .._utils import check_int
 from .base import AbstractFixedGridSolver, Dynamics
 
 __all__ = ["PNDM", "LMS", "WARMUPS"]
@@ -166,8 +167,7 @@ class LMS(AbstractFixedGridSolver):
     evals_per_step: ClassVar[int] = 1
 
     def __post_init__(self):
-        if self.lms_order not in (1, 2, 3, 4):
-            raise ValueError(f"order must be 1, 2, 3 or 4, got {self.lms_order!r}")
+        check_int(self.lms_order, "order", low=1, high=4)
 
     @property
     def order(self) -> float:  # type: ignore[override]

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._utils import check_bool, check_int
 from .base import AbstractFixedGridSolver, Dynamics
 from .dpm_solver import PREDICTIONS
 
@@ -142,14 +143,13 @@ class UniPC(AbstractFixedGridSolver):
     evals_per_step: ClassVar[int] = 1
 
     def __post_init__(self):
-        if self.order not in (1, 2, 3):
-            raise ValueError(f"order must be 1, 2 or 3, got {self.order!r}")
+        check_int(self.order, "order", low=1, high=3)   # True and 2.0 are not orders
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
-        if not isinstance(self.corrector, bool):
-            raise TypeError(f"corrector must be a bool, got {self.corrector!r}")
+        check_bool(self.corrector, "corrector")
+        check_bool(self.lower_order_final, "lower_order_final")
         if self.n_steps is not None and (not isinstance(self.n_steps, int) or self.n_steps < 1):
             raise ValueError(f"n_steps must be a positive int or None, got {self.n_steps!r}")
 
@@ -233,7 +233,7 @@ def build_unipc(ctx, opts: dict) -> UniPC:
         ctx.times = get_grid(grid, ctx.sde, None, None)
     solver = UniPC(order=opts["order"], prediction=opts["prediction"], variant=opts["variant"],
                    corrector=opts["corrector"], n_steps=ctx.times.numel() - 1,
-                   lower_order_final=bool(opts["lower_order_final"]))
+                   lower_order_final=opts["lower_order_final"])
     return solver.tabulated(ctx.sde, ctx.times) if isinstance(ctx.sde, AffineSDE) else solver
 
 
