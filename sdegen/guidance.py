@@ -16,23 +16,18 @@ so $w = 1$ is the only exact choice.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
 
+from ._utils import check_number
+
 __all__ = ["classifier_free", "classifier", "classifier_grad"]
 
 
 def _check_scale(scale, name: str = "scale") -> float:
-    try:
-        w = float(scale)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {scale!r}") from None
-    if not math.isfinite(w):
-        raise ValueError(f"{name} must be finite, got {scale!r}")
-    return w
+    return check_number(scale, name)
 
 
 class _ClassifierFree:

@@ -81,6 +81,8 @@ class MLP(nn.Module):
         for name, v in (("dim", dim), ("hidden", hidden), ("depth", depth), ("emb_dim", emb_dim)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")   # True would drop everything
         self.config: dict[str, Any] = dict(dim=dim, hidden=hidden, depth=depth, time_embedding=time_embedding,
                                            emb_dim=emb_dim, num_classes=num_classes, activation=activation,
                                            dropout=float(dropout))

@@ -100,6 +100,8 @@ class UNet(nn.Module):
         for name, v in (("in_channels", in_channels), ("channels", channels), ("num_res_blocks", num_res_blocks)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")   # True would drop everything
         if not channel_mults or min(channel_mults) < 1:
             raise ValueError(f"channel_mults must be a non-empty sequence of positive ints, got {channel_mults!r}")
         n_levels = len(channel_mults)

@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .._utils import append_dims
+from .._utils import append_dims, check_bool, check_int
 from .base import AbstractFixedGridSolver, Dynamics
 
 __all__ = ["DPMSolver", "PREDICTIONS", "SOLVER_TYPES"]
@@ -127,6 +127,7 @@ class DPMSolver(AbstractFixedGridSolver):
     evals_per_step: ClassVar[int] = 1
 
     def __post_init__(self):
+        check_int(self.order, "order")      # True and 2.0 are not orders: a TypeError
         if self.order not in (1, 2, 3):
             raise ValueError(f"order must be 1, 2 or 3, got {self.order!r}")
         if self.prediction not in PREDICTIONS:
@@ -238,7 +239,8 @@ def build_dpm_solver(ctx, opts: dict) -> DPMSolver:
         ctx.times = get_grid(grid, ctx.sde, None, None)
     # A user grid (a tensor) sets the number of steps itself.
     solver = DPMSolver(order=opts["order"], prediction=opts["prediction"], n_steps=ctx.times.numel() - 1,
-                       lower_order_final=bool(opts["lower_order_final"]), solver_type=opts["solver_type"])
+                       lower_order_final=check_bool(opts["lower_order_final"], "lower_order_final"),
+                       solver_type=opts["solver_type"])
     # Affine SDEs: per-step coefficients once, on the host, in float64 (others get the step's
     # own error naming the AffineSDE requirement).
     from ..sdes import AffineSDE

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .._utils import append_dims
+from .._utils import append_dims, check_bool, check_number
 from ..sdes import AffineSDE
 from .base import AbstractFixedGridSolver, Dynamics
 
@@ -87,9 +87,8 @@ class HeunKarras(AbstractFixedGridSolver):
             raise ValueError(f"n_steps must be a positive int or None, got {self.n_steps!r}")
         for name in ("s_churn", "s_tmin", "s_noise"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if not (isinstance(self.s_tmax, (int, float)) and self.s_tmax >= self.s_tmin):
+            check_number(v, name, low=0.0)
+        if isinstance(self.s_tmax, bool) or not (isinstance(self.s_tmax, (int, float)) and self.s_tmax >= self.s_tmin):
             raise ValueError(f"s_tmax must be a number >= s_tmin={self.s_tmin}, got {self.s_tmax!r}")
         if (self.s_churn > 0 or self.final_euler) and self.n_steps is None:
             raise ValueError("s_churn > 0 and final_euler need n_steps (the number of grid steps)")
@@ -168,9 +167,10 @@ def build_heun_karras(ctx, opts: dict) -> HeunKarras:
     grid_opts = {"rho": opts["rho"]} if isinstance(opts["grid"], str) and opts["grid"] == "karras" else {}
     ctx.times = get_grid(opts["grid"], ctx.sde, ctx.steps, ctx.eps, **grid_opts)
     # A user grid (a tensor) sets the number of steps itself (final_euler and churn need it).
-    solver = HeunKarras(n_steps=ctx.times.numel() - 1, s_churn=float(opts["s_churn"]), s_tmin=float(opts["s_tmin"]),
-                        s_tmax=float(opts["s_tmax"]), s_noise=float(opts["s_noise"]),
-                        final_euler=bool(opts["final_euler"]))
+    solver = HeunKarras(n_steps=ctx.times.numel() - 1, s_churn=check_number(opts["s_churn"], "s_churn", low=0.0),
+                        s_tmin=check_number(opts["s_tmin"], "s_tmin", low=0.0), s_tmax=opts["s_tmax"],
+                        s_noise=check_number(opts["s_noise"], "s_noise", low=0.0),
+                        final_euler=check_bool(opts["final_euler"], "final_euler"))
     # Not affine: the generic step raises the clear "needs an AffineSDE" error on its first call.
     return solver.tabulated(ctx.sde, ctx.times) if isinstance(ctx.sde, AffineSDE) else solver
 
