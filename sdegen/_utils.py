@@ -60,8 +60,8 @@ def as_time(t: Any, batch: int, *, device: torch.device | str | None = None,
     Args:
         t: the time value(s).
         batch: the batch size B.
-        device, dtype: target device and dtype (default: those of ``t`` if a tensor, else CPU
-            and the default dtype).
+        device: target device (default: that of ``t`` if a tensor, else the CPU).
+        dtype: target dtype (default: that of ``t`` if a floating tensor, else the default dtype).
         name: argument name used in error messages.
 
     Raises:
@@ -184,7 +184,7 @@ def _range_text(low, high, low_open: bool, high_open: bool) -> str:
 def check_positive(value: Any, name: str, *, allow_zero: bool = False) -> float:
     """Return ``float(value)`` after checking it is a finite positive (or non-negative) real number.
 
-    ``bool`` and ``str`` are refused with a ``TypeError`` (see [`check_number`][sdegen._utils.check_number]).
+    ``bool`` and ``str`` are refused with a ``TypeError`` (see `check_number`).
     """
     v = _as_real(value, name, "a real number")
     ok = v >= 0 if allow_zero else v > 0

@@ -81,7 +81,7 @@ def model_spec(model: ScoreModel) -> dict[str, Any]:
             "parameterization": model.parameterization, "sigma_data": model.sigma_data}
 
 
-#: Largest value of each integer field of a network config that :func:`load` will build. A checkpoint's
+#: Largest value of each integer field of a network config that `load` will build. A checkpoint's
 #: JSON is data from a file: an edited ``hidden`` or ``depth`` must be refused before anything is
 #: allocated (hidden 6000 and depth 24 would allocate 7 GB before the weights are found not to fit).
 NET_LIMITS: dict[str, dict[str, int]] = {
@@ -128,7 +128,7 @@ def _meta_shapes(cls: type, cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
 def build_model(spec: dict[str, Any], *, net: nn.Module | None = None, sde=None,
                 weights: dict[str, Tensor] | None = None) -> ScoreModel:
-    """Rebuild a :class:`~sdegen.ScoreModel` from :func:`model_spec` output (weights not loaded).
+    """Rebuild a [`ScoreModel`][sdegen.parameterization.ScoreModel] from `model_spec` output (weights not loaded).
 
     A network rebuilt from the spec is first checked against
     [`NET_LIMITS`][sdegen.training.checkpoint.NET_LIMITS] and, when ``weights`` (the checkpoint's

@@ -359,7 +359,7 @@ def train(model: ScoreModel, data, *, steps: int, batch_size: int = 128, lr: flo
 def _train_locked(model, x, y, params, device, dtype, config, fingerprint, spec, *, steps, checkpoint_dir,
                   checkpoint_every, keep, progress, log_path, log_every, resume, overwrite, callback,
                   null_label, loss_fn) -> TrainResult:
-    """The loop of :func:`train`, run with validated arguments while the run directory is locked."""
+    """The loop of `train`, run with validated arguments while the run directory is locked."""
     batch_size, lr, warmup, seed = config["batch_size"], config["lr"], config["warmup"], config["seed"]
     grad_clip, ema, cond_drop = config["grad_clip"], config["ema"], config["cond_drop"]
     existing = list_checkpoints(checkpoint_dir) if checkpoint_dir is not None else []
