@@ -22,8 +22,9 @@ $v = a\epsilon - b x_0$ with $a = m/r$, $b = s/r$, $r = \sqrt{m^2+s^2}$, which o
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 from torch import Tensor
@@ -583,8 +584,9 @@ def _diffusers_plan(name: str, scheduler, config: dict, n: int, T: float) -> Cha
     return ChainPlan(tuple(k + 1 for k in ks), targets, variance="posterior", eta=0.0, noiseless_step_one=False)
 
 
-def from_diffusers(unet, scheduler, *, timesteps: str = "continuous", T: float = 1.0,
-                   ignore=()) -> tuple[DiscreteVPSDE, Callable]:
+def from_diffusers(unet: Callable, scheduler: object, *, timesteps: str = "continuous", T: float = 1.0,
+                   ignore: Collection[str] = (), use_clipped_model_output: bool = False
+                   ) -> tuple[DiscreteVPSDE, Callable]:
     r"""Wrap a Hugging Face ``diffusers`` UNet and its scheduler: the model, its schedule and its sampling loop.
 
     Reads ``scheduler.alphas_cumprod`` ($\bar\alpha$ for diffusers timesteps $k = 0..N-1$, chain index
@@ -621,8 +623,13 @@ def from_diffusers(unet, scheduler, *, timesteps: str = "continuous", T: float =
     | ``rescale_betas_zero_snr`` | ``False`` only (refused when ``True``) |
     | any other field (other scheduler classes' solver settings) | refused, unless named in ``ignore`` |
 
-    The x0 options make the step use the clipped $\hat x_0$ together with the $\hat\epsilon$ implied by
-    it: DDPM's step exactly, DDIM's with ``use_clipped_model_output=True``.
+    The x0 options wrap the score, so the clipped $\hat x_0$ goes with the $\hat\epsilon$ it implies: DDPM's
+    step exactly, and every sdegen method can use them. ``DDIMScheduler``'s step by default pairs the
+    clipped $\hat x_0$ with the model's own $\hat\epsilon$ (``use_clipped_model_output=False``), which no
+    score describes: then the score is left unclipped and the plan clips inside its step
+    ([`ChainStep`][sdegen.solvers.sde_steps.ChainStep]), so the natural call still reproduces the loop;
+    pass ``use_clipped_model_output=True`` for the wrapped score (and diffusers' ``step(...,
+    use_clipped_model_output=True)``).
 
     Args:
         unet: a ``diffusers`` model (``UNet2DModel``, ...) called as above.
@@ -631,6 +638,8 @@ def from_diffusers(unet, scheduler, *, timesteps: str = "continuous", T: float =
         T: end time of the SDE.
         ignore: config field names the caller accepts are not reproduced (e.g. another scheduler
             class's ``solver_order``); the model and its schedule are still wrapped exactly.
+        use_clipped_model_output: ``DDIMScheduler`` with ``clip_sample``/``thresholding`` only: as the
+            argument of the same name of its ``step`` (see above).
 
     Returns:
         ``(sde, score_fn)``: a [`DiscreteVPSDE`][sdegen.adapters.DiscreteVPSDE] with the scheduler's plan,
@@ -649,13 +658,24 @@ def from_diffusers(unet, scheduler, *, timesteps: str = "continuous", T: float =
     prediction = _check_choice(config.get("prediction_type", "epsilon"), "scheduler.config.prediction_type",
                                _PREDICTIONS)
     _check_choice(timesteps, "timesteps", TIMESTEP_MODES)
+    if not isinstance(use_clipped_model_output, bool):
+        raise TypeError(f"use_clipped_model_output must be a bool, got {use_clipped_model_output!r}")
     ab = torch.as_tensor(scheduler.alphas_cumprod).detach().to("cpu", torch.float64)
-    sde = DiscreteVPSDE(alphas_cumprod=ab, T=T, plan=_diffusers_plan(name, scheduler, config, ab.numel(), T))
+    plan = _diffusers_plan(name, scheduler, config, ab.numel(), T)
+    sde = DiscreteVPSDE(alphas_cumprod=ab, T=T, plan=plan)
+    x0_option = None
+    if config.get("thresholding", False):
+        x0_option = ThresholdX0(lambda x, t: x, sde, config.get("dynamic_thresholding_ratio", 0.995),
+                                config.get("sample_max_value", 1.0))
+    elif config.get("clip_sample", False):
+        x0_option = ClipX0(lambda x, t: x, sde, config.get("clip_sample_range", 1.0))
+    if x0_option is not None and name == "DDIMScheduler" and not use_clipped_model_output:
+        # DDIM's default step pairs the transformed x0 with the model's own eps: the plan does that inside
+        # its step; the score stays the model's (no score describes the mixed pair).
+        sde = DiscreteVPSDE(alphas_cumprod=ab, T=T, plan=dataclasses.replace(plan, x0_transform=x0_option.transform))
+        x0_option = None
     score_fn = _DiscreteStepScore(unet, sde, prediction=prediction, timesteps=timesteps, first_step=0,
                                   call=_call_diffusers_unet)
-    if config.get("thresholding", False):
-        score_fn = ThresholdX0(score_fn, sde, config.get("dynamic_thresholding_ratio", 0.995),
-                               config.get("sample_max_value", 1.0))
-    elif config.get("clip_sample", False):
-        score_fn = ClipX0(score_fn, sde, config.get("clip_sample_range", 1.0))
-    return sde, score_fn
+    if x0_option is not None:
+        x0_option.score_fn = score_fn
+    return sde, score_fn if x0_option is None else x0_option

@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from ._utils import check_number, check_positive
+from ._utils import check_positive
 from .sdes import SDE, AffineSDE, VPSDE
 from .grids import get_grid, sampling_start, user_grid
 from .solvers.base import AbstractFixedGridSolver, CountingScore, Dynamics, NonFiniteError, SampleResult, \
@@ -440,7 +440,15 @@ def _check_steps(method: str, spec: MethodSpec, steps) -> int | None:
 
 
 def _check_eps(eps, T: float) -> float:
-    return check_number(eps, "eps", low=0.0, high=T, low_open=True, high_open=True)
+    try:
+        if isinstance(eps, (bool, str)):     # True is not a time, and float("0.01") would hide a typo
+            raise TypeError
+        e = float(eps)
+    except (TypeError, ValueError):
+        raise TypeError(f"eps must be a float in (0, T={T}), got {eps!r}") from None
+    if not 0.0 < e < T:
+        raise ValueError(f"eps must lie in (0, T={T}), got {eps!r}")
+    return e
 
 
 def _check_start(sde: SDE, t_start, strength, x_init, x_T) -> float:

@@ -18,7 +18,7 @@
 * ``em_vs_torchsde``: the native Euler–Maruyama against ``method="torchsde"`` with its Euler solver,
   500 steps on the same grid, a trivial and the oracle score, batch 16 and 4096.
 * ``adapters``: ``dpm_solver`` (100 steps, DDPM linear schedule, N = 1000) on a discrete
-  $\epsilon$-model through ``adapters.from_discrete_eps`` against the same run with a plain score
+  eps-model through ``adapters.from_discrete_eps`` against the same run with a plain score
   function and against ``diffusers``' DPM-Solver++ 2M loop on the same model (when installed): a
   trivial model at batch 16 and an MLP at batch 4096. ``adapter_us_per_call`` is the adapter's own
   cost (adapter run minus plain run, per model call; issue 17's target: at most 20 µs at batch 16);

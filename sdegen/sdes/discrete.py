@@ -17,7 +17,7 @@ import abc
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -59,6 +59,9 @@ class ChainPlan:
             with that method (e.g. ``{"dpm_solver": {"grid": (...), "order": 2, ...}}`` for diffusers'
             DPM-Solver++ 2M); ``sdegen.sample`` applies them when no ``steps=`` is given, below the
             options the caller passes.
+        x0_transform: applied to $\hat x_0$ *inside* the step, $\hat\epsilon$ staying the model's own
+            (``diffusers``' DDIM with ``clip_sample`` and its default ``use_clipped_model_output=False``):
+            ``x0_transform(x0) -> x0``, shapes ``(B, *D)``; ``None`` for none.
 
     Raises:
         ValueError: empty or non-decreasing steps, targets out of range, unknown variance, eta < 0.
@@ -70,6 +73,7 @@ class ChainPlan:
     eta: float = 1.0
     noiseless_step_one: bool = True
     method_options: Mapping[str, Mapping] = field(default_factory=dict, hash=False)
+    x0_transform: Callable | None = field(default=None, hash=False, compare=False)
 
     def __post_init__(self):
         steps, targets = tuple(int(i) for i in self.steps), tuple(int(j) for j in self.targets)
@@ -93,6 +97,8 @@ class ChainPlan:
         if not isinstance(self.method_options, Mapping) or not all(
                 isinstance(k, str) and isinstance(v, Mapping) for k, v in self.method_options.items()):
             raise TypeError(f"method_options must map method names to option dicts, got {self.method_options!r}")
+        if self.x0_transform is not None and not callable(self.x0_transform):
+            raise TypeError(f"x0_transform must be callable x0 -> x0, got {type(self.x0_transform).__name__}")
         object.__setattr__(self, "method_options", MappingProxyType(
             {k: MappingProxyType(dict(v)) for k, v in self.method_options.items()}))
 

@@ -23,7 +23,8 @@ from ..sdes import AffineSDE
 from ..sdes.discrete import AbstractChainSDE, ChainPlan
 from .base import AbstractFixedGridSolver, Dynamics
 
-__all__ = ["EulerMaruyama", "ReverseDiffusion", "Ancestral", "ancestral_table", "ddpm_ancestral_table", "chain_table",
+__all__ = ["EulerMaruyama", "ReverseDiffusion", "Ancestral", "ChainStep", "ancestral_table", "ddpm_ancestral_table",
+           "chain_table",
            "linear_update"]
 
 
@@ -195,6 +196,63 @@ def chain_table(sde: AbstractChainSDE, plan: ChainPlan, eta: float, times: Tenso
     dt = (t[1:] - t[:-1]).abs()
     c = torch.where(v > 0, (v / torch.where(dt > 0, dt, torch.ones_like(dt))).sqrt(), torch.zeros_like(v))
     return torch.stack([a, b, c], dim=1)
+
+
+def _chain_split(sde: AbstractChainSDE, plan: ChainPlan, eta: float, times: Tensor) -> Tensor:
+    r"""``(K, 5)`` float64 columns $(1/m_i,\ s_i^2,\ \sqrt{\bar\alpha_j},\ \sqrt{1 - \bar\alpha_j - \sigma^2}\,s_i,\ c)$:
+    the plan's step with $\hat x_0$ and $\hat\epsilon$ kept apart (see [`ChainStep`][sdegen.solvers.sde_steps.ChainStep])."""
+    ab = sde.alpha_bar.to("cpu", torch.float64)
+    i, j = torch.tensor(plan.steps), torch.tensor(plan.targets)
+    ab_i, ab_j = ab[i], ab[j]
+    beta_ij = -torch.expm1(ab_i.log() - ab_j.log())
+    sigma2 = eta ** 2 * (1 - ab_j) / (1 - ab_i) * beta_ij
+    s2_i = 1 - ab_i
+    direction = (1 - ab_j - sigma2).clamp_min(0).sqrt() * s2_i.sqrt()
+    c = chain_table(sde, plan, eta, times)[:, 2]
+    return torch.stack([ab_i.rsqrt(), s2_i, ab_j.sqrt(), direction, c], dim=1)
+
+
+@dataclass(frozen=True, eq=False)
+class ChainStep(AbstractFixedGridSolver):
+    r"""A [`ChainPlan`][sdegen.sdes.discrete.ChainPlan] step with a transform of $\hat x_0$ inside it.
+
+    With $S$ the score at $t_i$: $\hat x_0 = \phi((x + s_i^2 S)/m_i)$ and $\hat\epsilon = -s_i S$ (the
+    model's own, *not* recomputed from $\phi(\hat x_0)$), then
+    $x_j = \sqrt{\bar\alpha_j}\,\hat x_0 + \sqrt{1 - \bar\alpha_j - \sigma^2}\,\hat\epsilon + \sqrt v\,z$
+    (``diffusers``' DDIM step with ``clip_sample`` and ``use_clipped_model_output=False``). First order;
+    one score evaluation per step. Without a transform it is [`Ancestral`][sdegen.solvers.sde_steps.Ancestral]
+    on [`chain_table`][sdegen.solvers.sde_steps.chain_table].
+
+    Args:
+        table: ``(K, 5)`` float64 from the plan (``ChainStep.from_plan``).
+        x0_transform: $\phi$, ``(B, *D) -> (B, *D)``.
+    """
+
+    table: Tensor = field(repr=False)
+    x0_transform: Any = None
+    order: ClassVar[float] = 1.0
+    stochastic: ClassVar[bool] = True
+    evals_per_step: ClassVar[int] = 1
+
+    @classmethod
+    def from_plan(cls, sde: AbstractChainSDE, plan: ChainPlan, eta: float, times: Tensor) -> "ChainStep":
+        """The plan's steps on ``times`` with its ``x0_transform``."""
+        return cls(_chain_split(sde, plan, eta, times), plan.x0_transform)
+
+    def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
+        return 0, _as_rows(*self.table.unbind(1))
+
+    def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
+        k, rows = state
+        inv_m, s2, m_j, direction, c = rows[k]
+        score = dyn.score(x, t0)
+        x0 = torch.add(x, score, alpha=s2).mul_(inv_m)
+        if self.x0_transform is not None:
+            x0 = self.x0_transform(x0)
+        out = torch.add(x0 * m_j, score, alpha=-direction)     # eps_hat = -s_i S, so direction * eps = -d' S
+        if dw is not None and c != 0.0:
+            out = out.add_(dw, alpha=c)
+        return out, (k + 1, rows)
 
 
 @dataclass(frozen=True, eq=False)
