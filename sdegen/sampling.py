@@ -603,7 +603,10 @@ def sample(sde: SDE, score_fn: Callable[..., Tensor], shape, *, method: str, ste
     * ``"euler_maruyama"``: $x \leftarrow x + [f - g^2 s]\Delta t + g\,\Delta w$ ([`EulerMaruyama`][sdegen.sampling.EulerMaruyama]).
     * ``"reverse_diffusion"``: $x \leftarrow x - f_i + G_i^2 s + G_i z$ ([`ReverseDiffusion`][sdegen.sampling.ReverseDiffusion]).
     * ``"ancestral"``: posterior sampling; for [`VPSDE`][sdegen.VPSDE] exactly the DDPM chain of
-      ``sde.discretize(steps)`` on $t_i = iT/N$ (``eps`` ignored, no denoising); VE: SMLD.
+      ``sde.discretize(steps)`` on $t_i = iT/N$ (``eps`` ignored, no denoising); VE: SMLD. On an SDE that
+      carries a discrete chain (``adapters.DiscreteVPSDE``, e.g. from ``adapters.from_diffusers``) and
+      without ``steps=``: the chain's own plan (the scheduler's steps, variance and final step, no
+      denoising), with ``eta=`` as for DDIM ($\eta = 0$ DDIM, $\eta = 1$ the posterior).
     * ``"pc"``: ``predictor=`` one of ``"reverse_diffusion"`` (default), ``"euler_maruyama"``,
       ``"ancestral"``, ``"ode_euler"``, ``"ode_heun"``; ``corrector="langevin"`` (default),
       ``"annealed_langevin"`` or ``None``; ``snr=0.16``; ``corrector_steps=1``.
