@@ -564,8 +564,8 @@ def _check_given_state(x: Tensor, name: str, shape, device, dtype) -> Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{name}: dtype must be torch.float32 or torch.float64, got {x.dtype}")
-    if x.ndim < 2:
-        raise ValueError(f"{name} must have shape (B, *D) with a batch dimension, got {tuple(x.shape)}")
+    if x.ndim < 1 or x.shape[0] < 1:
+        raise ValueError(f"{name} must have shape (B, *D) with B >= 1, got {tuple(x.shape)}")
     if shape is not None and tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)} (the shape argument), got {tuple(x.shape)}")
     if device is not None and x.device != torch.device(device) and not (
@@ -671,9 +671,15 @@ def sample(sde: SDE, score_fn: Callable[..., Tensor], shape, *, method: str, ste
         (``[(t, x), ...]`` or ``None``), ``times`` (float64 grid visited) and ``stats``.
 
     Raises:
-        ValueError: unknown method, bad ``steps``/``eps``/shapes, a score output shaped unlike ``x``.
-        TypeError: unknown option, unsupported dtype, ``denoise=True`` without a Gaussian kernel.
-        NonFiniteError: the state became NaN/inf (names the step and ``t``).
+        ValueError: unknown method, bad ``steps``/``eps``/shapes, a score output shaped unlike ``x``,
+            NaN/inf in ``x_T`` or ``x_init``, a bad user grid (not 1-D, not strictly decreasing, not
+            starting at ``t_start``, or contradicting ``steps=``/``eps=``), bad ``t_start``/``strength``.
+        TypeError: unknown option (also of the torchdiffeq/scipy/torchsde backends), unsupported
+            dtype, a score output with another dtype or device than ``x``, ``denoise=True`` without a
+            Gaussian kernel.
+        RuntimeError: the score function modified its input ``x`` in place.
+        NonFiniteError: the state became NaN/inf (names the sample, the step and ``t``; ``x`` is the
+            last good state).
     """
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be an sdegen.SDE, got {type(sde).__name__}")

@@ -216,11 +216,11 @@ def adaptive_sde_integrate(
         # A non-finite proposal is rejected like any other (and shrinks the step by min_factor; a NaN
         # factor would make NaN times); if it stays non-finite while the step shrinks, the score itself
         # is NaN/inf there: stop with the sample and time instead of crawling on.
-        nonfinite = ~torch.isfinite(err)
-        # Next step: the classical controller, bounded; after a rejection it never grows.
+        finite = torch.isfinite(err)
+        # Next step: the classical controller, bounded; after a rejection it never grows (err = inf
+        # gives min_factor; NaN is mapped to it too).
         fac = (opts.safety * err.clamp_min(1e-10).pow(-opts.exponent)).clamp(opts.min_factor, opts.max_factor)
-        fac = torch.where(ok, fac, fac.clamp_max(opts.safety))
-        fac = torch.where(nonfinite, torch.full_like(fac, opts.min_factor), fac)
+        fac = torch.where(ok, fac, fac.clamp_max(opts.safety)).nan_to_num_(nan=opts.min_factor)
         t_new = torch.where(ok, t1, ta)
         h_new = torch.minimum(ha * fac, t_new - t_end)
         x_new = torch.where(append_dims(ok, nd), x_ie, xa)
@@ -231,14 +231,15 @@ def adaptive_sde_integrate(
             x, t, h = x.index_copy(0, idx, x_new), t.index_copy(0, idx, t_new), h.index_copy(0, idx, h_new)
         running = t - t_end > tiny
         # The single host read of this attempt: every count and flag the control flow needs.
-        flags = torch.stack([ok.sum().to(t.dtype), nonfinite.sum().to(t.dtype), running.sum().to(t.dtype),
-                             (running & (h < opts.h_min)).any().to(t.dtype), t[0]]).tolist()
-        n_ok, n_bad, n_run = int(flags[0]), int(flags[1]), int(flags[2])
+        counts = torch.stack([ok.sum(), finite.sum(), running.sum(), (h < opts.h_min).logical_and_(running).sum()])
+        flags = torch.cat([counts.to(t.dtype), t[:1]]).tolist()
+        n_ok, n_bad, n_run = int(flags[0]), ok.numel() - int(flags[1]), int(flags[2])
         if n_bad:
             bad_streak += 1
             if bad_streak >= 3:
                 # Error path only. Batched mode spreads one error norm over the batch: the sample is
                 # the first whose own error sum is non-finite.
+                nonfinite = ~finite
                 own = nonfinite & ~torch.isfinite(err2)
                 j = int(torch.nonzero(own if bool(own.any()) else nonfinite)[0])
                 i = j if idx is None else int(idx[j])

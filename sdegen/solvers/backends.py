@@ -130,8 +130,12 @@ def _finite(out: Tensor, t, backend: str, calls: int) -> Tensor:
     """
     if not bool(torch.isfinite(out).all()):
         tv = float(t) if not isinstance(t, Tensor) else float(t.reshape(-1)[0])
-        raise NonFiniteError(f"{backend}: the right-hand side became non-finite at evaluation {calls} "
-                             f"(t={tv:.6g}); the score function likely returned NaN/inf there", step=calls, t=tv)
+        # Error path only. The backends do not expose their last accepted state: x is None (the
+        # docstring's "none available"); step counts right-hand-side evaluations here.
+        i = int(torch.nonzero(~torch.isfinite(out.reshape(out.shape[0], -1)).all(1))[0]) if out.ndim else None
+        raise NonFiniteError(f"{backend}: the right-hand side became non-finite for sample {i} at evaluation "
+                             f"{calls} (t={tv:.6g}); the score function likely returned NaN/inf there", step=calls,
+                             t=tv, sample=i)
     return out
 
 

@@ -57,7 +57,9 @@ class NonFiniteError(FloatingPointError):
     Attributes:
         step: index of the first bad step (0 = the step leaving the start time), or ``None``.
         t: forward time at the start of that step (the solver runs from ``T`` down to ``eps``).
-        sample: index in the batch of the first sample that went bad, or ``None`` where unknown.
+        sample: index in the batch of a sample that went bad (the first non-finite one when the error
+            was detected; for the fixed-grid loop that is at the end of the checked block), or ``None``
+            where unknown.
         x: the last good state, ``(B, *D)`` with every entry finite (or ``None`` where none exists):
             the state the failing step started from. Adaptive solvers check every step, so it is the
             state at ``t`` (per-sample ``rk45``: each sample at its own time). The fixed-grid loop
@@ -267,21 +269,21 @@ def integrate_fixed_grid(
                 z = noise(i) if callable(noise) else noise[i]
             dw = z * scales[i]
         x, state = solver.step(dyn, x, tvecs[i], tvecs[i + 1], state, dw)
-        # One (B,) flag per step, on the device: a block check then names the step and the sample.
-        pending.append(torch.isfinite(x).reshape(B, -1).all(1))
+        pending.append(torch.isfinite(x).all())
         if (i + 1) % check_every == 0 or i == n - 1:
             ok = torch.stack(pending)
             if not bool(ok.all()):
-                # Error path only: the reads below are no longer on the hot loop.
-                step_k, sample_k = (int(v) for v in torch.nonzero(~ok)[0])
-                bad = last_checked + step_k
+                # Error path only: the reads below are no longer on the hot loop. NaN/inf never turns
+                # finite again under a step's arithmetic, so a sample bad at step `bad` is still bad now.
+                bad = last_checked + int(torch.nonzero(~ok)[0])
+                sample_k = int(torch.nonzero(~torch.isfinite(x).reshape(B, -1).all(1))[0])
                 if not bool(torch.isfinite(x_start).all()):
                     raise ValueError("the start state x contains NaN/inf (sample "
                                      f"{int(torch.nonzero(~torch.isfinite(x_start).reshape(B, -1).all(1))[0])}); "
                                      "the input is bad, not the score")
                 raise NonFiniteError(
                     f"sampling state became non-finite at step {bad} (t={t_list[bad]:.6g} -> "
-                    f"{t_list[bad + 1]:.6g}), first in sample {sample_k}; the score function likely returned "
+                    f"{t_list[bad + 1]:.6g}), sample {sample_k} non-finite; the score function likely returned "
                     "NaN/inf there", step=bad, t=t_list[bad], x=last_good, sample=sample_k,
                     x_t=t_list[last_checked])
             last_good, last_checked, pending = x, i + 1, []
