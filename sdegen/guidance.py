@@ -43,6 +43,14 @@ class _ClassifierFree:
         else:
             s_cond = self.score_fn(x, t, **model_kwargs)
             s_null = self.score_fn(x, t, **uncond_kwargs)
+        if x.requires_grad and torch.is_grad_enabled():
+            # Differentiated in x (log_likelihood): one branch cut from the graph would silently drop
+            # its Jacobian while the other keeps the result differentiable.
+            for name, part, weight in (("conditional", s_cond, self.scale), ("unconditional", s_null, 1 - self.scale)):
+                if weight != 0 and isinstance(part, Tensor) and not part.requires_grad:
+                    raise ValueError(f"the {name} score of classifier-free guidance does not depend on x through "
+                                     f"autograd (computed under torch.no_grad(), from x.detach(), or through numpy) "
+                                     f"while the guided score is being differentiated in x (e.g. by log_likelihood)")
         return s_null + self.scale * (s_cond - s_null)
 
     def _both(self, x: Tensor, t: Tensor, cond: dict, null: dict) -> tuple[Tensor, Tensor]:

@@ -221,3 +221,26 @@ def test_classifier_grad_refuses_a_log_prob_cut_from_x():
     x = torch.zeros(2, 2, dtype=F64)
     with pytest.raises(ValueError, match=r"log_prob\(x, t\) does not depend on x through autograd.*numpy"):
         grad(x, torch.full((2,), 0.5, dtype=F64), y=torch.zeros(2, dtype=torch.long))
+
+
+def test_classifier_free_branch_cut_from_autograd_is_refused_by_log_likelihood():
+    # The null branch alone computed under no_grad: the guided score still requires grad through the
+    # conditional branch, so only the per-branch check can see that the null branch's Jacobian is lost.
+    sde = sdegen.VPSDE()
+    cs = CondScore(sde)
+
+    def score(x, t, y=None):
+        if y is None:
+            with torch.no_grad():
+                return cs(x, t)
+        return cs(x, t, y=y)
+
+    x = cs.subs[0].sample(3, generator=torch.Generator().manual_seed(4))
+    y = torch.zeros(3, dtype=torch.long)
+    guided = classifier_free(score, 2.0, {"y": None})
+    with pytest.raises(ValueError, match=r"the unconditional score of classifier-free guidance does not depend on x"):
+        sdegen.log_likelihood(sde, guided, x, model_kwargs={"y": y})
+    # With scale 1 the null branch has weight 0 and is not needed: the exact conditional log p results.
+    res = sdegen.log_likelihood(sde, classifier_free(score, 1.0, {"y": None}), x, rtol=1e-6, atol=1e-6, eps=1e-5,
+                                prior=lambda z: cs.subs[0].log_prob_t(z, sde.T, sde), model_kwargs={"y": y})
+    assert (res.log_prob - _class_log_prob(cs, x, 0)).abs().max() < 1e-3
