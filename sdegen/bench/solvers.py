@@ -225,6 +225,7 @@ def _overhead(batch: int, nfe_steps: int = 20, repeats: int = 7) -> dict:
     out = {}
     # Every native solver: fixed-grid ones at `nfe_steps` steps, adaptive ones at a tolerance.
     cases = {"ode_euler": {}, "ode_heun": {}, "heun_karras": {}, "dpm_solver": {},
+             "unipc": {}, "deis": {}, "pndm": {"warmup": "heun"}, "ipndm": {}, "lms": {},
              "euler_maruyama": {"denoise": False}, "reverse_diffusion": {"denoise": False},
              "ancestral": {"steps": 40}, "pc": {"denoise": False, "corrector": "annealed_langevin"},
              "sde_dpm_solver": {"denoise": False}, "euler_ancestral": {"denoise": False}, "dpm2": {},
@@ -311,7 +312,9 @@ def _plots(result, out_dir: pathlib.Path) -> list[pathlib.Path]:
 _OVERHEAD_OF = {"ode_euler": "ode_euler", "ode_heun": "ode_heun", "heun_karras": "heun_karras", "rk45": "rk45",
                 "adaptive_sde": "adaptive_sde", "ddpm_ancestral": "ancestral",
                 "ode_heun (quadratic)": "ode_heun", "ode_euler (quadratic)": "ode_euler",
-                "dpm_solver-2": "dpm_solver", "dpm_solver-3": "dpm_solver", "euler_maruyama": "euler_maruyama"}
+                "dpm_solver-2": "dpm_solver", "dpm_solver-3": "dpm_solver", "euler_maruyama": "euler_maruyama",
+                "dpm_solver-2 midpoint": "dpm_solver", "unipc-2": "unipc", "unipc-3": "unipc", "deis-3": "deis",
+                "plms (pndm, heun start)": "pndm", "ipndm": "ipndm", "lms-4": "lms"}
 
 
 def _row_line(r, floor, overhead) -> str:

@@ -88,7 +88,8 @@ class DEIS(AbstractFixedGridSolver):
             raise ValueError(f"n_steps must be a positive int or None, got {self.n_steps!r}")
 
     def tabulated(self, sde, times: Tensor) -> "DEIS":
-        r"""This solver with row $i$ = ``(-s_i, m_{i+1}/m_i, [m_{i+1} C_{ij}]_j)`` computed in float64."""
+        r"""This solver with row $i$ = ``(m_{i+1}/m_i, [-s_{i-j} m_{i+1} C_{ij}]_j)`` computed in float64 (the
+        weights act on the stored scores, $\hat\epsilon_j = -s_j\nabla\log p$)."""
         t = times.detach().to("cpu", torch.float64)
         m, s = (v.tolist() for v in sde.marginal(t))
         n = len(m) - 1
@@ -101,7 +102,8 @@ class DEIS(AbstractFixedGridSolver):
             v = [logsig[i - j] - logsig[i] for j in range(k)]
             C = _exp_lagrange_integrals(v, logsig[i + 1] - logsig[i])
             sig_i = s[i] / m[i]
-            rows.append((-s[i], m[i + 1] / m[i], [m[i + 1] * sig_i * c for c in C]))
+            # weights on the stored scores: eps_hat_j = -s_j * score_j folded in
+            rows.append((m[i + 1] / m[i], [-s[i - j] * m[i + 1] * sig_i * c for j, c in enumerate(C)]))
         return dataclasses.replace(self, n_steps=n if self.n_steps is None else self.n_steps, table=tuple(rows))
 
     def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
@@ -112,9 +114,8 @@ class DEIS(AbstractFixedGridSolver):
             dyn.affine  # a non-affine SDE: the "needs an AffineSDE" error
             raise ValueError("DEIS steps with per-grid coefficients: build it with solver.tabulated(sde, times)")
         i = state["i"]
-        neg_s, lin, w = self.table[i]
-        eps_hat = dyn.score(x, t0) * neg_s
-        hist = (state["hist"] + [eps_hat])[-self.order:]
+        lin, w = self.table[i]
+        hist = (state["hist"] + [dyn.score(x, t0)])[-self.order:]   # scores; -s_j is in the weights
         x_new = x * lin
         for wj, ej in zip(w, reversed(hist)):
             x_new.add_(ej, alpha=wj)

@@ -86,15 +86,19 @@ class PNDM(AbstractFixedGridSolver):
         return {"prk": 4.0, "heun": 3.0, "ab": 2.0}[self.warmup]
 
     def tabulated(self, sde, times: Tensor) -> "PNDM":
-        r"""Per step ``(-s_a, r, c, -s_mid, r_h, c_h, -s_b)``: $\phi(x, \epsilon) = r x + c\epsilon$ to $t_b$ and to
-        the midpoint $(t_a + t_b)/2$ (PRK), with $r = m_b/m_a$, $c = s_b - m_b s_a/m_a$."""
+        r"""Per step ``(-s_a, r, c, -s_mid, r_h, c_h, -s_b, w)``: $\phi(x, \epsilon) = r x + c\epsilon$ to $t_b$ and
+        to the midpoint $(t_a + t_b)/2$ (PRK), with $r = m_b/m_a$, $c = s_b - m_b s_a/m_a$; and the
+        Adams-Bashforth weights $w_j = c\,b_j\,(-s_{a-j})$ on the stored scores (newest first)."""
         t = times.detach().to("cpu", torch.float64)
         tm = 0.5 * (t[:-1] + t[1:])
         m, s = (v.tolist() for v in sde.marginal(t))
         mh, sh = (v.tolist() for v in sde.marginal(tm))
-        rows = tuple((-s[i], m[i + 1] / m[i], s[i + 1] - m[i + 1] * s[i] / m[i], -sh[i], mh[i] / m[i],
-                      sh[i] - mh[i] * s[i] / m[i], -s[i + 1]) for i in range(len(m) - 1))
-        return dataclasses.replace(self, table=rows)
+        rows = []
+        for i in range(len(m) - 1):
+            c = s[i + 1] - m[i + 1] * s[i] / m[i]
+            w = [c * b * -s[i - j] for j, b in enumerate(_AB[min(i + 1, 4) - 1])]
+            rows.append((-s[i], m[i + 1] / m[i], c, -sh[i], mh[i] / m[i], sh[i] - mh[i] * s[i] / m[i], -s[i + 1], w))
+        return dataclasses.replace(self, table=tuple(rows))
 
     def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
         return {"i": 0, "hist": []}
@@ -102,25 +106,25 @@ class PNDM(AbstractFixedGridSolver):
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
         _require_table(self, dyn)
         i = state["i"]
-        neg_s, r, c, neg_sh, rh, ch, neg_s1 = self.table[i]
-        e0 = dyn.score(x, t0) * neg_s
-        hist = (state["hist"] + [e0])[-4:]
+        neg_s, r, c, neg_sh, rh, ch, neg_s1, w = self.table[i]
+        score = dyn.score(x, t0)
+        hist = (state["hist"] + [score])[-4:]      # scores; the AB weights carry -s_j
         if i < 3 and self.warmup == "prk":
             # Liu et al. 2022, eq. 13: RK4 weights on the transfer, midpoints at (t0 + t1)/2.
             tm = 0.5 * (t0 + t1)
+            e0 = score * neg_s
             e1 = dyn.score(torch.add(x * rh, e0, alpha=ch), tm) * neg_sh
             e2 = dyn.score(torch.add(x * rh, e1, alpha=ch), tm) * neg_sh
             e3 = dyn.score(torch.add(x * r, e2, alpha=c), t1) * neg_s1
-            e = (e0 + 2 * e1 + 2 * e2 + e3) / 6
-        elif i == 0 and self.warmup == "heun":
+            return torch.add(x * r, (e0 + 2 * e1 + 2 * e2 + e3) / 6, alpha=c), {"i": i + 1, "hist": hist}
+        if i == 0 and self.warmup == "heun":
+            e0 = score * neg_s
             e1 = dyn.score(torch.add(x * r, e0, alpha=c), t1) * neg_s1
-            e = 0.5 * (e0 + e1)
-        else:
-            w = _AB[len(hist) - 1]
-            e = hist[-1] * w[0]
-            for wj, ej in zip(w[1:], reversed(hist[:-1])):
-                e.add_(ej, alpha=wj)
-        return torch.add(x * r, e, alpha=c), {"i": i + 1, "hist": hist}
+            return torch.add(x * r, e0 + e1, alpha=0.5 * c), {"i": i + 1, "hist": hist}
+        x_new = x * r
+        for wj, sj in zip(w, reversed(hist)):
+            x_new.add_(sj, alpha=wj)
+        return x_new, {"i": i + 1, "hist": hist}
 
 
 def _basis(w: list[float], j: int) -> list[float]:
@@ -175,7 +179,7 @@ class LMS(AbstractFixedGridSolver):
         return float(min(self.lms_order, 2))
 
     def tabulated(self, sde, times: Tensor) -> "LMS":
-        r"""Row $i$: ``(-s_i, m_{i+1}/m_i, [m_{i+1} C_{ij}]_j)`` in float64."""
+        r"""Row $i$: ``(m_{i+1}/m_i, [-s_{i-j} m_{i+1} C_{ij}]_j)`` in float64 (weights on the stored scores)."""
         t = times.detach().to("cpu", torch.float64)
         m, s = (v.tolist() for v in sde.marginal(t))
         sig = [si / mi for mi, si in zip(m, s)]
@@ -183,7 +187,7 @@ class LMS(AbstractFixedGridSolver):
         for i in range(len(m) - 1):
             k = min(self.lms_order, i + 1)
             C = _lagrange_integrals([sig[i - j] for j in range(k)], sig[i], sig[i + 1])
-            rows.append((-s[i], m[i + 1] / m[i], [m[i + 1] * cj for cj in C]))
+            rows.append((m[i + 1] / m[i], [-s[i - j] * m[i + 1] * cj for j, cj in enumerate(C)]))
         return dataclasses.replace(self, table=tuple(rows))
 
     def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
@@ -192,8 +196,8 @@ class LMS(AbstractFixedGridSolver):
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
         _require_table(self, dyn)
         i = state["i"]
-        neg_s, lin, w = self.table[i]
-        hist = (state["hist"] + [dyn.score(x, t0) * neg_s])[-self.lms_order:]
+        lin, w = self.table[i]
+        hist = (state["hist"] + [dyn.score(x, t0)])[-self.lms_order:]   # scores; -s_j is in the weights
         x_new = x * lin
         for wj, ej in zip(w, reversed(hist)):
             x_new.add_(ej, alpha=wj)

@@ -35,7 +35,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -61,6 +60,24 @@ def _b_vector(hh: float, p: int, variant: str) -> tuple[float, float, list[float
     return phi1, B, b
 
 
+def _solve(A: list[list[float]], b: list[float]) -> list[float]:
+    """Solve the small (n <= 3) system ``A x = b`` by Gaussian elimination with partial pivoting, in
+    Python floats (NumPy's call overhead was most of the per-grid tabulation time)."""
+    n = len(b)
+    M = [row[:] + [bi] for row, bi in zip(A, b)]
+    for c in range(n):
+        piv = max(range(c, n), key=lambda k: abs(M[k][c]))
+        M[c], M[piv] = M[piv], M[c]
+        for k in range(c + 1, n):
+            f = M[k][c] / M[c][c]
+            for j in range(c, n + 1):
+                M[k][j] -= f * M[c][j]
+    x = [0.0] * n
+    for c in range(n - 1, -1, -1):
+        x[c] = (M[c][n] - sum(M[c][j] * x[j] for j in range(c + 1, n))) / M[c][c]
+    return x
+
+
 def _weights(lam: list[float], a: int, p: int, hh: float, variant: str, corrector: bool) -> tuple[list[float], float]:
     r"""Weights of $y_a, y_{a-1}, \dots, y_{a-p+1}$ (and of $y_b$ for the corrector) in the bracket
     $[\cdot]$ of the update, for the step $a \to a + 1$ of order $p$ (before the factor $o$)."""
@@ -71,15 +88,13 @@ def _weights(lam: list[float], a: int, p: int, hh: float, variant: str, correcto
         if p == 1:
             rho = [0.5]
         else:
-            R = np.array([[rk ** q for rk in r + [1.0]] for q in range(p)])
-            rho = np.linalg.solve(R, np.array(b[:p])).tolist()
+            rho = _solve([[rk ** q for rk in r + [1.0]] for q in range(p)], b[:p])
     elif p == 1:
         rho = []
     elif p == 2:
         rho = [0.5]
     else:
-        R = np.array([[rk ** q for rk in r] for q in range(p - 1)])
-        rho = np.linalg.solve(R, np.array(b[:p - 1])).tolist()
+        rho = _solve([[rk ** q for rk in r] for q in range(p - 1)], b[:p - 1])
     w = [phi1] + [0.0] * (p - 1)
     for k in range(1, p):
         w[k] += B * rho[k - 1] / r[k - 1]
@@ -91,17 +106,15 @@ def _weights(lam: list[float], a: int, p: int, hh: float, variant: str, correcto
     return w, w_new
 
 
-def _prediction_table(m: list[float], s: list[float], prediction: str) -> tuple:
-    r"""Per grid point ``(a, b)`` with $y = a x + b \nabla\log p$: Tweedie's $\hat x_0 = (x + s^2\nabla\log p)/m$
-    (``"data"``) or $\hat\epsilon = -s\nabla\log p$ (``"noise"``)."""
+def _stored(m: list[float], s: list[float], prediction: str) -> tuple[tuple[float, ...] | None, list[float]]:
+    r"""What a step stores per grid point and the factor that turns it into the prediction $y$.
+
+    Data: $z = x + s^2\nabla\log p$ and $y = z/m$ (Tweedie); noise: $z = \nabla\log p$ and $y = -s z$.
+    The factors are folded into the tabulated weights, so a step converts with one kernel (data) or
+    none (noise). Returns ``(s^2 per point or None, factor per point)``."""
     if prediction == "data":
-        return tuple((1.0 / mi, si * si / mi) for mi, si in zip(m, s))
-    return tuple((0.0, -si) for si in s)
-
-
-def _prediction(x: Tensor, score: Tensor, a: float, b: float) -> Tensor:
-    """``a x + b score`` with host-float ``a, b`` (one or two kernels)."""
-    return score * b if a == 0.0 else torch.add(x, score, alpha=b / a).mul_(a)
+        return tuple(si * si for si in s), [1.0 / mi for mi in m]
+    return None, [-si for si in s]
 
 
 @dataclass(frozen=True)
@@ -117,8 +130,9 @@ class UniPC(AbstractFixedGridSolver):
     Equals diffusers' ``UniPCMultistepScheduler`` (``solver_order=order``, ``predict_x0``,
     ``solver_type=variant``, ``lower_order_final``) on the same grid.
 
-    The ``state`` is ``{"i", "hist", "last"}``: the step index, the last ``order`` predictions and the
-    corrected state $x_{i-1}^c$ the corrector restarts from.
+    The ``state`` is ``{"i", "hist"}``: the step index and the last ``order + 1`` stored predictions.
+    The corrected state is never formed: it is folded into the next prediction (``_fold_corrector``),
+    the same update in one linear combination.
 
     Args:
         order: the UniP order $p$: 1, 2 or 3 (diffusers' ``solver_order``).
@@ -137,6 +151,7 @@ class UniPC(AbstractFixedGridSolver):
     n_steps: int | None = None
     lower_order_final: bool = True
     table: tuple | None = field(default=None, repr=False)
+    #: $s_i^2$ per grid point for the data prediction (``None``: noise prediction), from :meth:`tabulated`.
     table_y: tuple | None = field(default=None, repr=False)
 
     stochastic: ClassVar[bool] = False
@@ -170,14 +185,15 @@ class UniPC(AbstractFixedGridSolver):
     def tabulated(self, sde, times: Tensor) -> "UniPC":
         r"""This solver with every step's weights computed once in float64 on the host.
 
-        Row $i$: ``(lin, out, wp, lin_c, out_c, wc, wc_new)``: predictor $x_{i+1} = \ell x + o\sum_j
-        w^p_j y_{i-j}$ and corrector $x^c_i = \ell_c x^c_{i-1} + o_c(\sum_j w^c_j y_{i-1-j} + w^c_\text{new} y_i)$
-        (``None`` where no corrector applies)."""
+        First per step the predictor $x_{i+1} = \ell x^c_i + o\sum_j w^p_j y_{i-j}$ and the corrector
+        $x^c_i = \ell_c x^c_{i-1} + o_c(\sum_j w^c_j y_{i-1-j} + w^c_\text{new} y_i)$, with the factors of
+        $y = f z$ folded in; then ``_fold_corrector`` merges them into row $i$ = ``(alpha, [W_j])``."""
         t = times.detach().to("cpu", torch.float64)
         m, s = (v.tolist() for v in sde.marginal(t))
         n = len(m) - 1
         lam = [math.log(mi / si) for mi, si in zip(m, s)]
         data = self.prediction == "data"
+        s2, f = _stored(m, s, self.prediction)
         ks = self._orders(n)
         rows = []
         for i in range(n):
@@ -185,6 +201,7 @@ class UniPC(AbstractFixedGridSolver):
             hh = -h if data else h
             lin, out = (s[i + 1] / s[i], -m[i + 1]) if data else (m[i + 1] / m[i], -s[i + 1])
             wp, _ = _weights(lam, i, ks[i], hh, self.variant, False)
+            wp = [out * w * f[i - k] for k, w in enumerate(wp)]
             corr = None
             if self.corrector and i > 0:
                 a = i - 1
@@ -192,33 +209,53 @@ class UniPC(AbstractFixedGridSolver):
                 hhc = -hc if data else hc
                 lin_c, out_c = (s[i] / s[a], -m[i]) if data else (m[i] / m[a], -s[i])
                 wc, wc_new = _weights(lam, a, ks[a], hhc, self.variant, True)
-                corr = (lin_c, [out_c * w for w in wc], out_c * wc_new)
-            rows.append((lin, [out * w for w in wp], corr))
-        return dataclasses.replace(self, n_steps=n if self.n_steps is None else self.n_steps, table=tuple(rows),
-                                   table_y=_prediction_table(m, s, self.prediction))
+                corr = (lin_c, [out_c * w * f[a - k] for k, w in enumerate(wc)], out_c * wc_new * f[i])
+            rows.append((lin, wp, corr))
+        return dataclasses.replace(self, n_steps=n if self.n_steps is None else self.n_steps,
+                                   table=_fold_corrector(rows), table_y=s2)
 
     def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
-        return {"i": 0, "hist": [], "last": None}
+        return {"i": 0, "hist": []}
 
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
         if self.table is None:
             dyn.affine  # a non-affine SDE: the "needs an AffineSDE" error
             raise ValueError("UniPC steps with per-grid coefficients: build it with solver.tabulated(sde, times)")
         i = state["i"]
-        lin, wp, corr = self.table[i]
-        y = _prediction(x, dyn.score(x, t0), *self.table_y[i])
-        hist = state["hist"]
+        alpha, w = self.table[i]
+        score = dyn.score(x, t0)
+        # the stored z (the prediction up to a per-point factor folded into the weights)
+        z = score if self.table_y is None else torch.add(x, score, alpha=self.table_y[i])
+        hist = (state["hist"] + [z])[-(self.order + 1):]
+        x_new = x * alpha
+        for wj, zj in zip(w, reversed(hist)):
+            x_new.add_(zj, alpha=wj)
+        return x_new, {"i": i + 1, "hist": hist}
+
+
+def _fold_corrector(rows: list) -> tuple:
+    r"""Fold UniC into the next prediction: per step ``(alpha, [W_j])`` with $x_{i+1} = \alpha x_i + \sum_j W_j z_{i-j}$.
+
+    With the predictor $x_{i+1} = \ell_i x^c_i + P_i(z)$ and the corrector $x^c_i = \ell^c_i x^c_{i-1} + C_i(z)$,
+    the corrected state is $x^c_{i-1} = (x_i - P_{i-1}(z))/\ell_{i-1}$, so
+    $x_{i+1} = \ell_i r x_i + \ell_i[C_i - r P_{i-1}] + P_i$ with $r = \ell^c_i/\ell_{i-1}$: the same update
+    (algebraically) in one linear combination, without storing $x^c$ (5 kernels a step at order 2, not 8)."""
+    out = []
+    for i, (lin, wp, corr) in enumerate(rows):
+        W = dict(enumerate(wp))                                   # j -> weight on z_{i-j}
+        alpha = lin
         if corr is not None:
             lin_c, wc, wc_new = corr
-            x = state["last"] * lin_c
-            x.add_(y, alpha=wc_new)
-            for wj, yj in zip(wc, reversed(hist)):
-                x.add_(yj, alpha=wj)
-        hist = (hist + [y])[-self.order:]
-        x_new = x * lin
-        for wj, yj in zip(wp, reversed(hist)):
-            x_new.add_(yj, alpha=wj)
-        return x_new, {"i": i + 1, "hist": hist, "last": x}
+            lin_prev, wp_prev, _ = rows[i - 1]
+            r = lin_c / lin_prev
+            alpha = lin * r
+            C = {0: wc_new, **{k + 1: v for k, v in enumerate(wc)}}
+            for k, v in enumerate(wp_prev):
+                C[k + 1] = C.get(k + 1, 0.0) - r * v
+            for j, v in C.items():
+                W[j] = W.get(j, 0.0) + lin * v
+        out.append((alpha, [W.get(j, 0.0) for j in range(max(W) + 1)]))
+    return tuple(out)
 
 
 def build_unipc(ctx, opts: dict) -> UniPC:
