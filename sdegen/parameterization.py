@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from ._utils import append_dims, check_floating, check_positive
 from .sdes import AffineSDE
 
-__all__ = ["ScoreModel", "PARAMETERIZATIONS", "PREDICTIONS", "to_score", "from_score", "convert",
+__all__ = ["ScoreModel", "PARAMETERIZATIONS", "PREDICTIONS", "to_score", "from_score", "to_x0_eps", "convert",
            "v_from_eps_x0", "denoiser_inputs"]
 
 #: Prediction kinds of the conversion table (see the module docstring).
@@ -146,6 +146,42 @@ def from_score(kind: str, score: Tensor, x: Tensor, t: Tensor, sde: AffineSDE) -
     if kind == "eps":
         return sde.eps_from_score(x, t, score)
     return v_from_eps_x0(sde, t, sde.eps_from_score(x, t, score), sde.x0_from_score(x, t, score))
+
+
+def to_x0_eps(kind: str, output: Tensor, x: Tensor, t: Tensor, sde: AffineSDE) -> tuple[Tensor, Tensor]:
+    r"""The pair $(\hat x_0, \hat\epsilon)$ with $x = m\hat x_0 + s\hat\epsilon$ that a prediction implies.
+
+    The same table as [`to_score`][sdegen.parameterization.to_score], written without the score so that
+    the rows that allow it stay finite where $m = 0$ (zero terminal SNR) or $s = 0$:
+    ``"x0"``/``"denoiser"``: $\hat\epsilon = (x - mF)/s$; ``"eps"``: $\hat x_0 = (x - sF)/m$;
+    ``"v"``: $\hat x_0 = a\,x/r - bF$, $\hat\epsilon = b\,x/r + aF$ (no division by $m$ or $s$);
+    ``"score"``: $\hat\epsilon = -sF$, $\hat x_0 = (x + s^2F)/m$; ``"flow_velocity"``: through the score.
+
+    Args:
+        kind: one of `PREDICTIONS`.
+        output: ``(B, *D)`` the prediction $F$.
+        x: ``(B, *D)``.
+        t: ``(B,)``.
+        sde: the [`AffineSDE`][sdegen.AffineSDE].
+
+    Returns:
+        ``(x0_hat, eps_hat)``, each ``(B, *D)``.
+    """
+    _check_kind(kind)
+    if not isinstance(output, Tensor) or output.shape != x.shape:
+        raise ValueError(f"a {kind!r} prediction must be a tensor shaped like x {tuple(x.shape)}, "
+                         f"got {getattr(output, 'shape', type(output).__name__)}")
+    m, s = sde.marginal(t)
+    m_, s_ = append_dims(m, x.ndim), append_dims(s, x.ndim)
+    if kind in ("x0", "denoiser"):
+        return output, (x - m_ * output) / s_
+    if kind == "eps":
+        return (x - s_ * output) / m_, output
+    if kind == "v":
+        a, b, r = (append_dims(c, x.ndim) for c in _v_coefs(m, s))
+        return a * x / r - b * output, b * x / r + a * output
+    score = to_score(kind, output, x, t, sde)
+    return sde.x0_from_score(x, t, score), sde.eps_from_score(x, t, score)
 
 
 def convert(output: Tensor, x: Tensor, t: Tensor, sde: AffineSDE, *, source: str, target: str) -> Tensor:

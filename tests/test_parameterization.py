@@ -265,3 +265,34 @@ def test_table_errors():
         to_score("eps", torch.zeros(2, 3, dtype=F64), x, t, sde)
     with pytest.raises(ValueError, match="prediction kind"):
         convert(x, x, t, sde, source="eps", target="noise")
+
+
+@pytest.mark.parametrize("sde_name", list(SDES))
+def test_to_x0_eps_is_the_table(sde_name):
+    # (x0_hat, eps_hat) from every row equals the Tweedie pair of the row's score.
+    from sdegen.parameterization import to_x0_eps
+
+    sde = SDES[sde_name]()
+    x, t, gen = _xt(seed=12)
+    out = torch.randn(x.shape, generator=gen, dtype=F64)
+    for kind in PREDICTIONS:
+        score = to_score(kind, out, x, t, sde)
+        x0, eps = to_x0_eps(kind, out, x, t, sde)
+        torch.testing.assert_close(x0, sde.x0_from_score(x, t, score), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(eps, sde.eps_from_score(x, t, score), rtol=1e-9, atol=1e-9)
+
+
+def test_v_row_is_finite_at_zero_mean_coefficient():
+    # Zero terminal SNR (m = 0, s = 1, as diffusers' rescale_betas_zero_snr ends): the v row needs no
+    # division by m, so x0 = -v and eps = x exactly. Only the marginal is read, so a stub stands in.
+    from sdegen.parameterization import to_x0_eps
+
+    class _TerminalMarginal:
+        def marginal(self, t):
+            return torch.zeros_like(t), torch.ones_like(t)
+
+    x = torch.linspace(-1, 1, 6, dtype=F64).reshape(3, 2)
+    v = torch.full((3, 2), 0.25, dtype=F64)
+    x0, eps = to_x0_eps("v", v, x, torch.ones(3, dtype=F64), _TerminalMarginal())
+    torch.testing.assert_close(x0, -v, rtol=0, atol=0)
+    torch.testing.assert_close(eps, x, rtol=0, atol=0)
