@@ -332,11 +332,11 @@ def noise_floor(gm, ref: Tensor, cfg: DemoConfig, seed: int, device) -> tuple[fl
     exact sampling at this sample size. One pair alone varies by tens of percent, hence the spread.
 
     Args:
-        gm: the exact mixture (``sample(n, generator=...)``).
+        gm (GaussianMixture): the exact mixture (``sample(n, generator=...)``).
         ref: ``(n_samples, 2)`` the reference set every row is compared with.
         cfg: the demo settings (``n_samples``, ``floor_sets``).
         seed: the demo seed (set $k$ uses seed ``seed + 20000 + k``).
-        device: where the distances are computed.
+        device (torch.device | str): where the distances are computed.
 
     Returns:
         floor (tuple[float, float]): ``(mean, sd)``; sd is 0 for a single set.

@@ -108,7 +108,7 @@ def outside_window(points, lim: float) -> int:
     r"""How many 2-D points lie outside the square $[-\text{lim}, \text{lim}]^2$ (non-finite ones count).
 
     Args:
-        points: ``(N, 2)`` tensor or array.
+        points (Tensor | numpy.ndarray): ``(N, 2)`` points.
         lim: half-width of the window.
 
     Returns:
@@ -183,7 +183,7 @@ def samples_figure(samples, *, title: str | None = None, log_prob=None, lim: flo
     points), and the legend says which. Points outside the window are counted in the title.
 
     Args:
-        samples: ``(N, 2)`` tensor or array.
+        samples (Tensor | numpy.ndarray): ``(N, 2)`` samples.
         title: figure title (the count of points outside the window is appended when non-zero).
         log_prob (Callable | None): optional target log-density ``(B, 2) -> (B,)``.
         lim: half-width of the square window (default: the 99.5 % quantile of $|x|$, rounded up to
@@ -395,7 +395,7 @@ def log_ticks(ax, axis: str = "both") -> None:
     eight decades), written as plain numbers (``0.02``, ``500``, ``1e-06``).
 
     Args:
-        ax: a matplotlib ``Axes``.
+        ax (matplotlib.axes.Axes): the axes to fix.
         axis: ``"x"``, ``"y"`` or ``"both"``; axes that are not log-scaled are left alone.
     """
     from matplotlib import ticker
