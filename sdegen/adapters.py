@@ -32,7 +32,7 @@ from torch import Tensor
 from ._utils import append_dims, check_positive
 from .parameterization import denoiser_inputs, to_score
 from .sdes import AffineSDE, VESDE
-from .sdes.discrete import AbstractChainSDE, ChainPlan
+from .sdes.discrete import LOG_ZERO, AbstractChainModel, AbstractChainSDE, ChainPlan
 from .x0_transforms import ClipX0, ThresholdX0
 
 __all__ = [
@@ -96,11 +96,14 @@ class DiscreteVPSDE(AbstractChainSDE):
             log_ab = torch.cumsum(torch.log1p(-b), 0)
         else:
             ab = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64).reshape(-1)
-            if ab.numel() < 1 or not bool(((ab > 0) & (ab < 1)).all()):
-                raise ValueError("alphas_cumprod must be a non-empty 1-D tensor with values in (0, 1)")
+            # The last value may be 0 (zero terminal SNR, e.g. diffusers' rescale_betas_zero_snr).
+            inside = (ab > 0) & (ab < 1)
+            if ab.numel() < 1 or not bool(inside[:-1].all()) or not (0 <= float(ab[-1]) < 1):
+                raise ValueError("alphas_cumprod must be a non-empty 1-D tensor with values in (0, 1) "
+                                 "(the last may be 0: zero terminal SNR)")
             if ab.numel() > 1 and not bool((ab[1:] <= ab[:-1]).all()):
                 raise ValueError("alphas_cumprod must be non-increasing")
-            log_ab = ab.log()
+            log_ab = ab.log().clamp_min(LOG_ZERO)       # exactly 0 in float64, without -inf in the knots
         self._log_ab = torch.cat([log_ab.new_zeros(1), log_ab])      # knots i = 0..N, log abar_0 = 0
         self._n = log_ab.numel()
         self._knot_cache: dict = {}
@@ -204,7 +207,7 @@ class DiscreteVPSDE(AbstractChainSDE):
 
 
 # ---------------------------------------------------------------------- score functions
-class _DiscreteStepScore:
+class _DiscreteStepScore(AbstractChainModel):
     r"""Score of a discrete-step model on a [`DiscreteVPSDE`][sdegen.adapters.DiscreteVPSDE] (picklable; final class).
 
     At time $t$ the model receives the step value $u = tN/T - 1 + \text{first\_step}$ (``"continuous"``,
@@ -245,6 +248,24 @@ class _DiscreteStepScore:
         if self.timesteps == "round":
             return u.round().clamp(self.first_step, self.first_step + n - 1).long()
         return u
+
+    def chain_predict(self, x: Tensor, t: Tensor, **model_kwargs) -> tuple:
+        r"""``(x0_hat, eps_hat, variance channels or None)`` of one model call, from the chain's $(m, s)$ directly
+        ($m^2 + s^2 = 1$), so that $m = 0$ (zero terminal SNR) works for ``sample`` and ``v_prediction``
+        models: $\hat x_0 = m x - s v$, $\hat\epsilon = m v + s x$ (diffusers' formulas; the score route
+        divides by $m$)."""
+        steps = self.model_steps(t)
+        out = self.model(x, steps, **model_kwargs) if self.call is None else self.call(self.model, x, steps, model_kwargs)
+        var_out = None
+        if out.shape[1] == 2 * x.shape[1] and out.shape[0] == x.shape[0] and out.shape[2:] == x.shape[2:]:
+            out, var_out = out[:, : x.shape[1]], out[:, x.shape[1]:]
+        m, s = self.sde.marginal(t)
+        m, s = append_dims(m, x.ndim), append_dims(s, x.ndim)
+        if self.prediction == "epsilon":
+            return (x - s * out) / m, out, var_out
+        if self.prediction == "sample":
+            return out, (x - m * out) / s, var_out
+        return m * x - s * out, m * out + s * x, var_out
 
     def __call__(self, x: Tensor, t: Tensor, **model_kwargs) -> Tensor:
         # Fast path (the adapter's own cost was 10-20 tensor ops per call, ~230 us at batch 16): the samplers
@@ -499,7 +520,8 @@ _EULER_VALUES = {
     "final_sigmas_type": (("zero",), "the plan ends at the data"),
 }
 #: DDPMScheduler.variance_type -> the chain plan's noise variance.
-_DIFFUSERS_VARIANCES = {"fixed_small": "posterior", "fixed_small_log": "posterior", "fixed_large": "beta"}
+_DIFFUSERS_VARIANCES = {"fixed_small": "posterior", "fixed_small_log": "posterior", "fixed_large": "beta",
+                        "learned": "learned", "learned_range": "learned_range"}
 
 
 def _diffusers_config(scheduler) -> dict:
@@ -520,14 +542,13 @@ def _check_diffusers_fields(name: str, config: dict, ignore: frozenset) -> None:
             f"{', '.join(sorted(_DIFFUSERS_SAMPLER_FIELDS))} only. To use the model and its schedule with sdegen's "
             f"own samplers anyway, pass ignore={tuple(unsupported)!r}")
     refused = []
-    if config.get("rescale_betas_zero_snr", False):
-        refused.append("rescale_betas_zero_snr=True (abar_N = 0: the first step needs the model's x0-prediction, "
-                       "which a score cannot carry at m(T) = 0; not implemented)")
+    if config.get("rescale_betas_zero_snr", False) and config.get("prediction_type", "epsilon") == "epsilon":
+        refused.append("rescale_betas_zero_snr=True with prediction_type='epsilon' (abar_N = 0: the first step "
+                       "needs x0 = (x - eps) / 0; zero terminal SNR needs a 'v_prediction' or 'sample' model)")
     variance = config.get("variance_type", "fixed_small") if name == "DDPMScheduler" else "fixed_small"
     if variance not in _DIFFUSERS_VARIANCES:
         refused.append(f"variance_type={variance!r} (supported: {', '.join(map(repr, _DIFFUSERS_VARIANCES))}; "
-                       "learned variances are not implemented, and diffusers' own 'fixed_large_log' step takes "
-                       "the square root of log(beta) < 0)")
+                       "diffusers' own 'fixed_large_log' step takes the square root of log(beta) < 0)")
     values = _EULER_VALUES if name.startswith("Euler") else _DPM_VALUES if name.startswith("DPMSolver") else {}
     if values:
         for field, (allowed, why) in values.items():
@@ -669,10 +690,15 @@ def from_diffusers(unet: Callable, scheduler: object, *, timesteps: str = "conti
                                 config.get("sample_max_value", 1.0))
     elif config.get("clip_sample", False):
         x0_option = ClipX0(lambda x, t: x, sde, config.get("clip_sample_range", 1.0))
-    if x0_option is not None and name == "DDIMScheduler" and not use_clipped_model_output:
-        # DDIM's default step pairs the transformed x0 with the model's own eps: the plan does that inside
-        # its step; the score stays the model's (no score describes the mixed pair).
-        sde = DiscreteVPSDE(alphas_cumprod=ab, T=T, plan=dataclasses.replace(plan, x0_transform=x0_option.transform))
+    # The plan's own step reads the model (not the score) where a score cannot carry what it needs: x0 at
+    # abar = 0 (zero terminal SNR) and learned variances; the x0 option then acts inside that step.
+    own_model = plan.variance.startswith("learned") or float(ab[plan.steps[0] - 1]) == 0.0
+    ddim_mixed = name == "DDIMScheduler" and not use_clipped_model_output
+    if x0_option is not None and (ddim_mixed or own_model):
+        # DDIM's default step pairs the transformed x0 with the model's own eps (no score describes the
+        # pair); DDPM's uses the transformed x0 and x only, i.e. the eps it implies.
+        sde = DiscreteVPSDE(alphas_cumprod=ab, T=T, plan=dataclasses.replace(
+            plan, x0_transform=x0_option.transform, eps_from_x0=not ddim_mixed))
         x0_option = None
     score_fn = _DiscreteStepScore(unet, sde, prediction=prediction, timesteps=timesteps, first_step=0,
                                   call=_call_diffusers_unet)

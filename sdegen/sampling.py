@@ -34,7 +34,7 @@ from .solvers.base import AbstractFixedGridSolver, CountingScore, Dynamics, NonF
     check_finite_state, integrate_fixed_grid
 from .solvers.correctors import AnnealedLangevinCorrector, LangevinCorrector, PredictorCorrector, langevin_alpha
 from .solvers.ode_steps import ODEEuler, ODEHeun
-from .solvers.sde_steps import Ancestral, EulerMaruyama, ReverseDiffusion, ancestral_table, chain_table, \
+from .solvers.sde_steps import Ancestral, ChainStep, EulerMaruyama, ReverseDiffusion, ancestral_table, chain_table, \
     ddpm_ancestral_table
 from .sdes.discrete import AbstractChainSDE
 from .solvers.adaptive_sde import ADAPTIVE_SDE_OPTIONS, run_adaptive_sde
@@ -186,6 +186,9 @@ def _build_ancestral(ctx: RunContext, opts: dict) -> Ancestral:
         ctx.times = plan.times(sde.alpha_bar.numel() - 1, sde.T)
         ctx.steps = len(plan.steps)
         ctx.own_final_step = True
+        if plan.x0_transform is not None or plan.variance.startswith("learned") or \
+                float(sde.alpha_bar[plan.steps[0]]) == 0.0:
+            return ChainStep.from_plan(sde, plan, eta, ctx.times)
         return Ancestral(chain_table(sde, plan, eta, ctx.times))
     if eta is not None:
         raise ValueError(f"eta={eta!r} applies to the ancestral step on a chain SDE's own plan (e.g. an SDE from "

@@ -178,6 +178,69 @@ def test_euler_settings_not_reproduced_are_refused(config, named):
         from_diffusers(unet(), scheduler)
 
 
+LEARNED_UNET = None
+
+
+@pytest.mark.parametrize("variance,steps", [("learned_range", None), ("learned_range", 7), ("learned", None)])
+def test_learned_variance_by_the_natural_call(variance, steps):
+    """A UNet with 2C output channels: the first C are eps, the rest the variance (diffusers' "learned": the
+    variance itself, here made positive by construction; "learned_range": the log-variance interpolation)."""
+    global LEARNED_UNET
+    if LEARNED_UNET is None:
+        LEARNED_UNET = _unet(out_channels=2, seed=1)
+    base = LEARNED_UNET
+
+    class Positive(torch.nn.Module):       # "learned" reads the channels as a variance: keep them positive
+        def forward(self, x, k, return_dict=True):
+            out = base(x, k).sample
+            out = torch.cat([out[:, :1], 0.05 * torch.sigmoid(out[:, 1:])], 1)
+            return (out,) if not return_dict else diffusers.models.unets.unet_2d.UNet2DOutput(sample=out)
+
+    model = Positive() if variance == "learned" else base
+    scheduler = _ddpm(variance_type=variance)
+    if steps:
+        scheduler.set_timesteps(steps)
+    ref = _loop(model, scheduler, 11)
+    res = _natural(model, scheduler, 11)
+    assert res.nfe == (steps or N_TRAIN)
+    torch.testing.assert_close(res.samples, ref, rtol=1e-5, atol=1e-5)
+    # the variance channels matter: fixed_small on the same model gives a different sample
+    fixed = _ddpm(variance_type="fixed_small")
+    if steps:
+        fixed.set_timesteps(steps)
+    assert float((_natural(model, fixed, 11).samples - ref).abs().max()) > 1e-3
+
+
+def _zero_snr(cls, n_steps=None, **config):
+    base = dict(num_train_timesteps=N_TRAIN, beta_start=1e-3, beta_end=0.2, clip_sample=False,
+                rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    s = getattr(diffusers, cls)(**{**base, **config})
+    if n_steps:
+        s.set_timesteps(n_steps)
+    return s
+
+
+@pytest.mark.parametrize("cls,n_steps,config,step_kwargs", [
+    ("DDPMScheduler", None, dict(prediction_type="v_prediction"), {}),
+    ("DDPMScheduler", 7, dict(prediction_type="v_prediction", clip_sample=True), {}),
+    ("DDIMScheduler", 6, dict(prediction_type="v_prediction"), {}),
+    ("DDIMScheduler", 6, dict(prediction_type="sample", clip_sample=True), dict(eta=0.5)),
+])
+def test_zero_terminal_snr_by_the_natural_call(cls, n_steps, config, step_kwargs):
+    """abar_N = 0: the prior is exactly N(0, I) and the first step uses the model's x0 (a score cannot carry it)."""
+    scheduler = _zero_snr(cls, n_steps, **config)
+    assert float(scheduler.alphas_cumprod[-1]) == 0.0
+    ref = _loop(unet(), scheduler, 12, **step_kwargs)
+    sde, score_fn = from_diffusers(unet(), scheduler)
+    assert float(sde.alpha_bar[-1]) == 0.0 and float(sde.marginal(torch.ones(1, dtype=F64))[1]) == 1.0
+    res = sdegen.sample(sde, score_fn, SHAPE, method="ancestral", generator=torch.Generator().manual_seed(12),
+                        dtype=F64, **step_kwargs)
+    torch.testing.assert_close(res.samples, ref, rtol=1e-5, atol=1e-5)
+    assert bool(torch.isfinite(ref).all()) and float(ref.abs().max()) > 0.1
+    with pytest.raises(ValueError, match="zero terminal SNR"):      # a plain score cannot run that plan
+        sdegen.sample(sde, lambda x, t: -x, SHAPE, method="ancestral", dtype=F64)
+
+
 def test_explicit_steps_leave_the_plan():
     """With steps= the method runs on its own uniform grid (the plan is the default, not a constraint)."""
     scheduler = _ddpm()
@@ -190,10 +253,8 @@ def test_explicit_steps_leave_the_plan():
 
 
 @pytest.mark.parametrize("config,named", [
-    (dict(variance_type="learned"), "variance_type='learned'"),
-    (dict(variance_type="learned_range"), "variance_type='learned_range'"),
     (dict(variance_type="fixed_large_log"), "variance_type='fixed_large_log'"),
-    (dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr=True"),
+    (dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr=True with prediction_type='epsilon'"),
 ])
 def test_unsupported_values_are_refused_by_name(config, named):
     with pytest.raises(ValueError, match=named.replace("(", r"\(")):

@@ -24,11 +24,17 @@ from torch import Tensor
 
 from .affine import AffineSDE
 
-__all__ = ["ChainPlan", "AbstractChainSDE", "CHAIN_VARIANCES"]
+__all__ = ["ChainPlan", "AbstractChainSDE", "AbstractChainModel", "CHAIN_VARIANCES", "LOG_ZERO"]
 
 #: Noise variances of a chain step: ``"posterior"`` $\eta^2\tilde\beta$ (DDPM ``fixed_small``, DDIM),
-#: ``"beta"`` $\eta^2\beta$ (DDPM ``fixed_large``).
-CHAIN_VARIANCES = ("posterior", "beta")
+#: ``"beta"`` $\eta^2\beta$ (DDPM ``fixed_large``), and the model's own (``diffusers``' learned variances,
+#: read through [`AbstractChainModel`][sdegen.sdes.discrete.AbstractChainModel]): ``"learned"`` (the
+#: model's extra channels are the variance) and ``"learned_range"`` (they interpolate $\log\tilde\beta$ and
+#: $\log\beta$: $\log v = \tfrac{1+o}2\log\beta + \tfrac{1-o}2\log\tilde\beta$; Nichol & Dhariwal 2021, eq. 15).
+CHAIN_VARIANCES = ("posterior", "beta", "learned", "learned_range")
+#: A chain index whose $\bar\alpha$ is zero (zero terminal SNR) is stored as $\log\bar\alpha$ = this value,
+#: so $\bar\alpha$, $m$ and every interpolated value are exactly 0 in float64 and no NaN arises.
+LOG_ZERO = -1.0e4
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,8 @@ class ChainPlan:
         x0_transform: applied to $\hat x_0$ *inside* the step, $\hat\epsilon$ staying the model's own
             (``diffusers``' DDIM with ``clip_sample`` and its default ``use_clipped_model_output=False``):
             ``x0_transform(x0) -> x0``, shapes ``(B, *D)``; ``None`` for none.
+        eps_from_x0: recompute $\hat\epsilon = (x - m_i\tilde x_0)/s_i$ from the transformed $\tilde x_0$
+            (DDPM's step, which uses $\tilde x_0$ and $x$ only); ``False`` keeps the model's $\hat\epsilon$ (DDIM).
 
     Raises:
         ValueError: empty or non-decreasing steps, targets out of range, unknown variance, eta < 0.
@@ -74,6 +82,7 @@ class ChainPlan:
     noiseless_step_one: bool = True
     method_options: Mapping[str, Mapping] = field(default_factory=dict, hash=False)
     x0_transform: Callable | None = field(default=None, hash=False, compare=False)
+    eps_from_x0: bool = False
 
     def __post_init__(self):
         steps, targets = tuple(int(i) for i in self.steps), tuple(int(j) for j in self.targets)
@@ -111,6 +120,24 @@ class ChainPlan:
         r"""The sampler's float64 grid: $t_{i_0}, \dots, t_{i_{K-1}}$ then $t_{j_{K-1}}$, with $t_i = iT/N$."""
         idx = torch.tensor([*self.steps, self.targets[-1]], dtype=torch.float64)
         return idx * (T / n)
+
+
+class AbstractChainModel(abc.ABC):
+    r"""A score function on a chain SDE that can also hand a chain step the model's own predictions.
+
+    A score cannot carry $\hat x_0$ where $m(t) = 0$ (zero terminal SNR: $\nabla\log p_T = -x$ whatever
+    the model says), nor a learned variance; a chain step that needs them calls ``chain_predict``
+    (one model evaluation, counted like a score call).
+    """
+
+    @abc.abstractmethod
+    def __call__(self, x: Tensor, t: Tensor, **model_kwargs) -> Tensor:
+        """The score, ``(B, *D)``."""
+
+    @abc.abstractmethod
+    def chain_predict(self, x: Tensor, t: Tensor, **model_kwargs) -> tuple:
+        r"""``(x0_hat, eps_hat, variance_output)`` of one model call at times ``t`` ``(B,)``: two ``(B, *D)``
+        tensors and the model's extra variance channels (``(B, *D)``) or ``None``."""
 
 
 class AbstractChainSDE(AffineSDE):

@@ -20,8 +20,8 @@ from torch import Tensor
 
 from .._utils import append_dims
 from ..sdes import AffineSDE
-from ..sdes.discrete import AbstractChainSDE, ChainPlan
-from .base import AbstractFixedGridSolver, Dynamics
+from ..sdes.discrete import AbstractChainModel, AbstractChainSDE, ChainPlan
+from .base import AbstractFixedGridSolver, CountingScore, Dynamics
 
 __all__ = ["EulerMaruyama", "ReverseDiffusion", "Ancestral", "ChainStep", "ancestral_table", "ddpm_ancestral_table",
            "chain_table",
@@ -199,37 +199,63 @@ def chain_table(sde: AbstractChainSDE, plan: ChainPlan, eta: float, times: Tenso
 
 
 def _chain_split(sde: AbstractChainSDE, plan: ChainPlan, eta: float, times: Tensor) -> Tensor:
-    r"""``(K, 5)`` float64 columns $(1/m_i,\ s_i^2,\ \sqrt{\bar\alpha_j},\ \sqrt{1 - \bar\alpha_j - \sigma^2}\,s_i,\ c)$:
-    the plan's step with $\hat x_0$ and $\hat\epsilon$ kept apart (see [`ChainStep`][sdegen.solvers.sde_steps.ChainStep])."""
+    r"""``(K, 9)`` float64 columns of the plan's step with $\hat x_0$ and $\hat\epsilon$ kept apart (see
+    [`ChainStep`][sdegen.solvers.sde_steps.ChainStep]): $m_i$, $s_i$, $\sqrt{\bar\alpha_j}$,
+    $\sqrt{1 - \bar\alpha_j - \sigma^2}$, $c$ (the fixed noise multiplier of $\Delta w$), $1/\sqrt{|\Delta t|}$,
+    $\log\max(\tilde\beta_{ij}, 10^{-20})$, $\log\beta_{ij}$ and whether the step adds noise."""
     ab = sde.alpha_bar.to("cpu", torch.float64)
     i, j = torch.tensor(plan.steps), torch.tensor(plan.targets)
     ab_i, ab_j = ab[i], ab[j]
-    beta_ij = -torch.expm1(ab_i.log() - ab_j.log())
-    sigma2 = eta ** 2 * (1 - ab_j) / (1 - ab_i) * beta_ij
-    s2_i = 1 - ab_i
-    direction = (1 - ab_j - sigma2).clamp_min(0).sqrt() * s2_i.sqrt()
-    c = chain_table(sde, plan, eta, times)[:, 2]
-    return torch.stack([ab_i.rsqrt(), s2_i, ab_j.sqrt(), direction, c], dim=1)
+    beta_ij = torch.where(ab_j > 0, -torch.expm1(ab_i.log() - ab_j.log()), torch.zeros_like(ab_j))
+    post = (1 - ab_j) / (1 - ab_i) * beta_ij
+    sigma2 = eta ** 2 * post
+    direction = (1 - ab_j - sigma2).clamp_min(0).sqrt()
+    c = chain_table(sde, plan, eta, times)[:, 2] if plan.variance in ("posterior", "beta") else torch.zeros_like(ab_i)
+    t = times.detach().to("cpu", torch.float64)
+    dt = (t[1:] - t[:-1]).abs()
+    inv_sqrt_dt = torch.where(dt > 0, dt.clamp_min(1e-300).rsqrt(), torch.zeros_like(dt))
+    noisy = torch.ones_like(ab_i) if not plan.noiseless_step_one else (i != 1).to(torch.float64)
+    return torch.stack([ab_i.sqrt(), (1 - ab_i).sqrt(), ab_j.sqrt(), direction, c, inv_sqrt_dt,
+                        post.clamp_min(1e-20).log(), beta_ij.clamp_min(1e-300).log(), noisy], dim=1)
+
+
+def _chain_predict(dyn: Dynamics, x: Tensor, t: Tensor):
+    """The model's ``(x0, eps, variance output)`` when the sampler's score is an ``AbstractChainModel`` (counted
+    as one evaluation, with the sampler's ``model_kwargs``), else ``None``."""
+    counted = dyn.score_fn
+    if isinstance(counted, CountingScore) and isinstance(counted.score_fn, AbstractChainModel):
+        counted.nfe += 1
+        return counted.score_fn.chain_predict(x, t, **counted.model_kwargs)
+    return None
 
 
 @dataclass(frozen=True, eq=False)
 class ChainStep(AbstractFixedGridSolver):
     r"""A [`ChainPlan`][sdegen.sdes.discrete.ChainPlan] step with a transform of $\hat x_0$ inside it.
 
-    With $S$ the score at $t_i$: $\hat x_0 = \phi((x + s_i^2 S)/m_i)$ and $\hat\epsilon = -s_i S$ (the
-    model's own, *not* recomputed from $\phi(\hat x_0)$), then
-    $x_j = \sqrt{\bar\alpha_j}\,\hat x_0 + \sqrt{1 - \bar\alpha_j - \sigma^2}\,\hat\epsilon + \sqrt v\,z$
-    (``diffusers``' DDIM step with ``clip_sample`` and ``use_clipped_model_output=False``). First order;
-    one score evaluation per step. Without a transform it is [`Ancestral`][sdegen.solvers.sde_steps.Ancestral]
+    The model's own $\hat x_0, \hat\epsilon$ (and variance output) come from ``chain_predict`` when the
+    score is an [`AbstractChainModel`][sdegen.sdes.discrete.AbstractChainModel] (needed where $m_i = 0$,
+    zero terminal SNR, and for learned variances); otherwise from the score $S$ at $t_i$:
+    $\hat x_0 = (x + s_i^2 S)/m_i$, $\hat\epsilon = -s_i S$. Then $\tilde x_0 = \phi(\hat x_0)$, with
+    $\hat\epsilon$ kept (``diffusers``' DDIM step with ``clip_sample`` and ``use_clipped_model_output=False``)
+    or recomputed from $\tilde x_0$ (``plan.eps_from_x0``, DDPM), and
+    $x_j = \sqrt{\bar\alpha_j}\,\tilde x_0 + \sqrt{1 - \bar\alpha_j - \sigma^2}\,\hat\epsilon + \sqrt v\,z$,
+    $v$ fixed by the plan or the model's (``"learned"``: its output; ``"learned_range"``: the
+    interpolation of [`CHAIN_VARIANCES`][sdegen.sdes.discrete.CHAIN_VARIANCES]). First order; one
+    evaluation per step. Without a transform it is [`Ancestral`][sdegen.solvers.sde_steps.Ancestral]
     on [`chain_table`][sdegen.solvers.sde_steps.chain_table].
 
     Args:
-        table: ``(K, 5)`` float64 from the plan (``ChainStep.from_plan``).
-        x0_transform: $\phi$, ``(B, *D) -> (B, *D)``.
+        table: ``(K, 9)`` float64 from the plan (``ChainStep.from_plan``).
+        x0_transform: $\phi$, ``(B, *D) -> (B, *D)``, or ``None``.
+        eps_from_x0: recompute $\hat\epsilon$ from $\tilde x_0$.
+        variance: the plan's variance (one of ``CHAIN_VARIANCES``).
     """
 
     table: Tensor = field(repr=False)
     x0_transform: Any = None
+    eps_from_x0: bool = False
+    variance: str = "posterior"
     order: ClassVar[float] = 1.0
     stochastic: ClassVar[bool] = True
     evals_per_step: ClassVar[int] = 1
@@ -237,22 +263,41 @@ class ChainStep(AbstractFixedGridSolver):
     @classmethod
     def from_plan(cls, sde: AbstractChainSDE, plan: ChainPlan, eta: float, times: Tensor) -> "ChainStep":
         """The plan's steps on ``times`` with its ``x0_transform``."""
-        return cls(_chain_split(sde, plan, eta, times), plan.x0_transform)
+        return cls(_chain_split(sde, plan, eta, times), plan.x0_transform, plan.eps_from_x0, plan.variance)
 
     def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
-        return 0, _as_rows(*self.table.unbind(1))
+        rows = _as_rows(*self.table.unbind(1))
+        plain = not (isinstance(dyn.score_fn, CountingScore) and isinstance(dyn.score_fn.score_fn, AbstractChainModel))
+        if plain and (self.variance.startswith("learned") or any(r[0] == 0.0 for r in rows)):
+            why = "a learned variance" if self.variance.startswith("learned") else "x0 where m = 0 (zero terminal SNR)"
+            raise ValueError(f"this chain plan needs the model's own {why}, which a plain score cannot carry; "
+                             "use the score function of sdegen.adapters.from_diffusers")
+        return 0, rows
 
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
         k, rows = state
-        inv_m, s2, m_j, direction, c = rows[k]
-        score = dyn.score(x, t0)
-        x0 = torch.add(x, score, alpha=s2).mul_(inv_m)
+        m_i, s_i, m_j, direction, c, inv_sqrt_dt, log_post, log_beta, noisy = rows[k]
+        pred = _chain_predict(dyn, x, t0)
+        if pred is None:
+            score = dyn.score(x, t0)
+            x0, eps, var_out = torch.add(x, score, alpha=s_i * s_i).div_(m_i), score * (-s_i), None
+        else:
+            x0, eps, var_out = pred
         if self.x0_transform is not None:
             x0 = self.x0_transform(x0)
-        out = torch.add(x0 * m_j, score, alpha=-direction)     # eps_hat = -s_i S, so direction * eps = -d' S
-        if dw is not None and c != 0.0:
-            out = out.add_(dw, alpha=c)
-        return out, (k + 1, rows)
+            if self.eps_from_x0:
+                eps = torch.add(x, x0, alpha=-m_i).div_(s_i)
+        out = torch.add(x0 * m_j, eps, alpha=direction)
+        if dw is None or noisy == 0.0:
+            return out, (k + 1, rows)
+        if self.variance == "learned":
+            # diffusers' "learned": the extra channels are the variance itself (std = sqrt of them).
+            return out.addcmul_(var_out.sqrt(), dw, value=inv_sqrt_dt), (k + 1, rows)
+        if self.variance == "learned_range":
+            frac = (var_out + 1) * 0.5
+            std = torch.exp(0.5 * (frac * log_beta + (1 - frac) * log_post))
+            return out.addcmul_(std, dw, value=inv_sqrt_dt), (k + 1, rows)
+        return (out.add_(dw, alpha=c) if c != 0.0 else out), (k + 1, rows)
 
 
 @dataclass(frozen=True, eq=False)
