@@ -261,7 +261,8 @@ def inpaint(sde: AffineSDE, score_fn: Callable[..., Tensor], x_known: Tensor, ma
             ``B`` are repeated per particle).
         transform: optional orthogonal ``(C, C)`` matrix $Q$: ``x_known`` and ``mask`` then describe
             $x' = Qx$ (mixing along dim 1), and the samples are returned as $x = Q^\top x'$.
-        progress: tqdm bar. return_trajectory: as in [`sdegen.sample`][sdegen.chunked.sample] (in $x'$ coordinates).
+        progress: tqdm bar.
+        return_trajectory: as in [`sdegen.sample`][sdegen.chunked.sample] (in $x'$ coordinates).
 
     Returns:
         [`SampleResult`][sdegen.SampleResult] ``(B, *D)``; ``stats`` has the method, options and, for

@@ -57,10 +57,15 @@ class RunContext:
     r"""Everything a method runner needs (built and validated by [`sample`][sdegen.sampling.sample]).
 
     Attributes:
-        sde: the forward SDE. dyn: the SDE with the *counted* score ([`Dynamics`][sdegen.sampling.Dynamics]).
-        x: ``(B, *D)`` start state $x_T$. eps: final time. steps: step count (``None`` for adaptive
-        methods). generator, noise: randomness (``noise``: a per-sample noise object or ``None``).
-        progress: show a tqdm bar. record_every: keep every k-th state (``None``: no trajectory).
+        sde: the forward SDE.
+        dyn: the SDE with the *counted* score ([`Dynamics`][sdegen.sampling.Dynamics]).
+        x: ``(B, *D)`` start state $x_T$.
+        eps: final time.
+        steps: step count (``None`` for adaptive methods).
+        generator: source of the random draws.
+        noise: a per-sample noise object or ``None``.
+        progress: show a tqdm bar.
+        record_every: keep every k-th state (``None``: no trajectory).
         times: the decreasing float64 grid of fixed-grid methods; a builder may replace it.
         method: the method name (progress-bar label).
         steps_given: whether the caller passed ``steps=`` (else a chain SDE's own plan may apply).

@@ -30,7 +30,8 @@ def sliced_wasserstein(x: Tensor, y: Tensor, *, n_proj: int = 256, seed: int = 0
     (Bonneel et al. 2015, "Sliced and Radon Wasserstein barycenters", eq. 3).
 
     Args:
-        x: ``(n, *D)``; y: ``(m, *D)`` with the same ``D``.
+        x: ``(n, *D)``.
+        y: ``(m, *D)`` with the same ``D``.
         n_proj: number of random directions.
         seed: seed of the directions.
 

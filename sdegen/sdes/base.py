@@ -64,7 +64,9 @@ class SDE(abc.ABC):
         predictor evaluates it at $x = x_t$ (Song et al. 2021, App. E, eq. 45–46).
 
         Args:
-            x: ``(B, *D)``. t: ``(B,)``, the upper end of the interval. dt: positive step.
+            x: ``(B, *D)``.
+            t: ``(B,)``, the upper end of the interval.
+            dt: positive step.
 
         Returns:
             ``(f, G)`` with shapes ``(B, *D)`` and ``(B,)``.
