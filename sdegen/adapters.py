@@ -638,10 +638,10 @@ def from_diffusers(unet: Callable, scheduler: object, *, timesteps: str = "conti
     | ``clip_sample``, ``clip_sample_range`` | [`ClipX0`][sdegen.x0_transforms.ClipX0] on the score |
     | ``thresholding``, ``dynamic_thresholding_ratio``, ``sample_max_value`` | [`ThresholdX0`][sdegen.x0_transforms.ThresholdX0] (precedes clipping, as in diffusers) |
     | ``timestep_spacing``, ``steps_offset`` | read through ``scheduler.timesteps`` (DDPM, DDIM) |
-    | ``variance_type`` (DDPM) | ``fixed_small``/``fixed_small_log``: $\tilde\beta$; ``fixed_large``: $\beta$; others refused |
+    | ``variance_type`` (DDPM) | ``fixed_small``/``fixed_small_log``: $\tilde\beta$; ``fixed_large``: $\beta$; ``learned``, ``learned_range``: the model's extra channels; ``fixed_large_log`` refused |
     | ``set_alpha_to_one`` (DDIM) | the final step's target $\bar\alpha$ (1 or $\bar\alpha_1$) |
     | Euler / Euler ancestral: ``timestep_spacing="leading"``, ``steps_offset``, default sigma options | the plan with $\eta = 0$ / $\eta = 1$; other spacings and sigma options refused |
-    | ``rescale_betas_zero_snr`` | ``False`` only (refused when ``True``) |
+    | ``rescale_betas_zero_snr`` | $\bar\alpha_N = 0$ kept exactly; the plan's first step takes the model's $\hat x_0$ (``v_prediction``/``sample`` models; refused with ``epsilon``) |
     | any other field (other scheduler classes' solver settings) | refused, unless named in ``ignore`` |
 
     The x0 options wrap the score, so the clipped $\hat x_0$ goes with the $\hat\epsilon$ it implies: DDPM's
