@@ -82,6 +82,44 @@ def test_no_sphinx_roles_in_docstrings():
     assert not hits, "Sphinx roles render literally; use [`X`][sdegen.path.X]:\n" + "\n".join(hits)
 
 
+def test_docstring_entries_document_one_parameter_each():
+    """An Args/Attributes entry whose text runs on into another parameter ("x: (B, *D). t: (B,). dt: ...")
+    renders as one merged item; griffe cannot see it, so look for another parameter's ``name:`` inside."""
+    import logging
+
+    import griffe
+
+    logging.getLogger("griffe").setLevel(logging.ERROR)   # the strict build reports griffe's own warnings
+    pkg = griffe.load("sdegen", search_paths=[str(ROOT)], docstring_parser="google", resolve_aliases=False)
+    inner = re.compile(r"(?:^|[.;,]\s+|\n)\s*\**([A-Za-z_]\w*)\s*(?:\([^)]*\))?:\s")
+    hits = []
+
+    def check(obj):
+        target = obj.members.get("__init__", obj) if obj.is_class else obj
+        names = {p.name for p in getattr(target, "parameters", [])} if not target.is_alias else set()
+        if obj.is_class:
+            names |= {n for n, m in obj.members.items() if not m.is_alias and m.is_attribute}
+        for section in obj.docstring.parse("google", warn_unknown_params=False):
+            if section.kind.value not in ("parameters", "attributes", "other parameters"):
+                continue
+            for entry in section.value:
+                for other in inner.findall(entry.description or ""):
+                    if other in names and other != entry.name:
+                        hits.append(f"{obj.relative_filepath}:{obj.lineno} {obj.path}: '{entry.name}' runs into '{other}:'")
+
+    def walk(obj):
+        for member in obj.members.values():
+            if member.is_alias:
+                continue
+            if (member.is_function or member.is_class) and member.docstring:
+                check(member)
+            if member.is_module or member.is_class:
+                walk(member)
+
+    walk(pkg)
+    assert not hits, "one parameter per entry:\n" + "\n".join(sorted(set(hits)))
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """Build the site once, strictly and without -q, so every warning reaches stderr."""
