@@ -32,7 +32,8 @@ from .sdes import SDE, AffineSDE, VPSDE
 from .grids import get_grid, sampling_start, user_grid
 from .solvers.base import AbstractFixedGridSolver, CountingScore, Dynamics, NonFiniteError, SampleResult, \
     check_finite_state, integrate_fixed_grid
-from .solvers.correctors import AnnealedLangevinCorrector, LangevinCorrector, PredictorCorrector, langevin_alpha
+from .solvers.correctors import (AnnealedLangevinCorrector, BatchLangevinCorrector, LangevinCorrector,
+                                  PredictorCorrector, langevin_alpha)
 from .solvers.ode_steps import ODEEuler, ODEHeun
 from .solvers.sde_steps import Ancestral, ChainStep, EulerMaruyama, ReverseDiffusion, ancestral_table, chain_table, \
     ddpm_ancestral_table
@@ -256,7 +257,8 @@ _PREDICTORS: dict[str, Callable[[RunContext, dict], AbstractFixedGridSolver]] = 
     "ode_euler": _rule(ODEEuler),
     "ode_heun": _rule(ODEHeun),
 }
-_CORRECTORS = {"langevin": LangevinCorrector, "annealed_langevin": AnnealedLangevinCorrector, None: None}
+_CORRECTORS = {"langevin": LangevinCorrector, "langevin_batch": BatchLangevinCorrector,
+               "annealed_langevin": AnnealedLangevinCorrector, None: None}
 
 
 def _build_pc(ctx: RunContext, opts: dict) -> AbstractFixedGridSolver:
@@ -271,7 +273,14 @@ def _build_pc(ctx: RunContext, opts: dict) -> AbstractFixedGridSolver:
         return pred          # PC without a corrector is exactly the predictor: no extra evaluations
     t = ctx.times            # after the predictor's builder, which may have replaced the grid
     alphas = tuple(langevin_alpha(ctx.sde, t[:-1], t[1:]).tolist())
-    return PredictorCorrector(pred, corrector(snr=float(opts["snr"])), n_corr, ctx.unit_draw(), alphas)
+    if corrector is LangevinCorrector:
+        corr = corrector(snr=float(opts["snr"]), data_std=opts["data_std"])
+    elif opts["data_std"] != 0.0:
+        raise ValueError(f"data_std applies to corrector='langevin' only, got data_std={opts['data_std']!r} "
+                         f"with corrector={opts['corrector']!r}")
+    else:
+        corr = corrector(snr=float(opts["snr"]))
+    return PredictorCorrector(pred, corr, n_corr, ctx.unit_draw(), alphas)
 
 
 def _choice(value, table: Mapping, name: str):
@@ -354,7 +363,7 @@ METHODS: MethodTable = MethodTable({
                             doc="ancestral posterior sampling (VP: exactly DDPM; VE: SMLD)"),
     "pc": MethodSpec(_fixed_grid_runner(_build_pc, grid_option=True), reverse_sde=True,
                      options={"predictor": "reverse_diffusion", "corrector": "langevin", "snr": 0.16,
-                              "corrector_steps": 1, **_GRID},
+                              "corrector_steps": 1, "data_std": 0.0, **_GRID},
                      doc="predictor-corrector: predictor + Langevin/annealed Langevin corrector (or None)"),
     "ode_euler": MethodSpec(_fixed_grid_runner(_PREDICTORS["ode_euler"], grid_option=True), options=_GRID,
                             doc="probability-flow ODE, explicit Euler (order 1)"),
@@ -616,8 +625,10 @@ def sample(sde: SDE, score_fn: Callable[..., Tensor], shape, *, method: str, ste
       without ``steps=``: the chain's own plan (the scheduler's steps, variance and final step, no
       denoising), with ``eta=`` as for DDIM ($\eta = 0$ DDIM, $\eta = 1$ the posterior).
     * ``"pc"``: ``predictor=`` one of ``"reverse_diffusion"`` (default), ``"euler_maruyama"``,
-      ``"ancestral"``, ``"ode_euler"``, ``"ode_heun"``; ``corrector="langevin"`` (default),
-      ``"annealed_langevin"`` or ``None``; ``snr=0.16``; ``corrector_steps=1``.
+      ``"ancestral"``, ``"ode_euler"``, ``"ode_heun"``; ``corrector="langevin"`` (default: the SNR rule
+      at the expected score norm, a step per time, $2\alpha r^2(s(t)^2 + m(t)^2\sigma^2)$ with
+      ``data_std=`` $\sigma$, default 0), ``"langevin_batch"`` (the paper's batch-mean norms; couples the
+      samples of a batch), ``"annealed_langevin"`` or ``None``; ``snr=0.16``; ``corrector_steps=1``.
     * ``"ode_euler"``, ``"ode_heun"``: the probability-flow ODE on the fixed grid.
 
     The generic fixed-grid methods (``euler_maruyama``, ``reverse_diffusion``, ``pc``, ``ode_euler``,

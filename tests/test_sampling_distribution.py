@@ -113,10 +113,8 @@ def test_samples_right_distribution_cheap(sde_name, case):
 @pytest.mark.slow
 @pytest.mark.parametrize("sde_name", list(SDES))
 def test_langevin_corrector_right_distribution_16d(sde_name):
-    """The SNR-rule Langevin corrector (per-sample score norms) in 16-D, where those norms concentrate.
-
-    In 2-D the per-sample $d/\\lVert s_b\\rVert^2$ is heavy-tailed (the score vanishes at modes), so the SNR
-    rule takes huge steps there; the annealed rule is the one to use in low dimension. The unadjusted
+    """The default Langevin corrector (the SNR rule at the expected score norm: one step per time, see
+    tests/solvers/test_correctors.py for 2-D to 64-D) on the 16-D mixture. The unadjusted
     Langevin step has an O(step) stationary bias, which snr = 0.05 keeps below the check's resolution.
     """
     res, gm = run_method(sde_name, "pc", 500, mixture="mixture16", n=N_SAMPLES, corrector="langevin", snr=0.05)

@@ -197,7 +197,8 @@ def test_corrector_step_is_per_sample(corrector):
 
 
 def test_langevin_snr_rule_per_sample_value():
-    r"""$\epsilon_b = 2\alpha(r\sqrt d/\lVert s_b\rVert)^2$ and $x + \epsilon s + \sqrt{2\epsilon} z$, sample by sample."""
+    r"""$\epsilon_b = 2\alpha_b r^2 s(t)^2$ (SNR rule at the bound $d/s^2$ of the expected score norm) and
+    $x + \epsilon s + \sqrt{2\epsilon} z$, sample by sample."""
     sde = sdegen.VESDE()
     x = torch.tensor([[1.0, 2.0], [0.0, -3.0]], dtype=torch.float64)
     noise = torch.tensor([[0.5, -1.0], [2.0, 0.0]], dtype=torch.float64)
@@ -206,7 +207,7 @@ def test_langevin_snr_rule_per_sample_value():
     alpha = torch.tensor([1.0, 0.5], dtype=torch.float64)
     out = LangevinCorrector(snr=0.3).correct(dyn, x, t, alpha, noise)
     for b in range(2):
-        eps = 2 * float(alpha[b]) * (0.3 * math.sqrt(2) / float(x[b].norm())) ** 2
+        eps = 2 * float(alpha[b]) * (0.3 * float(sde.marginal(t)[1][b])) ** 2
         assert torch.allclose(out[b], x[b] - eps * x[b] + math.sqrt(2 * eps) * noise[b], atol=1e-12)
 
 
@@ -219,22 +220,24 @@ def test_langevin_step_does_not_use_its_own_noise_norm():
     sde = sdegen.VESDE()
     n, d = 200_000, 2
     x = torch.ones(n, d, dtype=torch.float64)
-    dyn = _dyn(sde, lambda x, t: torch.zeros_like(x) + 1.0)     # ||s|| = sqrt(2): eps = 2 * 0.5^2 = 0.5
+    dyn = _dyn(sde, lambda x, t: torch.zeros_like(x) + 1.0)     # eps = 2 * (0.5 s(t))^2
     noise = torch.randn(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     t = torch.full((n,), 0.5, dtype=torch.float64)
     out = LangevinCorrector(snr=0.5).correct(dyn, x, t, torch.ones(n, dtype=torch.float64), noise)
-    eps = 2 * (0.5 * math.sqrt(d) / math.sqrt(d)) ** 2
+    eps = 2 * (0.5 * float(sde.marginal(t[:1])[1])) ** 2
     ratio = float((out - x - eps).var()) / (2 * eps)
     assert abs(ratio - 1) < 5 * math.sqrt(2 / (n * d)), ratio
 
 
-def test_langevin_zero_score_takes_no_step():
+def test_langevin_zero_score_takes_only_the_noise_step():
+    """A zero score (between modes) moves x by the noise term only: the step has no 1/||s|| singularity."""
     sde = sdegen.VESDE()
     dyn = _dyn(sde, lambda x, t: torch.zeros_like(x))
     x = torch.ones(2, 2, dtype=torch.float64)
     t = torch.full((2,), 0.5, dtype=torch.float64)
     out = LangevinCorrector().correct(dyn, x, t, torch.ones(2, dtype=torch.float64), torch.ones_like(x))
-    assert torch.equal(out, x)
+    eps = 2 * (0.16 * float(sde.marginal(t[:1])[1])) ** 2
+    torch.testing.assert_close(out, x + math.sqrt(2 * eps), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("sde", [sdegen.VPSDE(), sdegen.SubVPSDE(), sdegen.VESDE(sigma_max=10.0)],
