@@ -70,7 +70,7 @@ class DEIS(AbstractFixedGridSolver):
         order: 1, 2 or 3.
         n_steps: number of grid steps $N$ (for ``lower_order_final``).
         lower_order_final: order $\min(p, N - i)$ on step $i$ (default on).
-        table: per-step coefficients from :meth:`tabulated` (required to step).
+        table: per-step coefficients from `tabulated` (required to step).
     """
 
     order: int = 2  # type: ignore[misc]

@@ -67,7 +67,7 @@ class PNDM(AbstractFixedGridSolver):
 
     Args:
         warmup: ``"prk"`` (PNDM, default), ``"heun"`` (PLMS) or ``"ab"`` (iPNDM).
-        table: per-step ``(r, c, r_half, c_half)`` from :meth:`tabulated` (required to step).
+        table: per-step coefficients from `tabulated` (required to step).
     """
 
     warmup: str = "prk"
@@ -161,7 +161,7 @@ class LMS(AbstractFixedGridSolver):
     Args:
         lms_order: $p \in \{1, 2, 3, 4\}$ (default 4, as k-diffusion and diffusers; the
             ``order`` option of ``sdegen.sample(method="lms")``).
-        table: per-step coefficients from :meth:`tabulated` (required to step).
+        table: per-step coefficients from `tabulated` (required to step).
     """
 
     lms_order: int = 4

@@ -19,7 +19,7 @@ starts from it with the prediction $y_b$ already made, so one evaluation per ste
 from $p$ to $p + 1$ (Zhao et al. 2023, Thm. 3.3). The last step has no corrector (no evaluation follows).
 
 Every coefficient depends only on the grid and the step index: they are computed once per grid in
-float64 on the host (:meth:`UniPC.tabulated`), and a step is $\ell x + \sum_j w_j y_j$.
+float64 on the host (`UniPC.tabulated`), and a step is $\ell x + \sum_j w_j y_j$.
 
 Notation map (UniPC → sdegen): $\alpha_t$ → ``mean_coef`` $m$; $\sigma_t$ → ``std`` $s$;
 $\lambda_t$ → ``0.5 * sde.log_snr(t)``; $x_\theta$ / $\epsilon_\theta$ → ``prediction="data"`` / ``"noise"``.
@@ -127,6 +127,9 @@ class UniPC(AbstractFixedGridSolver):
     $\min(\text{order}, i + 1)$ (and $\le N - i$ with ``lower_order_final``). The update formulas are
     in the module docstring. One evaluation per step; global order ``order + 1`` with the corrector
     (``lower_order_final=False``; the last step then has local error $O(h^{p+1})$), ``order`` without.
+    For ``order=3`` the first step (UniP-1 + UniC, local error $O(h^3)$) bounds the asymptotic order
+    by 3; its error, at high noise where the prediction barely changes, is tiny, and the measured
+    slopes are 3.8-4.3 at 40-640 steps (``tests/solvers/test_multistep_samplers.py``).
     Equals diffusers' ``UniPCMultistepScheduler`` (``solver_order=order``, ``predict_x0``,
     ``solver_type=variant``, ``lower_order_final``) on the same grid.
 
@@ -141,7 +144,7 @@ class UniPC(AbstractFixedGridSolver):
         corrector: apply UniC after each evaluation (default on).
         n_steps: number of grid steps $N$ (for ``lower_order_final``).
         lower_order_final: order $\min(p, N - i)$ on step $i$ (default on, as diffusers).
-        table: per-step coefficients from :meth:`tabulated` (required to step).
+        table: per-step coefficients from `tabulated` (required to step).
     """
 
     order: int = 2  # type: ignore[misc]  # the UniP order; the global order with UniC is order + 1
@@ -151,7 +154,7 @@ class UniPC(AbstractFixedGridSolver):
     n_steps: int | None = None
     lower_order_final: bool = True
     table: tuple | None = field(default=None, repr=False)
-    #: $s_i^2$ per grid point for the data prediction (``None``: noise prediction), from :meth:`tabulated`.
+    #: $s_i^2$ per grid point for the data prediction (``None``: noise prediction), from `tabulated`.
     table_y: tuple | None = field(default=None, repr=False)
 
     stochastic: ClassVar[bool] = False
