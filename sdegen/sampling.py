@@ -42,6 +42,7 @@ from .solvers.adaptive_sde import ADAPTIVE_SDE_OPTIONS, run_adaptive_sde
 from .solvers.dpm_solver import DPM_SOLVER_OPTIONS, build_dpm_solver
 from .solvers.edm import HEUN_KARRAS_OPTIONS, build_heun_karras
 from .solvers.sde_dpm import SDE_DPM_OPTIONS, build_sde_dpm_solver
+from .solvers.dpm_single import DPM_FAST_OPTIONS, DPM_SINGLESTEP_OPTIONS, build_dpm_fast, build_dpm_singlestep
 from .solvers.restart import RESTART_OPTIONS, build_restart
 from .solvers.sa_solver import SA_SOLVER_OPTIONS, build_sa_solver
 from .solvers.ancestral_k import DPM2_OPTIONS, EULER_ANCESTRAL_OPTIONS, build_dpm2, build_euler_ancestral
@@ -416,6 +417,11 @@ METHODS: MethodTable = MethodTable({
     "sa_solver": MethodSpec(_fixed_grid_runner(build_sa_solver), options=SA_SOLVER_OPTIONS, reverse_sde=True,
                             default_steps=20,
                             doc="reverse SDE, SA-Solver stochastic Adams predictor-corrector with tau (1 evaluation per step)"),
+    "dpm_solver_singlestep": MethodSpec(_fixed_grid_runner(build_dpm_singlestep), options=DPM_SINGLESTEP_OPTIONS,
+                                        default_steps=20,
+                                        doc="DPM-Solver single-step orders 1-3 (optional SDE noise eta); steps = evaluations"),
+    "dpm_fast": MethodSpec(_fixed_grid_runner(build_dpm_fast), options=DPM_FAST_OPTIONS, default_steps=20,
+                           doc="k-diffusion dpm_fast: steps = evaluation budget split over DPM-Solver-3/2/1 steps"),
 })
 """Every sampling method by name: a dict of [`MethodSpec`][sdegen.sampling.MethodSpec] (runner, options
 and their defaults, one-line doc). Runners take a `RunContext` and the method's options. The guide

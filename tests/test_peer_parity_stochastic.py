@@ -23,10 +23,14 @@ over 10-20 steps: ``2e-5`` times the largest state entry (measured 1e-7 to 5e-7 
 ``SASolverScheduler`` keeps the sample's dtype: with its σ table overwritten by the same schedule in
 float64 it is compared at float64 round-off (``1e-11``).
 
+``DPMSolverSinglestepScheduler`` likewise (float64, ``1e-11``), for ``dpmsolver++``, ``dpmsolver`` and
+``sde-dpmsolver++`` (orders 2-3 midpoint, order 2 heun).
+
 Not compared: diffusers' third-order ``sde-dpmsolver++`` update. Its $D_2$ coefficient
 ``(1 - exp(-2h) - 2h)/(2h)^2 - 0.5`` tends to $-1$ as $h \to 0$ where the exact integral
 $I_2/h^2$ of a second derivative tends to 0, so it is not a third-order (or consistent second-derivative)
-update; sdegen's 3M-SDE uses the exact $I_2$ (see `sdegen.solvers.sde_dpm`) and is checked against the
+update (the single-step scheduler's ``sde-dpmsolver++`` order-3 ``heun`` update has the same
+coefficient); sdegen's 3M-SDE uses the exact $I_2$ (see `sdegen.solvers.sde_dpm`) and is checked against the
 exact Gaussian moments in ``tests/solvers/test_stochastic_samplers.py`` instead.
 """
 
@@ -38,6 +42,7 @@ import torch
 from sdegen.adapters import from_discrete_eps
 from sdegen.solvers.ancestral_k import DPM2, EulerAncestral
 from sdegen.solvers.base import Dynamics, integrate_fixed_grid
+from sdegen.solvers.dpm_single import DPMSolverSinglestep, singlestep_orders
 from sdegen.solvers.sa_solver import SASolver
 from sdegen.solvers.sde_dpm import SDEDPMSolverPP
 
@@ -162,6 +167,42 @@ def test_sa_solver_equals_diffusers_to_float64(orders, window):
     win = tuple(SDE.sigma(_times([200, 800])).tolist()) if window else None
     solver = SASolver.tabulated(SDE, times, predictor_order=po, corrector_order=co, tau=1.0, tau_sigma=win)
     ours = integrate_fixed_grid(solver, Dynamics(SDE, SCORE), x_T, times, noise=_noise(n))[0]
+    assert (ours - theirs).abs().max().item() < 1e-11
+
+
+@pytest.mark.parametrize("algorithm,solver_type,order", [
+    ("dpmsolver++", "midpoint", 2), ("dpmsolver++", "heun", 3), ("dpmsolver++", "midpoint", 3),
+    ("dpmsolver", "heun", 2), ("dpmsolver", "midpoint", 3), ("dpmsolver", "heun", 3),
+    ("sde-dpmsolver++", "midpoint", 2), ("sde-dpmsolver++", "heun", 2), ("sde-dpmsolver++", "midpoint", 3)])
+@pytest.mark.parametrize("n", [10, 11])
+def test_dpm_solver_singlestep_equals_diffusers_to_float64(n, algorithm, solver_type, order):
+    """DPMSolverSinglestepScheduler keeps the sample's dtype: with its sigmas in float64 the comparison is
+    at float64 round-off (measured <= 5e-14; tolerance 1e-11). Its steps are grouped into single-step
+    updates (``order_list`` 1, 2, 3, 1, 2, 3, ...): sdegen's loop grid is the group boundaries and each
+    group's inner points are the stages. sde-dpmsolver++ draws one noise per scheduler step, in order:
+    the stages' draws go to ``draw``, each group's last one is the loop's draw (``noise="independent"``)."""
+    sched = diffusers.DPMSolverSinglestepScheduler(**SCHEDULE, algorithm_type=algorithm, solver_type=solver_type,
+                                                   solver_order=order, final_sigmas_type="sigma_min",
+                                                   lower_order_final=True)
+    sched.set_timesteps(n)
+    fine = torch.cat([_times(sched.timesteps), _times([0])])
+    sched.sigmas = SDE.sigma(fine).to(F64)
+    orders = singlestep_orders(n, order)
+    x_T = _x_T()
+    gen = torch.Generator().manual_seed(2)
+    theirs = _diffusers(sched, x_T.clone(), lambda k: {"generator": gen})
+    z = list(_noise(n))
+    stage, final, pos = [], [], 0
+    for k in orders:
+        stage += z[pos:pos + k - 1]
+        final.append(z[pos + k - 1])
+        pos += k
+    solver = DPMSolverSinglestep.tabulated(
+        SDE, fine, orders, prediction="noise" if algorithm == "dpmsolver" else "data",
+        solver_type="exact" if solver_type == "heun" else "midpoint", eta=1.0 if algorithm.startswith("sde") else 0.0,
+        noise="independent", draw=lambda k: stage[k])
+    times = DPMSolverSinglestep.group_times(fine, orders)
+    ours = integrate_fixed_grid(solver, Dynamics(SDE, SCORE), x_T, times, noise=torch.stack(final))[0]
     assert (ours - theirs).abs().max().item() < 1e-11
 
 

@@ -34,7 +34,7 @@ from ..sdes import AffineSDE
 from .base import AbstractFixedGridSolver, Dynamics
 from .marginal_rows import marginal_rows, sigma_to_time
 
-__all__ = ["Restart", "restart_times", "build_restart", "RESTART_OPTIONS"]
+__all__ = ["Restart", "restart_times", "default_interval", "build_restart", "RESTART_OPTIONS"]
 
 
 def restart_times(sde: AffineSDE, main: Tensor, sigma_min: float, sigma_max: float, count: int,
@@ -122,14 +122,25 @@ class Restart(AbstractFixedGridSolver):
         return torch.add(x * a, score0, alpha=b0).add_(score1, alpha=b1), state + 1
 
 
+def default_interval(sde: AffineSDE, main: Tensor) -> tuple[float, float]:
+    r"""$(0.06, 0.30)$ when it lies inside the grid's noise levels $(\sigma(\epsilon), \sigma(T))$, else the
+    interval at the same place in $\log\sigma$ relative to the range: fractions 0.2 and 0.4 of it from the bottom."""
+    lo, hi = sde.sigma(torch.as_tensor(main, dtype=torch.float64)[[-1, 0]]).tolist()
+    if lo < 0.06 and 0.30 < hi:
+        return 0.06, 0.30
+    a, b = math.log(lo), math.log(hi)
+    return math.exp(a + 0.2 * (b - a)), math.exp(a + 0.4 * (b - a))
+
+
 def build_restart(ctx, opts: dict) -> Restart:
     r"""``sdegen.sample`` builder: main grid from ``grid=``/``rho=``, restarts inserted, table computed."""
     from ..grids import get_grid
 
     sde = ctx.dyn.affine
     interval = opts["restart_sigma"]
-    if not (isinstance(interval, (tuple, list)) and len(interval) == 2 and all(isinstance(v, (int, float)) for v in interval)):
-        raise ValueError(f"restart_sigma must be a pair (sigma_min, sigma_max) of floats, got {interval!r}")
+    if interval is not None and not (isinstance(interval, (tuple, list)) and len(interval) == 2
+                                     and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval)):
+        raise ValueError(f"restart_sigma must be None or a pair (sigma_min, sigma_max) of floats, got {interval!r}")
     count, seg = opts["restart_count"], opts["restart_steps"]
     if not isinstance(count, int) or isinstance(count, bool) or count < 0:
         raise ValueError(f"restart_count must be an int >= 0, got {count!r}")
@@ -137,11 +148,14 @@ def build_restart(ctx, opts: dict) -> Restart:
         raise ValueError(f"restart_steps must be an int >= 1, got {seg!r}")
     grid_opts = {"rho": opts["rho"]} if isinstance(opts["grid"], str) and opts["grid"] == "karras" else {}
     main = get_grid(opts["grid"], sde, ctx.steps, ctx.eps, **grid_opts)
+    if interval is None:
+        interval = default_interval(sde, main)
     ctx.times = restart_times(sde, main, float(interval[0]), float(interval[1]), count, seg, rho=float(opts["rho"]))
     return Restart.tabulated(sde, ctx.times)
 
 
-#: ``sdegen.sample(method="restart")`` options: one restart interval at low noise, $\sigma \in [0.06, 0.30]$,
-#: $K = 2$ restarts of 3 Heun steps (Xu et al. 2023 tune interval and count per data set; these are defaults).
-RESTART_OPTIONS = {"restart_sigma": (0.06, 0.30), "restart_count": 2, "restart_steps": 3, "grid": "karras",
+#: ``sdegen.sample(method="restart")`` options: one restart interval at low noise (``None``: $\sigma \in [0.06, 0.30]$
+#: when the grid spans it, see `default_interval`), $K = 2$ restarts of 3 Heun steps (Xu et al. 2023 tune
+#: interval and count per data set; these are defaults).
+RESTART_OPTIONS = {"restart_sigma": None, "restart_count": 2, "restart_steps": 3, "grid": "karras",
                    "rho": 7.0}
