@@ -42,7 +42,7 @@ from ..sdes import VPSDE
 
 FIXED = ("euler_maruyama", "ode_euler", "ode_heun", "ancestral", "reverse_diffusion", "pc", "dpm_solver", "heun_karras",
          "unipc", "deis", "pndm", "ipndm", "lms", "sde_dpm_solver", "euler_ancestral", "dpm2", "dpm2_ancestral",
-         "restart")
+         "restart", "sa_solver", "dpm_solver_singlestep", "dpm_fast")
 PER_STEP_TARGET_US = 30.0
 RK45_TARGET_RATIO = 2.0
 ADAPTER_TARGET_US = 20.0

@@ -67,6 +67,9 @@ def _methods(quick: bool) -> dict:
         "dpm2_ancestral": ("dpm2_ancestral", {}, lambda n: max(1, (n - 1) // 2), _SDE),
         # 2 restarts of 3 Heun steps cost 12 evaluations; the main grid gets the rest.
         "restart": ("restart", {}, lambda n: max(1, n // 2 - 7), _ODE),
+        "sa_solver (2, 2; tau 1)": ("sa_solver", {}, lambda n: max(1, n - 1), _SDE),
+        "dpm_solver_singlestep-3": ("dpm_solver_singlestep", {}, lambda n: n, _ODE),
+        "dpm_fast": ("dpm_fast", {}, lambda n: n, _ODE),
     }
     return m
 
@@ -229,7 +232,8 @@ def _overhead(batch: int, nfe_steps: int = 20, repeats: int = 7) -> dict:
              "euler_maruyama": {"denoise": False}, "reverse_diffusion": {"denoise": False},
              "ancestral": {"steps": 40}, "pc": {"denoise": False, "corrector": "annealed_langevin"},
              "sde_dpm_solver": {"denoise": False}, "euler_ancestral": {"denoise": False}, "dpm2": {},
-             "dpm2_ancestral": {"denoise": False}, "restart": {},
+             "dpm2_ancestral": {"denoise": False}, "restart": {}, "sa_solver": {"denoise": False},
+             "dpm_solver_singlestep": {}, "dpm_fast": {},
              "rk45": {"rtol": 1e-3, "atol": 1e-3, "steps": None},
              "adaptive_sde": {"rtol": 0.05, "atol": 0.05, "steps": None, "denoise": False}}
     with torch.no_grad():
