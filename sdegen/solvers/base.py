@@ -107,8 +107,9 @@ class CountingScore:
     - its dtype and device are ``x``'s (else ``TypeError`` naming both): a float64 score for a
       float32 state would silently promote the samples, and bool, integer or complex outputs are
       not scores;
-    - ``x`` was not modified in place (its autograd version counter is unchanged; else
-      ``RuntimeError``): solvers reuse ``x`` after the call, so an in-place edit changes the samples.
+    - neither ``x`` nor ``t`` was modified in place (their autograd version counters are unchanged;
+      else ``RuntimeError``): solvers reuse both after the call, so an in-place edit would change
+      the samples.
 
     The count is a Python int incremented per call. ``nfe`` is what
     [`SampleResult`][sdegen.solvers.base.SampleResult] reports.
@@ -129,7 +130,7 @@ class CountingScore:
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         self.nfe += 1
-        version = x._version
+        version, t_version = x._version, t._version
         out = self.score_fn(x, t, **self.model_kwargs)
         if not isinstance(out, Tensor) or out.shape != x.shape:
             raise ValueError(f"score_fn must return a tensor shaped like x {tuple(x.shape)}, "
@@ -138,10 +139,11 @@ class CountingScore:
             raise TypeError(f"score_fn must return a tensor with x's dtype and device ({x.dtype} on {x.device}), "
                             f"got {out.dtype} on {out.device}; cast inside the score function "
                             "(e.g. return s.to(x.dtype)) or sample in the model's dtype")
-        if x._version != version:
-            raise RuntimeError("score_fn modified its input x in place (x's version counter changed during the "
-                               "call); the solver reuses x after the call, so the samples would change silently. "
-                               "Work on a copy (x = x.clone()) or use out-of-place operations")
+        if x._version != version or t._version != t_version:
+            name = "x" if x._version != version else "t"
+            raise RuntimeError(f"score_fn modified its input {name} in place ({name}'s version counter changed during "
+                               f"the call); the solver reuses {name} after the call, so the samples would change "
+                               f"silently. Work on a copy ({name} = {name}.clone()) or use out-of-place operations")
         return out
 
 

@@ -350,3 +350,14 @@ def test_user_grid_function_checks_steps_eps_and_start():
     g = user_grid([1.0, 0.5, 0.01], sde, steps=2, eps=0.01)
     assert g.dtype == torch.float64 and g.tolist() == [1.0, 0.5, 0.01]
     assert user_grid(np.array([0.5, 0.1]), sde, t_start=0.5).tolist() == [0.5, 0.1]
+
+
+def test_score_modifying_t_in_place_is_detected():
+    score = gauss_score(sdegen.VPSDE())
+
+    def bad(x, t):
+        t.mul_(1.0)
+        return score(x, t)
+
+    with pytest.raises(RuntimeError, match="modified its input t in place"):
+        _sample("rk45", bad)
