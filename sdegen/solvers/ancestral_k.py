@@ -114,7 +114,7 @@ class DPM2(AbstractFixedGridSolver):
     $$\sigma_m = \sqrt{\sigma_0\sigma_\star},\quad \hat x_m = \hat x_0 + (\sigma_m - \sigma_0)\,d(\hat x_0, \sigma_0),\quad
       \hat x_1 = \hat x_0 + (\sigma_\star - \sigma_0)\,d(\hat x_m, \sigma_m) + \sigma_\uparrow z,$$
 
-    evaluated at $t_m = \sigma^{-1}(\sigma_m)$ of the SDE ([`AffineSDE.t_from_sigma`][sdegen.AffineSDE.t_from_sigma]).
+    evaluated at $t_m = \sigma^{-1}(\sigma_m)$ of the SDE ([`AffineSDE.t_from_sigma`][sdegen.sdes.AffineSDE.t_from_sigma]).
     A step with $\sigma_\star = 0$ is the Euler step $\hat x_1 = D$ (one evaluation). Order 2 without
     noise (the midpoint rule in $\log\sigma$); weak order 1 when ancestral. Two score evaluations per step.
 
