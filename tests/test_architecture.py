@@ -106,3 +106,16 @@ def test_graph_scanner_sees_edges():
     assert ("oracle", "sdes") in edges
     assert ("sdes", "ddpm") in edges
     assert ("sdes", "_utils") in edges
+
+
+def test_optional_diffusers_is_imported_inside_functions_only():
+    """``import sdegen`` (any module) never imports diffusers: only function bodies may (issue 17)."""
+    bad = []
+    for path in PKG.rglob("*.py"):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in tree.body:          # module level only; imports inside functions are lazy
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "diffusers" or n.startswith("diffusers.") for n in names):
+                bad.append(f"{path.relative_to(PKG.parent)}:{node.lineno}")
+    assert not bad, f"module-level diffusers imports: {bad}"
