@@ -69,3 +69,37 @@ def test_user_grid_and_errors():
         grids.log_snr(sdegen.CustomSDE(lambda x, t: -x, lambda t: torch.ones_like(t)), 5)
     assert math.isclose(float(grids.uniform(sdegen.CustomSDE(lambda x, t: -x, lambda t: torch.ones_like(t)), 4)[1]),
                         1 - (1 - 1e-3) / 4)
+
+
+@pytest.mark.parametrize("sde", SDES, ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("name", list(grids.GRIDS))
+def test_grids_start_at_t_start(sde, name):
+    # Explicit t_start= and an enclosing sampling_start give the same grid, from t_start to eps.
+    t0, eps = 0.4 * sde.T, 1e-3
+    a = grids.get_grid(name, sde, 9, eps, t_start=t0)
+    with grids.sampling_start(t0):
+        b = grids.get_grid(name, sde, 9, eps)
+    assert torch.equal(a, b) and a[0] == t0 and a[-1] == eps and bool((a[1:] < a[:-1]).all())
+    assert grids.get_grid(name, sde, 9, eps)[0] == sde.T        # the context is reset on exit
+
+
+def test_log_snr_and_quadratic_formulas_from_t_start():
+    sde = sdegen.VPSDE()
+    lam = sde.log_snr(grids.log_snr(sde, 8, 1e-3, t_start=0.5))
+    torch.testing.assert_close(lam, torch.linspace(float(lam[0]), float(lam[-1]), 9, dtype=torch.float64),
+                               rtol=1e-8, atol=1e-10)
+    assert float(lam[0]) == pytest.approx(float(sde.log_snr(torch.tensor([0.5], dtype=torch.float64))), rel=1e-12)
+    q = grids.quadratic(sde, 4, 0.1, t_start=0.5)
+    torch.testing.assert_close(q, 0.1 + 0.4 * torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64) ** 2)
+
+
+def test_t_start_errors_in_grids():
+    sde = sdegen.VPSDE()
+    with pytest.raises(ValueError, match=r"t_start must lie in \(0, T\]"):
+        grids.uniform(sde, 4, t_start=1.5)
+    with pytest.raises(ValueError, match=r"eps must lie in \(0, t_start\) = \(0, 0.01\)"):
+        grids.uniform(sde, 4, 0.05, t_start=0.01)
+    with pytest.raises(TypeError, match="t_start must be a real number"):
+        grids.karras(sde, 4, t_start=True)
+    with pytest.raises(ValueError, match="takes no options"):
+        grids.get_grid(torch.tensor([1.0, 0.1]), sde, None, rho=7.0)
