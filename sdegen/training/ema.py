@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._utils import check_number
+
 __all__ = ["EMA"]
 
 
@@ -21,10 +23,7 @@ class EMA:
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999):
-        decay = float(decay)
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"ema decay must lie in [0, 1), got {decay}")
-        self.decay = decay
+        self.decay = check_number(decay, "decay", low=0.0, high=1.0, high_open=True)   # "0.9" and True refused
         self.num_updates = 0
         self.shadow: dict[str, Tensor] = {k: p.detach().clone() for k, p in model.named_parameters()}
 

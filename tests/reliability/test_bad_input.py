@@ -677,12 +677,34 @@ FOOTER = """
 | the score explodes as t → 0 | `NonFiniteError` naming the first non-finite step and its time |
 | the adaptive step size of `rk45` underflows | `StepSizeError` with `.t`, `.dt`, `.x`, `.steps` |
 | `rk45` exceeds `max_steps` | `StepSizeError` with the state reached |
-| the training loss becomes NaN/inf | `TrainingDivergedError`; the last good checkpoint is kept |
+| the training loss becomes NaN/inf | `TrainingDivergedError`; the last good checkpoint is kept, the model passed to `train` gets its weights back |
 | the newest checkpoint is truncated or corrupt (sha256 mismatch) | `RuntimeWarning`, the previous good checkpoint is used |
+| the JSON record of a checkpoint was edited (its `record_sha256` no longer matches) | treated as corrupt: `RuntimeWarning` and the previous one, or `CheckpointError` |
+| a network config in a record does not describe the stored weights, or exceeds the size bounds | `CheckpointError` before any memory is allocated (shapes from a meta-device build) |
 | a checkpoint directory holds a pickle (`.pt`, `.pkl`) or a record pointing at one | never unpickled; `CheckpointError` |
 
 `tests/reliability/test_faults.py` injects each fault; `tests/reliability/test_checkpoints.py` kills a
 training process with SIGKILL at several points and checks that resuming loses nothing.
+
+## Training never loses work or data
+
+* Every option, the data (finite, shape, dtype) and `checkpoint_dir` (a writable directory without
+  symbolic links, not in use) are checked before step 1; nothing is written before that.
+* If `train` fails (a bad checkpoint, a diverged loss, an exception in a callback), the model passed
+  to it gets back the weights and train/eval mode it had on entry.
+* A checkpoint stores a fingerprint of the data (shape, dtype, sha256 of a strided subsample of up
+  to 1,024 rows) beside the training options: resuming with other data or options is refused.
+  `resume=False` over a directory that holds a run is refused; `overwrite=True` discards that run.
+* A run directory is locked (`.sdegen.lock`, `fcntl.flock`, holding the pid) for the whole run: a
+  second process (or a second call in the same process) training into it is refused with the pid of
+  the holder. The kernel releases the lock when its process dies, so a killed run's lock is taken over.
+* Temporary files of an interrupted atomic write (`.step-*.tmp`) and weights files without a
+  committed record are removed when the next run starts.
+* `log_file` is never a link and never a file other than an sdegen training log; `sdegen sample
+  --out` refuses an existing file without `--force` and a link always; files are written atomically
+  (temporary file and rename), so a link planted at a name is replaced, never written through.
+
+`tests/training/test_train_safety.py` checks each point (a forked second process holds the lock).
 
 ## Reproducibility
 
