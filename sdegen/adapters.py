@@ -221,6 +221,7 @@ class _DiscreteStepScore(AbstractChainModel):
         self.model, self.sde, self.prediction = model, sde, prediction
         self.timesteps, self.first_step, self.call = timesteps, first_step, call
         self._coefs: dict = {}
+        self._steps: dict = {}
 
     def _coefs_at(self, tv: float) -> tuple:
         r"""``(u, c_x, c_out)`` at the scalar time ``tv``: the model's step value and the score as the linear map
@@ -275,8 +276,18 @@ class _DiscreteStepScore(AbstractChainModel):
         fast = (isinstance(t, Tensor) and t.ndim == 1 and t.device.type == "cpu" and t.numel() > 0
                 and (t.stride(0) == 0 or t.numel() == 1) and not t.requires_grad)
         if fast:
-            u, u_dtype, c_x, c_out = self._coefs_at(t[0].item())
-            steps = torch.full(t.shape, u, dtype=u_dtype if u_dtype == torch.long else t.dtype)
+            tv = t[0].item()
+            u, u_dtype, c_x, c_out = self._coefs_at(tv)
+            # The steps tensor is reused per (time, batch, dtype) unless the model changed it in place.
+            key = (tv, t.numel(), t.dtype)
+            hit = self._steps.get(key)
+            if hit is None or hit[0]._version != hit[1]:
+                steps = torch.full(t.shape, u, dtype=u_dtype if u_dtype == torch.long else t.dtype)
+                if len(self._steps) * t.numel() >= 1 << 20:      # at most ~8 MB of cached step values
+                    self._steps.clear()
+                self._steps[key] = (steps, steps._version)
+            else:
+                steps = hit[0]
         else:
             steps = self.model_steps(t)
         out = self.model(x, steps, **model_kwargs) if self.call is None else self.call(self.model, x, steps, model_kwargs)

@@ -308,3 +308,21 @@ def test_discrete_step_score_fast_path_equals_the_table(prediction):
         torch.testing.assert_close(received[-2], received[-1], rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="t must lie"):
         score_fn(x, torch.full((1,), 1.5, dtype=F64).expand(5))
+
+
+def test_discrete_step_score_reused_steps_survive_an_in_place_edit():
+    """The fast path reuses the steps tensor per time; a model that edits it in place gets a fresh one next call."""
+    seen = []
+
+    def model(x, u):
+        seen.append(u.clone())
+        u.add_(100.0)                       # a hostile model
+        return torch.zeros_like(x)
+
+    sde, score_fn = from_discrete_eps(model, _cosine_betas(40), first_step=0)
+    x = torch.zeros(3, 2, dtype=F64)
+    t = torch.full((1,), 0.5, dtype=F64).expand(3)
+    score_fn(x, t)
+    score_fn(x, t)
+    torch.testing.assert_close(seen[0], seen[1])
+    torch.testing.assert_close(seen[0], torch.full((3,), 19.0, dtype=F64))     # u = tN/T - 1 = 19
