@@ -58,7 +58,7 @@ def sampling_start(t_start: float | None) -> Iterator[None]:
 
 
 def _real(value: Any, name: str) -> float:
-    if isinstance(value, bool):
+    if isinstance(value, (bool, str)):      # float("0.01") would accept a typo'd config value
         raise TypeError(f"{name} must be a real number, got {value!r}")
     try:
         return float(value)

@@ -78,6 +78,8 @@ class GaussianMixture:
         else:
             if stds is None:
                 stds = 1.0
+            if isinstance(stds, (bool, str)) or (isinstance(stds, torch.Tensor) and stds.dtype == torch.bool):
+                raise TypeError(f"stds must be a float or a real tensor, got {stds!r}")
             stds = torch.as_tensor(stds).to(device=device, dtype=dtype)
             if stds.ndim == 0:
                 stds = stds.expand(K, d)
