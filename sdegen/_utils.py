@@ -114,6 +114,11 @@ def _describe(value: Any) -> str:
     return f"{text} ({type(value).__name__})"
 
 
+def _is_bool(value: Any) -> bool:
+    """``bool`` or a numpy bool (``numpy.bool_``, named ``bool`` in numpy 2), without importing numpy."""
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"))
+
+
 def _as_real(value: Any, name: str, expected: str) -> float:
     """``value`` as a Python float if it is a real number; ``TypeError`` otherwise.
 
@@ -127,7 +132,7 @@ def _as_real(value: Any, name: str, expected: str) -> float:
             raise TypeError(f"{name} must be {expected}, got a tensor of dtype {value.dtype} and shape "
                             f"{tuple(value.shape)}")
         return float(value.item())
-    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
+    if _is_bool(value) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be {expected}, got {_describe(value)}")
     return float(value)
 
@@ -218,7 +223,7 @@ def check_int(value: Any, name: str, *, low: int | None = None, high: int | None
             raise TypeError(f"{name} must be {expected}, got a tensor of dtype {value.dtype} and shape "
                             f"{tuple(value.shape)}")
         v = int(value.item())
-    elif isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Integral):
+    elif _is_bool(value) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be {expected}, got {_describe(value)}")
     else:
         v = int(value)
@@ -239,7 +244,7 @@ def check_seed(value: Any, name: str = "seed") -> int:
 
 def check_bool(value: Any, name: str) -> bool:
     """Return ``value`` if it is a ``bool`` (numpy bools included); ``TypeError`` otherwise (``1``, ``"yes"``)."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if _is_bool(value):
         return bool(value)
     raise TypeError(f"{name} must be True or False, got {_describe(value)}")
 
