@@ -231,8 +231,9 @@ def adaptive_sde_integrate(
             x, t, h = x.index_copy(0, idx, x_new), t.index_copy(0, idx, t_new), h.index_copy(0, idx, h_new)
         running = t - t_end > tiny
         # The single host read of this attempt: every count and flag the control flow needs.
-        counts = torch.stack([ok.sum(), finite.sum(), running.sum(), (h < opts.h_min).logical_and_(running).sum()])
-        flags = torch.cat([counts.to(t.dtype), t[:1]]).tolist()
+        fd = t.dtype
+        flags = torch.stack([ok.sum(dtype=fd), finite.sum(dtype=fd), running.sum(dtype=fd),
+                             (h < opts.h_min).logical_and_(running).sum(dtype=fd), t[0]]).tolist()
         n_ok, n_bad, n_run = int(flags[0]), ok.numel() - int(flags[1]), int(flags[2])
         if n_bad:
             bad_streak += 1
