@@ -535,6 +535,11 @@ _DIFFUSERS_VARIANCES = {"fixed_small": "posterior", "fixed_small_log": "posterio
                         "learned": "learned", "learned_range": "learned_range"}
 
 
+def _unset_score(x: Tensor, t: Tensor, **model_kwargs) -> Tensor:
+    """Placeholder score of an x0 option built before its score (module level, so the plan stays picklable)."""
+    raise RuntimeError("internal: x0 option used before its score was set")
+
+
 def _diffusers_config(scheduler) -> dict:
     config = getattr(scheduler, "config", None)
     if config is None or getattr(scheduler, "alphas_cumprod", None) is None:
@@ -697,10 +702,10 @@ def from_diffusers(unet: Callable, scheduler: object, *, timesteps: str = "conti
     sde = DiscreteVPSDE(alphas_cumprod=ab, T=T, plan=plan)
     x0_option = None
     if config.get("thresholding", False):
-        x0_option = ThresholdX0(lambda x, t: x, sde, config.get("dynamic_thresholding_ratio", 0.995),
+        x0_option = ThresholdX0(_unset_score, sde, config.get("dynamic_thresholding_ratio", 0.995),
                                 config.get("sample_max_value", 1.0))
     elif config.get("clip_sample", False):
-        x0_option = ClipX0(lambda x, t: x, sde, config.get("clip_sample_range", 1.0))
+        x0_option = ClipX0(_unset_score, sde, config.get("clip_sample_range", 1.0))
     # The plan's own step reads the model (not the score) where a score cannot carry what it needs: x0 at
     # abar = 0 (zero terminal SNR) and learned variances; the x0 option then acts inside that step.
     own_model = plan.variance.startswith("learned") or float(ab[plan.steps[0] - 1]) == 0.0

@@ -381,3 +381,15 @@ def test_backend_docs_diffusers_examples_run():
     assert len(blocks) == 2
     for code in blocks:
         exec(compile(code, "docs/backend.md", "exec"), {})
+
+
+def test_adapter_with_its_plan_pickles():
+    """The SDE (with its plan and in-step clipping) and the score pickle, and sample the same after the round trip."""
+    import pickle
+
+    scheduler = _ddim(5, clip_sample=True)
+    sde, score_fn = from_diffusers(unet(), scheduler)
+    sde2, score2 = pickle.loads(pickle.dumps((sde, score_fn)))
+    a = sdegen.sample(sde, score_fn, SHAPE, method="ancestral", generator=torch.Generator().manual_seed(0), dtype=F64)
+    b = sdegen.sample(sde2, score2, SHAPE, method="ancestral", generator=torch.Generator().manual_seed(0), dtype=F64)
+    assert torch.equal(a.samples, b.samples)

@@ -176,18 +176,20 @@ def adapter_overhead(steps: int = 100, batches=(16, 4096), repeats: int = 5) -> 
             model = _eps_model(B)
             sde, adapted = from_discrete_eps(model, betas)
             x, u = torch.randn(B, 2), torch.full((B,), 500.0)
-            calls = max(20, 2000 // B)
-            bare = _best(lambda: [model(x, u) for _ in range(calls)], repeats) / calls
-            runs = {"plain": lambda: sample(sde, lambda y, t: model(y, t), (B, 2), method="dpm_solver", steps=steps),
+            nfe = sample(sde, adapted, (B, 2), method="dpm_solver", steps=steps).nfe     # also a warm-up
+            # The bare model calls are timed as a run of their own (nfe calls), alternated with the others,
+            # so that each ratio compares runs of the same length under the same machine load.
+            runs = {"bare": lambda: [model(x, u) for _ in range(nfe)],
+                    "plain": lambda: sample(sde, lambda y, t: model(y, t), (B, 2), method="dpm_solver", steps=steps),
                     "adapter": lambda: sample(sde, adapted, (B, 2), method="dpm_solver", steps=steps)}
             loop = _diffusers_dpm_loop(model, B, steps)
             if loop is not None:
                 runs["diffusers"] = loop
-            nfe = runs["adapter"]().nfe                      # also a warm-up
             best = {k: float("inf") for k in runs}
-            for _ in range(repeats):                         # alternated, so load changes hit every run alike
+            for _ in range(repeats):
                 for k, fn in runs.items():
                     best[k] = min(best[k], _best(fn, 1))
+            bare = best.pop("bare") / nfe
             row = {"batch": B, "steps": steps, "nfe": nfe, "bare_call_us": 1e6 * bare}
             for k, wall in best.items():
                 row[f"{k}_us_per_step"] = 1e6 * wall / steps

@@ -16,7 +16,6 @@ from __future__ import annotations
 import abc
 import math
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Callable, Mapping
 
 import torch
@@ -108,8 +107,8 @@ class ChainPlan:
             raise TypeError(f"method_options must map method names to option dicts, got {self.method_options!r}")
         if self.x0_transform is not None and not callable(self.x0_transform):
             raise TypeError(f"x0_transform must be callable x0 -> x0, got {type(self.x0_transform).__name__}")
-        object.__setattr__(self, "method_options", MappingProxyType(
-            {k: MappingProxyType(dict(v)) for k, v in self.method_options.items()}))
+        # Copies (plain dicts, so that plans pickle), not shared with the caller.
+        object.__setattr__(self, "method_options", {k: dict(v) for k, v in self.method_options.items()})
 
     @classmethod
     def full(cls, n: int) -> "ChainPlan":
