@@ -101,15 +101,22 @@ def _assert_same(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-def _kill_chain(tmp_path: Path, points: list[str]) -> int:
-    """Run the points one after another on one directory, then resume to the end; compare to a clean run."""
+def _kill_chain(tmp_path: Path, points: list[str], expect_orphans: list[str] = ()) -> int:
+    """Run the points one after another on one directory, then resume to the end; compare to a clean run.
+
+    ``expect_orphans``: prefixes of temporary files the kills must have left (the resumed run removes them).
+    """
     victim_dir = tmp_path / "victim"
     for point in points:
         _finish(_launch(tmp_path, victim_dir, point), killed=True)
         # after every kill, what is on disk is either nothing yet or a valid checkpoint
         if list_checkpoints(victim_dir):
             _state(victim_dir)
+    orphans = sorted(p.name for p in victim_dir.glob(".*.tmp")) if victim_dir.exists() else []
+    for prefix in expect_orphans:
+        assert any(name.startswith(prefix + ".") for name in orphans), (prefix, orphans)
     _finish(_launch(tmp_path, victim_dir), killed=False)
+    assert not list(victim_dir.glob(".*.tmp")), f"orphaned temporary files left: {orphans}"
     threads = torch.get_num_threads()
     try:   # the uninterrupted run, here (bitwise equal across processes: test_reproducibility.py)
         torch.set_num_threads(1)
@@ -124,8 +131,9 @@ def _kill_chain(tmp_path: Path, points: list[str]) -> int:
 
 def test_sigkill_inside_a_checkpoint_write_loses_nothing(tmp_path):
     # replace 4 is the JSON commit of checkpoint 2 (step 6): the kill leaves its weights file in
-    # place without a record, plus a temporary JSON file; the step-3 checkpoint must be used.
-    assert _kill_chain(tmp_path, ["replace:4"]) == 1
+    # place without a record, plus a temporary JSON file; the step-3 checkpoint must be used, and
+    # the next run removes both orphans (_kill_chain checks that no .tmp file is left).
+    assert _kill_chain(tmp_path, ["replace:4"], expect_orphans=[".step-00000006.json"]) == 1
 
 
 @pytest.mark.slow
