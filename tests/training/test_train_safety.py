@@ -280,3 +280,39 @@ def test_orphans_of_interrupted_writes_are_removed_at_the_start(tmp_path):
     assert (run / "notes.txt").read_text() == "not ours"
     assert sorted(p.name for p in run.iterdir() if p.name.endswith(".tmp")) == []
     assert read_checkpoint(run)[1]["step"] == 4
+
+
+def _train_and_wait(directory, conn):
+    """Train in a forked process, pausing after step 1 until the parent says go."""
+    def pause(step, model):
+        if step == 1:
+            conn.send("training")
+            conn.recv()
+
+    try:
+        out = train(_model(), _data(), steps=4, checkpoint_dir=directory, callback=pause, **OPTS)
+        conn.send(("done", out.step))
+    except BaseException as err:           # reported to the parent, which asserts on it
+        conn.send(("error", repr(err)))
+
+
+def test_two_processes_training_into_one_directory_one_is_refused(tmp_path):
+    import multiprocessing as mp
+
+    run = tmp_path / "run"
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_train_and_wait, args=(str(run), child))
+    proc.start()
+    try:
+        assert parent.poll(120) and parent.recv() == "training"
+        with pytest.raises(CheckpointError, match=rf"in use by another training process \(pid {proc.pid}\)"):
+            train(_model(), _data(seed=5), steps=4, checkpoint_dir=run, **OPTS)
+        parent.send("go")
+        assert parent.poll(120) and parent.recv() == ("done", 4)
+    finally:
+        proc.join(60)
+    # The directory holds the first run alone: equal to the same run made in another directory.
+    train(_model(), _data(), steps=4, checkpoint_dir=tmp_path / "alone", **OPTS)
+    a, b = read_checkpoint(run)[0], read_checkpoint(tmp_path / "alone")[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
