@@ -162,7 +162,7 @@ def run_demo(out_dir: str | os.PathLike = "outputs/demo", *, config: DemoConfig 
     Args:
         out_dir: folder for ``samples.png``, ``trajectories.png``, ``training_loss.png``,
             ``results.json`` and ``table.md`` (created).
-        config: [`DemoConfig`][sdegen.demo.DemoConfig] (default: the full demo, about two minutes on two CPU cores).
+        config: [`DemoConfig`][sdegen.demo.DemoConfig] (default: the full demo, about 100 s of CPU on one thread).
         device: where to train and sample.
         seed: seeds data, initial weights, training and every sampler.
         progress: show progress bars.

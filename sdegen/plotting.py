@@ -160,7 +160,7 @@ def scatter_panels(panels: Mapping[str, object], *, log_prob=None, lim: float = 
                 ax.scatter(pts[:, 0], pts[:, 1], s=2.0, c=_SAMPLE_COLOR, alpha=0.6, linewidths=0)
                 out = outside_window(pts, lim)
                 if out:
-                    label = f"{name}\n{out} of {len(pts)} points outside the window"
+                    label = f"{name}\n{out}/{len(pts)} outside the window"
             else:
                 ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes, color="0.4")
             ax.set_title(label, color="#b00000" if label != name else "black")

@@ -19,7 +19,7 @@ def test_scatter_panel_title_says_how_many_points_it_does_not_show():
     pts[:7, 0] = 50.0                                        # 7 far-away samples a [-3, 3] panel hides
     fig = plotting.scatter_panels({"far": pts, "near": torch.zeros(10, 2)}, lim=3.0)
     titles = [ax.get_title() for ax in fig.axes]
-    assert "far\n7 of 100 points outside the window" in titles
+    assert "far\n7/100 outside the window" in titles
     assert "near" in titles
     matplotlib.pyplot.close(fig)
 
