@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import math
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 import torch
@@ -190,6 +190,10 @@ def _build_ancestral(ctx: RunContext, opts: dict) -> Ancestral:
         # final step (no extra denoising), its noise and its eta unless eta= is given.
         plan = sde.plan
         eta = plan.eta if eta is None else check_positive(eta, "eta", allow_zero=True)
+        if opts.get("variance") is not None:
+            if opts["variance"] not in ("posterior", "beta"):
+                raise ValueError(f"variance must be 'posterior' (DDPM's beta-tilde) or 'beta', got {opts['variance']!r}")
+            plan = replace(plan, variance=opts["variance"])
         ctx.times = plan.times(sde.alpha_bar.numel() - 1, sde.T)
         ctx.steps = len(plan.steps)
         ctx.own_final_step = True
@@ -197,9 +201,11 @@ def _build_ancestral(ctx: RunContext, opts: dict) -> Ancestral:
                 float(sde.alpha_bar[plan.steps[0]]) == 0.0:
             return ChainStep.from_plan(sde, plan, eta, ctx.times)
         return Ancestral(chain_table(sde, plan, eta, ctx.times))
-    if eta is not None:
-        raise ValueError(f"eta={eta!r} applies to the ancestral step on a chain SDE's own plan (e.g. an SDE from "
-                         "sdegen.adapters.from_diffusers, without steps=); here the step is the posterior (eta = 1)")
+    if eta is not None or opts.get("variance") is not None:
+        name, value = ("eta", eta) if eta is not None else ("variance", opts["variance"])
+        raise ValueError(f"{name}={value!r} applies to the ancestral step on a chain SDE's own plan (e.g. an SDE "
+                         "from sdegen.adapters.from_diffusers or from_discrete_eps, without steps=); here the step is "
+                         "the posterior (eta = 1)")
     if isinstance(sde, VPSDE):
         grid = opts.get("grid", "uniform")
         if not (isinstance(grid, str) and grid == "uniform"):
@@ -360,7 +366,8 @@ METHODS: MethodTable = MethodTable({
     "reverse_diffusion": MethodSpec(_fixed_grid_runner(_PREDICTORS["reverse_diffusion"], grid_option=True),
                                     reverse_sde=True, options=_GRID,
                                     doc="reverse SDE, the SDE's own discretization reversed (Song et al. eq. 47)"),
-    "ancestral": MethodSpec(_fixed_grid_runner(_build_ancestral), reverse_sde=True, options={"eta": None},
+    "ancestral": MethodSpec(_fixed_grid_runner(_build_ancestral), reverse_sde=True,
+                            options={"eta": None, "variance": None},
                             doc="ancestral posterior sampling (VP: exactly DDPM; VE: SMLD)"),
     "pc": MethodSpec(_fixed_grid_runner(_build_pc, grid_option=True), reverse_sde=True,
                      options={"predictor": "reverse_diffusion", "corrector": "langevin", "snr": 0.16,
@@ -629,7 +636,8 @@ def sample(sde: SDE, score_fn: Callable[..., Tensor], shape, *, method: str, ste
       ``sde.discretize(steps)`` on $t_i = iT/N$ (``eps`` ignored, no denoising); VE: SMLD. On an SDE that
       carries a discrete chain (``adapters.DiscreteVPSDE``, e.g. from ``adapters.from_diffusers``) and
       without ``steps=``: the chain's own plan (the scheduler's steps, variance and final step, no
-      denoising), with ``eta=`` as for DDIM ($\eta = 0$ DDIM, $\eta = 1$ the posterior).
+      denoising), with ``eta=`` as for DDIM ($\eta = 0$ DDIM, $\eta = 1$ the posterior) and
+      ``variance="posterior"`` ($\tilde\beta$) or ``"beta"`` ($\beta$, DDPM's ``fixed_large``) overriding the plan's.
     * ``"pc"``: ``predictor=`` one of ``"reverse_diffusion"`` (default), ``"euler_maruyama"``,
       ``"ancestral"``, ``"ode_euler"``, ``"ode_heun"``; ``corrector="langevin"`` (default: the SNR rule
       at the expected score norm, a step per time, $2\alpha r^2(s(t)^2 + m(t)^2\sigma^2)$ with

@@ -393,3 +393,16 @@ def test_adapter_with_its_plan_pickles():
     a = sdegen.sample(sde, score_fn, SHAPE, method="ancestral", generator=torch.Generator().manual_seed(0), dtype=F64)
     b = sdegen.sample(sde2, score2, SHAPE, method="ancestral", generator=torch.Generator().manual_seed(0), dtype=F64)
     assert torch.equal(a.samples, b.samples)
+
+
+def test_variance_option_overrides_the_plan():
+    """variance="beta" on a fixed_small adapter equals the fixed_large scheduler's loop (and the reverse)."""
+    ref_large = _loop(unet(), _ddpm(variance_type="fixed_large"), 13)
+    res = _natural(unet(), _ddpm(variance_type="fixed_small"), 13, variance="beta")
+    torch.testing.assert_close(res.samples, ref_large, rtol=1e-5, atol=1e-5)
+    ref_small = _loop(unet(), _ddpm(variance_type="fixed_small"), 13)
+    assert float((ref_small - ref_large).abs().max()) > 1e-2
+    with pytest.raises(ValueError, match="variance"):
+        _natural(unet(), _ddpm(), 13, variance="learned")
+    with pytest.raises(ValueError, match="variance"):
+        sdegen.sample(sdegen.VPSDE(), lambda x, t: -x, (2, 2), method="ancestral", steps=10, variance="beta")
