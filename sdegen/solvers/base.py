@@ -130,7 +130,8 @@ class CountingScore:
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         self.nfe += 1
-        version, t_version = x._version, t._version
+        x_version = x._version
+        t_version = t._version
         out = self.score_fn(x, t, **self.model_kwargs)
         if not isinstance(out, Tensor) or out.shape != x.shape:
             raise ValueError(f"score_fn must return a tensor shaped like x {tuple(x.shape)}, "
@@ -139,8 +140,8 @@ class CountingScore:
             raise TypeError(f"score_fn must return a tensor with x's dtype and device ({x.dtype} on {x.device}), "
                             f"got {out.dtype} on {out.device}; cast inside the score function "
                             "(e.g. return s.to(x.dtype)) or sample in the model's dtype")
-        if x._version != version or t._version != t_version:
-            name = "x" if x._version != version else "t"
+        if x._version != x_version or t._version != t_version:
+            name = "x" if x._version != x_version else "t"
             raise RuntimeError(f"score_fn modified its input {name} in place ({name}'s version counter changed during "
                                f"the call); the solver reuses {name} after the call, so the samples would change "
                                f"silently. Work on a copy ({name} = {name}.clone()) or use out-of-place operations")
