@@ -112,7 +112,7 @@ def check_backend_options(backend: str, solver: str, options) -> None:
     Args:
         backend: ``"torchdiffeq"``, ``"scipy"`` or ``"torchsde"``.
         solver: the backend's method name.
-        options: the option names given (a mapping or an iterable of names).
+        options (Mapping[str, Any] | Iterable[str]): the option names given (a mapping or an iterable of names).
     """
     valid = backend_options(backend, solver)
     unknown = sorted(set(options) - set(valid))
