@@ -217,20 +217,28 @@ class DPMSolverSinglestep(AbstractFixedGridSolver):
         final_form = self.solver_type if self.solver_type != "paper" else "midpoint"
         stage2_form = self.solver_type if self.solver_type != "paper" else "exact"
         noise = self._noise_rows(ms, lams, idx)
+        # Data: the stored prediction is P~ = x + s^2 score = m P, and 1/m goes into the weights (one kernel
+        # per prediction). Noise: P = -s score, a new tensor (a model may reuse its output buffer).
+        fac = [1.0 / ms[j][0] if self.prediction == "data" else 1.0 for j in idx]
+
+        def update(to: int, stage_idx: list[int], form: str):
+            lin, w = self._update(ms, lams, a, to, stage_idx, form)
+            return lin, tuple(wj * fj for wj, fj in zip(w, fac))
+
         stages = []
         if k >= 2:
-            stages.append((tl[idx[1]], (*self._update(ms, lams, a, idx[1], [], "exact"), noise[0])))
+            stages.append((tl[idx[1]], (*update(idx[1], [], "exact"), noise[0])))
         if k == 3:
-            stages.append((tl[idx[2]], (*self._update(ms, lams, a, idx[2], [idx[1]], stage2_form), noise[1])))
-        lin, w = self._update(ms, lams, a, b, idx[1:-1], final_form)
+            stages.append((tl[idx[2]], (*update(idx[2], [idx[1]], stage2_form), noise[1])))
+        lin, w = update(b, idx[1:-1], final_form)
         # the final update's own draw is the loop's dw: fold 1/sqrt|dt| into its coefficient
         fin = noise[-1][:-1] + (noise[-1][-1] / math.sqrt(abs(tl[a] - tl[b])),)
         pred = [self._pred_coefs(*ms[j]) for j in idx[:-1]]
         return tuple(stages), lin, w, fin, tuple(pred)
 
-    def _pred_coefs(self, m: float, s: float) -> tuple[float, float]:
-        r"""$P = \alpha x + \beta\,s_\theta$: data $(1/m, s^2/m)$, noise $(0, -s)$."""
-        return (1.0 / m, s * s / m) if self.prediction == "data" else (0.0, -s)
+    def _pred_coefs(self, m: float, s: float) -> float:
+        r"""$s^2$ of the stored data prediction $\tilde P = x + s^2 s_\theta$; $-s$ of the noise prediction $-s\,s_\theta$."""
+        return s * s if self.prediction == "data" else -s
 
     # -------------------------------------------------------------------------------- stepping
     def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
@@ -242,10 +250,8 @@ class DPMSolverSinglestep(AbstractFixedGridSolver):
         tv = [[torch.full_like(t0, ts) for ts, _ in row[0]] for row in self.table]
         return 0, tv, 0
 
-    @staticmethod
-    def _pred(x: Tensor, score: Tensor, coefs) -> Tensor:
-        a, b = coefs
-        return score * b if a == 0.0 else torch.add(x, score, alpha=b / a).mul_(a)
+    def _pred(self, x: Tensor, score: Tensor, s2: float) -> Tensor:
+        return torch.add(x, score, alpha=s2) if self.prediction == "data" else score * s2
 
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
         i, tv, k_draw = state

@@ -151,7 +151,8 @@ class SASolver(AbstractFixedGridSolver):
             w = [w[0] + delta, w[1] - delta]
         lin = math.exp(-tau * tau * h) * s1 / s0
         noise = s1 * math.sqrt(-math.expm1(-2.0 * tau * tau * h)) * scale if tau > 0 else 0.0
-        return lin, tuple(m1 * wj for wj in w), noise
+        # the stored predictions are m_j * D_j (one kernel fewer per step): fold 1/m_j into the weights
+        return lin, tuple(m1 * wj / ms[j][0] for wj, j in zip(w, nodes)), noise
 
     def _weights(self, ms: list, tl: list) -> tuple:
         n = len(tl) - 1
@@ -170,7 +171,7 @@ class SASolver(AbstractFixedGridSolver):
             kp, kc = min(kp, done + 1), min(kc, done + 2)
             nodes = [i - k for k in range(kp)]
             pred = self._update(ms, lams, i, i + 1, nodes, tau_i, "p", 1.0 / math.sqrt(tl[i] - tl[i + 1]))
-            rows.append((ms[i][1] ** 2, 1.0 / ms[i][0], corr, pred))
+            rows.append((ms[i][1] ** 2, corr, pred))
             prev_corr = kc if self.corrector_order > 0 else 0
             done = min(done + 1, max(self.predictor_order, self.corrector_order - 1))
         return tuple(rows)
@@ -182,8 +183,8 @@ class SASolver(AbstractFixedGridSolver):
 
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
         i, hist, x_prev, dw_prev = state
-        s0sq, inv_m0, corr, pred = self.table[i]
-        d = torch.add(x, dyn.score(x, t0), alpha=s0sq).mul_(inv_m0)     # Tweedie x0_hat
+        s0sq, corr, pred = self.table[i]
+        d = torch.add(x, dyn.score(x, t0), alpha=s0sq)                   # m0 * Tweedie x0_hat
         hist = (d, *hist)[:5]                                            # newest first
         if corr is not None:
             lin, w, cn = corr
