@@ -81,11 +81,19 @@ def _split_data(data) -> tuple[Tensor, Tensor | None]:
     if y is not None and (y.shape != (x.shape[0],) or y.is_floating_point() or y.is_complex()
                           or y.dtype == torch.bool):
         raise ValueError(f"labels must be an integer tensor of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
-    finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
-    if not bool(finite.all()):     # one read of the data, before any step: NaN would poison the weights
-        bad = (~finite).nonzero()[:, 0]
-        raise ValueError(f"data must be finite: {bad.numel()} of {x.shape[0]} rows hold NaN or inf "
-                         f"(first: row {int(bad[0])})")
+    # One read of the data before any step (NaN would poison the weights), in chunks of about 16 M
+    # values so that the boolean mask never costs a copy of a large data set.
+    rows = max(1, (1 << 24) // max(1, x[0].numel()))
+    n_bad, first = 0, None
+    for start in range(0, x.shape[0], rows):
+        chunk = x[start:start + rows]
+        bad = ~torch.isfinite(chunk).reshape(chunk.shape[0], -1).all(dim=1)
+        k = int(bad.sum())
+        if k:
+            n_bad += k
+            first = start + int(bad.nonzero()[0, 0]) if first is None else first
+    if n_bad:
+        raise ValueError(f"data must be finite: {n_bad} of {x.shape[0]} rows hold NaN or inf (first: row {first})")
     return x, y
 
 
