@@ -513,7 +513,7 @@ def _check_start(sde: SDE, t_start, strength, x_init, x_T) -> float:
 
 
 def _real_arg(value, name: str) -> float:
-    if isinstance(value, bool):
+    if isinstance(value, (bool, str)):      # float("0.5") would accept a string
         raise TypeError(f"{name} must be a real number, got {value!r}")
     try:
         v = float(value)
