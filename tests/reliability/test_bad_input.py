@@ -472,6 +472,8 @@ CASES: list[Case] = [
     Case("VESDE", "sigma_max='50' (a string)", lambda: VESDE(sigma_max="50"), TypeError, "sigma_max"),
     Case("sample", "eps=True", lambda: _sample(eps=True), TypeError, "eps"),
     Case("sample", "eps='0.01' (a string)", lambda: _sample(eps="0.01"), TypeError, "eps"),
+    Case("sample", "strength='0.5' (a string)", lambda: _sample(x_init=torch.zeros(4, 2), shape=None, strength="0.5"),
+         TypeError, "strength"),
     Case("sample", "pc with snr=True", lambda: _sample(method="pc", snr=True), TypeError, "snr"),
     Case("sample", "rk45 with rtol='1e-3' (a string)", lambda: _sample(method="rk45", steps=None, rtol="1e-3"),
          TypeError, "rtol"),
