@@ -246,8 +246,13 @@ class DPMSolverSinglestep(AbstractFixedGridSolver):
             raise ValueError("DPMSolverSinglestep needs its table: build it with DPMSolverSinglestep.tabulated(...)")
         if self.eta > 0.0 and self.draw is None and any(row[0] for row in self.table):
             raise ValueError("DPMSolverSinglestep with eta > 0 and stages needs draw= for the stages' noise")
-        # stage time vectors, made once on the state's device
-        tv = [[torch.full_like(t0, ts) for ts, _ in row[0]] for row in self.table]
+        # stage time vectors, made once on the state's device (one allocation, then views)
+        flat = [ts for row in self.table for ts, _ in row[0]]
+        vecs = torch.tensor(flat, dtype=t0.dtype, device=t0.device).unsqueeze(1).expand(len(flat), t0.shape[0]).unbind(0)
+        tv, k = [], 0
+        for row in self.table:
+            tv.append(vecs[k:k + len(row[0])])
+            k += len(row[0])
         return 0, tv, 0
 
     def _pred(self, x: Tensor, score: Tensor, s2: float) -> Tensor:
@@ -308,14 +313,15 @@ def build_dpm_fast(ctx, opts: dict) -> DPMSolverSinglestep:
     orders = fast_orders(n)
     sde = ctx.dyn.affine
     coarse = get_grid("log_snr", sde, len(orders), ctx.eps)
-    lam = 0.5 * sde.log_snr(coarse)
-    fine = [float(coarse[0])]
+    lam = (0.5 * sde.log_snr(coarse)).tolist()          # host floats: no per-element tensor ops
+    # inner stage points at fractions 1/k, ..., (k-1)/k of each step in lambda; one inverse for all of them
+    inner = [lam[j] + (lam[j + 1] - lam[j]) * q / k for j, k in enumerate(orders) for q in range(1, k)]
+    t_inner = iter(sde.t_from_log_snr(2 * torch.tensor(inner, dtype=torch.float64)).to(torch.float64).tolist()
+                   if inner else [])
+    tc = coarse.tolist()
+    fine = [tc[0]]
     for j, k in enumerate(orders):
-        # inner stage points at fractions 1/k, ..., (k-1)/k of the step in lambda
-        inner = [lam[j] + (lam[j + 1] - lam[j]) * q / k for q in range(1, k)]
-        if inner:
-            fine += sde.t_from_log_snr(2 * torch.stack(inner)).to(torch.float64).tolist()
-        fine.append(float(coarse[j + 1]))
+        fine += [next(t_inner) for _ in range(k - 1)] + [tc[j + 1]]
     fine_t = torch.tensor(fine, dtype=torch.float64)
     ctx.times = DPMSolverSinglestep.group_times(fine_t, orders)
     return DPMSolverSinglestep.tabulated(sde, fine_t, orders, prediction=opts["prediction"],

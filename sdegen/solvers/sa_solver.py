@@ -38,7 +38,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -58,15 +57,21 @@ def _j_integrals(h: float, c: float, n: int) -> list[float]:
 
 
 def _adams_weights(nodes: list[float], h: float, c: float) -> list[float]:
-    r"""$\int_0^h c\,e^{-c(h-u)}\ell_j(u)\,du$ for the Lagrange basis $\ell_j$ on ``nodes`` ($u$ values)."""
+    r"""$\int_0^h c\,e^{-c(h-u)}\ell_j(u)\,du$ for the Lagrange basis $\ell_j$ on ``nodes`` ($u$ values).
+
+    Plain Python on at most five nodes: expanding $\prod_{i \ne j}(u - u_i)$ term by term costs a few µs,
+    which matters because the table is built once per run (per step of the grid)."""
     J = _j_integrals(h, c, len(nodes))
     weights = []
     for j, uj in enumerate(nodes):
-        others = [u for k, u in enumerate(nodes) if k != j]
-        poly = np.poly(others) if others else np.array([1.0])          # highest power first
-        poly = poly / np.prod([uj - u for u in others]) if others else poly
-        coef = poly[::-1]                                               # a_p for u^p
-        weights.append(float(sum(a * J[p] for p, a in enumerate(coef))))
+        coef, denom = [1.0], 1.0                       # coefficients of u^0, u^1, ... of prod (u - u_i)
+        for i, ui in enumerate(nodes):
+            if i == j:
+                continue
+            coef = [(coef[p - 1] if p > 0 else 0.0) - ui * (coef[p] if p < len(coef) else 0.0)
+                    for p in range(len(coef) + 1)]
+            denom *= uj - ui
+        weights.append(sum(a * J[p] for p, a in enumerate(coef)) / denom)
     return weights
 
 
