@@ -1,4 +1,7 @@
-r"""Stochastic samplers (SDE-DPM-Solver++, Euler/DPM-2 ancestral, DPM-2, restart): exact distributions, with power.
+r"""Stochastic and single-step samplers: exact distributions with power, weak orders, identities.
+
+Methods: SDE-DPM-Solver++, SA-Solver, Euler and DPM-2 ancestral, DPM-2, Restart, single-step
+DPM-Solver(++) and dpm_fast.
 
 With the exact score of a Gaussian mixture (``GaussianMixture.score_fn``) every sampler should draw
 the data distribution up to its discretization bias, on VP, sub-VP, VE and a user
@@ -99,6 +102,7 @@ CASES = {
     "restart": ("restart", 30, {}),
     "sa_solver": ("sa_solver", 100, {}),
     "sa_solver_3_tau05": ("sa_solver", 40, {"predictor_order": 3, "corrector_order": 3, "tau": 0.5}),
+    "dpm_fast": ("dpm_fast", 30, {}),
     "singlestep_sde_2": ("dpm_solver_singlestep", 60, {"eta": 1.0, "order": 2}),
     "singlestep_sde_3": ("dpm_solver_singlestep", 60, {"eta": 1.0, "order": 3, "solver_type": "midpoint"}),
     "restart_k4": ("restart", 20, {"restart_count": 4, "restart_sigma": (0.1, 1.0), "restart_steps": 4}),
@@ -109,7 +113,7 @@ FAST_N = 4000
 FAST = {"sde_dpm_2m": "vp", "sde_dpm_3m": "user", "sde_dpm_2m_eta05": "ve",
         "euler_ancestral": "subvp", "euler_ancestral_eta05": "user", "dpm2": "ve", "dpm2_ancestral": "vp",
         "restart": "subvp", "restart_k4": "ve", "sa_solver": "user", "sa_solver_3_tau05": "vp",
-        "singlestep_sde_2": "ve", "singlestep_sde_3": "subvp"}
+        "singlestep_sde_2": "ve", "singlestep_sde_3": "subvp", "dpm_fast": "user"}
 # First-order samplers need more steps for their O(h) bias to sit below the check's resolution.
 FAST_STEPS = {"sde_dpm_1": 200, "sde_dpm_2m": 100, "euler_ancestral": 300}
 
@@ -124,7 +128,7 @@ def test_exact_distribution_fast(case):
 # Power, one case per family: the score x 1.1 must fail the same check (measured |z| 6-60 at n = 4000).
 # The slow test below checks the power of every case on every SDE at n = 10^4.
 POWER = {"sde_dpm_2m": "vp", "euler_ancestral_eta05": "subvp", "dpm2": "user",
-         "restart": "ve", "sa_solver": "subvp", "singlestep_sde_3": "user"}
+         "restart": "ve", "sa_solver": "subvp", "singlestep_sde_3": "user", "dpm_fast": "vp"}
 
 
 @pytest.mark.parametrize("case", list(POWER))
