@@ -72,9 +72,11 @@ class SDEDPMSolverPP(AbstractFixedGridSolver):
     $z = \Delta w/\sqrt{|\Delta t|}$ is the loop's unit draw. The first steps use the orders their
     history allows; with ``lower_order_final`` the last steps lower it too ($\min(k, N - i)$), and a
     step ending at $s = 0$ is order 1 (it is then the Tweedie denoiser $x = m\,D$). With $\eta = 0$ it
-    is exactly [`DPMSolver`][sdegen.solvers.dpm_solver.DPMSolver] (data prediction). Strong order
-    1/2 for $\eta > 0$ (the noise enters as in Euler-Maruyama on the Ornstein-Uhlenbeck part it solves
-    exactly); the deterministic part has order ``order``. One score evaluation per step.
+    is exactly [`DPMSolver`][sdegen.solvers.dpm_solver.DPMSolver] (data prediction). The linear part
+    and the noise are integrated exactly; measured weak order (exact Gaussian moments,
+    ``tests/solvers/test_stochastic_samplers.py``): 1 for order 1, 2 for 2M-SDE; 3M-SDE is 15-50x more
+    accurate than 2M-SDE at 40-80 steps without a clean asymptotic order. ``order`` is the order of the
+    deterministic part ($\eta = 0$). One score evaluation per step.
 
     Args:
         order: 1, 2 or 3.
