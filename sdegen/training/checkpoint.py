@@ -265,6 +265,9 @@ def _read_one(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         tensors = st_load(blob)
     except Exception as err:  # safetensors raises its own error type
         raise CheckpointError(f"{wpath}: cannot parse safetensors ({err})") from err
+    if meta.get("version") == 1:
+        warnings.warn(f"{path}: a version-1 checkpoint record (written before sdegen checksummed its records): "
+                      f"an edit of its model or training config cannot be detected", RuntimeWarning, stacklevel=4)
     return tensors, meta
 
 

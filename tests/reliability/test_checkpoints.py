@@ -362,3 +362,14 @@ def test_a_net_config_that_does_not_describe_the_weights_is_refused_before_build
     with pytest.raises(CheckpointError, match=r"'depth' must be an int in \[1, 256\], got True"):
         sdegen.load(tmp_path)
     assert built == []
+
+
+def test_a_record_downgraded_to_version_1_loads_only_with_a_warning(tmp_path):
+    record = _one_checkpoint(tmp_path)
+    meta = json.loads(record.read_text())
+    meta["version"] = 1
+    del meta["record_sha256"]
+    meta["model"]["parameterization"] = "x0"        # an edit that version 1 cannot detect
+    record.write_text(json.dumps(meta))
+    with pytest.warns(RuntimeWarning, match="version-1 checkpoint record.*cannot be detected"):
+        assert sdegen.load(tmp_path).parameterization == "x0"
