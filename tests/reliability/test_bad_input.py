@@ -126,6 +126,10 @@ def _tmp(name: str) -> Path:
     import tempfile
 
     base = Path(tempfile.gettempdir()) / f"sdegen-badinput-{os.getpid()}"
+    if not base.exists():
+        import atexit
+
+        atexit.register(shutil.rmtree, base, ignore_errors=True)    # this process's files only
     path = base / name
     if path.is_symlink() or path.is_file():
         path.unlink()
