@@ -22,7 +22,7 @@ algorithms. (With the float32 tables the 2M-SDE update differs by up to 1.2e-5 r
 its divided differences amplify the rounding of λ.) ``EulerAncestralDiscreteScheduler`` and
 ``DPMSolverMultistepScheduler`` still compute their steps in float32 (``step`` casts the sample), so
 they are compared at float32 round-off accumulated over 10-20 steps: ``1e-6`` times the largest state
-entry (measured below 1e-7). The KDPM2 schedulers, ``SASolverScheduler`` and
+entry (measured up to 1.7e-7). The KDPM2 schedulers, ``SASolverScheduler`` and
 ``DPMSolverSinglestepScheduler`` keep the sample's dtype and match to float64 round-off (``1e-11``;
 measured <= 1e-13).
 
