@@ -93,7 +93,7 @@ _MAX_LEVELS, _MAX_MULT = 8, 64
 
 
 def check_net_config(name: str, cfg: dict[str, Any]) -> None:
-    """Refuse a network config from a checkpoint whose sizes exceed [`NET_LIMITS`][sdegen.training.checkpoint.NET_LIMITS].
+    """Refuse a checkpoint's network config whose sizes exceed `NET_LIMITS` (before anything is built).
 
     Raises:
         CheckpointError: an integer field is not an int or is out of range, or a field is unknown.

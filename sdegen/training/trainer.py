@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .._utils import check_bool, check_int, check_number, check_positive, check_seed
 from ..parameterization import ScoreModel

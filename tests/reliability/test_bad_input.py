@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import math
 import os
 import sys
 from dataclasses import dataclass
