@@ -13,8 +13,9 @@ noise contracts the accumulated error of the earlier ODE steps (Xu et al. 2023, 
 combines the ODE's small discretization error with the SDE's contraction.
 
 In the one loop every move is a step of the time list: the downward steps are ODE steps, the
-upward jump $t_\text{min} \to t_\text{max}$ is the noising step, whose unit draw is the loop's
-$z = \Delta w/\sqrt{|\Delta t|}$ (a Brownian increment over $|t_\text{max} - t_\text{min}|$).
+upward jump $t_\text{min} \to t_\text{max}$ is the noising step. Its unit draw $z$ comes from ``draw(k)``
+(``RunContext.unit_draw``: the generator, or the per-sample seeds), like a corrector's, so that the
+loop draws nothing on the many ODE steps.
 
 Notation map (Xu et al. → sdegen): $[t_\text{min}, t_\text{max}]$ are given as noise levels
 ``restart_sigma`` $= (\sigma_\text{min}, \sigma_\text{max})$ in the σ picture; $K$ → ``restart_count``;
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
@@ -81,16 +82,19 @@ class Restart(AbstractFixedGridSolver):
 
     Args:
         table: per-step rows (see `tabulated`); required.
+        draw: ``draw(k) -> Tensor``, the k-th unit Gaussian shaped like ``x`` (one per restart); required
+            when the time list jumps up.
     """
 
     table: tuple | None = field(default=None, repr=False)
+    draw: Callable[[int], Tensor] | None = field(default=None, repr=False)
 
     order: ClassVar[float] = 2.0
-    stochastic: ClassVar[bool] = True
+    stochastic: ClassVar[bool] = False      # the loop's Brownian path is unused: restarts draw from `draw`
     evals_per_step: ClassVar[int] = 2
 
     @classmethod
-    def tabulated(cls, sde: AffineSDE, times: Tensor) -> "Restart":
+    def tabulated(cls, sde: AffineSDE, times: Tensor, draw: Callable[[int], Tensor] | None = None) -> "Restart":
         """Per-step coefficients for the (non-monotone) time list ``times`` from `restart_times`."""
         t = torch.as_tensor(times).detach().to("cpu", torch.float64).reshape(-1).tolist()
         ms = marginal_rows(sde, t)
@@ -99,27 +103,30 @@ class Restart(AbstractFixedGridSolver):
             (m0, s0), (m1, s1) = ms[k], ms[k + 1]
             if t[k + 1] > t[k]:
                 r, q = sde.transition(torch.tensor([t[k]], dtype=torch.float64), torch.tensor([t[k + 1]], dtype=torch.float64))
-                rows.append(("up", float(r), float(q) / math.sqrt(t[k + 1] - t[k])))
+                rows.append(("up", float(r), float(q)))
             else:
                 dsig = s1 / m1 - s0 / m0
                 # x_e = (m1/m0) x - m1 dsig s0 score0;  x_1 = (m1/m0) x - m1 dsig (s0 score0 + s1 score1)/2
                 rows.append(("down", m1 / m0, -m1 * dsig * s0, -0.5 * m1 * dsig * s0, -0.5 * m1 * dsig * s1))
-        return cls(table=tuple(rows))
+        return cls(table=tuple(rows), draw=draw)
 
     def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
         if self.table is None:
             raise ValueError("Restart needs its per-step table: build it with Restart.tabulated(sde, times)")
-        return 0
+        if self.draw is None and any(row[0] == "up" for row in self.table):
+            raise ValueError("Restart with restarts needs draw= (unit Gaussian draws for the re-noising)")
+        return 0, 0
 
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
-        row = self.table[state]
+        i, k = state
+        row = self.table[i]
         if row[0] == "up":
-            return torch.add(x * row[1], dw, alpha=row[2]), state + 1
+            return torch.add(x * row[1], self.draw(k), alpha=row[2]), (i + 1, k + 1)
         _, a, b_e, b0, b1 = row
         score0 = dyn.score(x, t0)
         xe = torch.add(x * a, score0, alpha=b_e)
         score1 = dyn.score(xe, t1)
-        return torch.add(x * a, score0, alpha=b0).add_(score1, alpha=b1), state + 1
+        return torch.add(x * a, score0, alpha=b0).add_(score1, alpha=b1), (i + 1, k)
 
 
 def default_interval(sde: AffineSDE, main: Tensor) -> tuple[float, float]:
@@ -151,7 +158,7 @@ def build_restart(ctx, opts: dict) -> Restart:
     if interval is None:
         interval = default_interval(sde, main)
     ctx.times = restart_times(sde, main, float(interval[0]), float(interval[1]), count, seg, rho=float(opts["rho"]))
-    return Restart.tabulated(sde, ctx.times)
+    return Restart.tabulated(sde, ctx.times, draw=ctx.unit_draw())
 
 
 #: ``sdegen.sample(method="restart")`` options: one restart interval at low noise (``None``: $\sigma \in [0.06, 0.30]$
