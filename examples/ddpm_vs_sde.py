@@ -33,7 +33,8 @@ import torch
 
 import sdegen
 from sdegen import plotting
-from sdegen.ddpm import DDPM, continuous_vlb
+from sdegen.ddpm import DDPM
+from sdegen.vlb import continuous_vlb
 from sdegen.demo import sliced_wasserstein
 
 

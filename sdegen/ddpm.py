@@ -1,4 +1,6 @@
-r"""The DDPM chain as the discretized VP SDE: forward jumps, posterior, ancestral and DDIM sampling, the VLB.
+r"""The DDPM chain as the discretized VP SDE: schedules, forward jumps, posterior, samplers, score view, loss.
+
+Its bound is in [`sdegen.vlb`][sdegen.vlb]; its samplers run in the one loop (``sdegen.sample``).
 
 The forward chain (Ho et al. 2020, eq. 2 and 4) with $\alpha_i = 1 - \beta_i$,
 $\bar\alpha_i = \prod_{j \le i} \alpha_j$ is
@@ -27,122 +29,25 @@ Notation map: ``alpha_bar`` $=\bar\alpha$ (the SDE's ``mean_coef``$^2$), ``sigma
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from ._utils import (append_dims, as_time, check_floating, check_positive, check_time_range, is_traceable_device,
-                     sum_except_batch)
-from .sdes import AffineSDE, VPSDE
+from ._utils import append_dims, as_time, check_floating, check_positive, check_time_range, is_traceable_device
+from .gaussian import draw_device, standard_normal
+from .sampling import sample
+from .sdes import VPSDE
 from .sdes.base import _check_shape
+from .sdes.discrete import ChainPlan, DiscreteVPSDE
+from .vlb import VLBResult, chain_vlb, chain_vlb_term
 
-__all__ = ["DDPM", "VLBResult", "ContinuousVLBResult", "gaussian_kl", "discretized_gaussian_log_likelihood",
-           "continuous_vlb", "VARIANCES", "DECODERS"]
+__all__ = ["DDPM", "VARIANCES"]
 
 #: Reverse-step variances accepted by [`DDPM`][sdegen.ddpm.DDPM].
 VARIANCES = ("posterior", "beta")
-#: Decoders $p_\theta(x_0 \mid x_1)$ accepted by [`DDPM.vlb`][sdegen.ddpm.DDPM.vlb].
-DECODERS = ("gaussian", "discretized")
 
 EpsModel = Callable[..., Tensor]
-_LOG2 = math.log(2.0)
-
-
-# ---------------------------------------------------------------------- closed forms
-def gaussian_kl(mean1: Tensor, var1: Tensor, mean2: Tensor, var2: Tensor) -> Tensor:
-    r"""$\mathrm{KL}(\mathcal N(\mu_1, \sigma_1^2) \,\|\, \mathcal N(\mu_2, \sigma_2^2))$, elementwise, in nats.
-
-    $$\mathrm{KL} = \log\frac{\sigma_2}{\sigma_1} + \frac{\sigma_1^2 + (\mu_1-\mu_2)^2}{2\sigma_2^2} - \frac12$$
-
-    (Kingma & Welling 2014, App. B). Arguments broadcast against each other; variances must be
-    positive. Sum over dimensions for the KL of isotropic or diagonal Gaussians.
-
-    Args:
-        mean1: mean of the first Gaussian.
-        var1: variance of the first Gaussian (positive).
-        mean2: mean of the second Gaussian.
-        var2: variance of the second Gaussian (positive).
-
-    Returns:
-        The broadcast elementwise KL, $\ge 0$, zero only where the two Gaussians are equal.
-    """
-    mean1, var1, mean2, var2 = (torch.as_tensor(v) for v in (mean1, var1, mean2, var2))
-    # log(var2/var1) written as a difference of logs keeps precision when the ratio is near 1.
-    return 0.5 * (var2.log() - var1.log() + (var1 + (mean1 - mean2).square()) / var2 - 1.0)
-
-
-def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, var: Tensor, *, bins: int = 256) -> Tensor:
-    r"""Log-probability of $x$ in $[-1, 1]$ quantized to ``bins`` levels under $\mathcal N(\mu, \sigma^2)$.
-
-    $$\log p(x) = \log \int_{\delta_-(x)}^{\delta_+(x)} \mathcal N(u; \mu, \sigma^2)\,du, \qquad
-      \delta_\pm(x) = \begin{cases} \pm\infty & x = \pm 1 \\ x \pm 1/(\text{bins}-1) & \text{else}\end{cases}$$
-
-    (Ho et al. 2020, eq. 13). The bin mass is computed from ``log_ndtr`` on the side of the mean
-    where it does not cancel, so it stays accurate for bins far in a tail. Elementwise, broadcasting.
-    """
-    half = 1.0 / (bins - 1)
-    std = var.sqrt()
-    lo = (x - half - mean) / std
-    hi = (x + half - mean) / std
-    edge_lo = x <= -1.0 + 1e-6
-    edge_hi = x >= 1.0 - 1e-6
-    lo = torch.where(edge_lo, torch.full_like(lo, -math.inf), lo)
-    hi = torch.where(edge_hi, torch.full_like(hi, math.inf), hi)
-    # Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi): use the form whose two terms are both small.
-    upper = (lo + hi) > 0
-    a = torch.where(upper, -hi, lo)
-    b = torch.where(upper, -lo, hi)
-    log_b = torch.special.log_ndtr(b)
-    log_a = torch.special.log_ndtr(a)
-    # log(Phi(b) - Phi(a)) = log Phi(b) + log(1 - exp(log Phi(a) - log Phi(b))); a < b always.
-    return log_b + torch.log((-torch.expm1((log_a - log_b).clamp_max(0.0))).clamp_min(1e-300))
-
-
-# ---------------------------------------------------------------------- results
-@dataclass(frozen=True)
-class VLBResult:
-    r"""The DDPM variational bound $-\log p_\theta(x_0) \le L_T + \sum_{i=2}^N L_{i-1} + L_0$, per sample.
-
-    Attributes:
-        prior: $L_T = \mathrm{KL}(q(x_N \mid x_0)\,\|\,\mathcal N(0, I))$, ``(B,)`` nats.
-        diffusion: $\sum_{i=2}^N L_{i-1}$, ``(B,)`` nats (exact in $i$, or an unbiased estimate).
-        decoder: $L_0 = -\log p_\theta(x_0 \mid x_1)$, ``(B,)`` nats.
-        total: the bound, ``(B,)`` nats.
-        bits_per_dim: ``total / (D ln 2)``, ``(B,)``.
-        terms: ``(B, N)`` with column ``j`` $= L_j$ for $j = 0, \dots, N-1$ (column 0 is the decoder)
-            when every term was computed; ``None`` for the sampled estimate.
-        steps: the steps $i$ whose terms $L_{i-1}$ were evaluated (1-D long tensor).
-    """
-
-    prior: Tensor
-    diffusion: Tensor
-    decoder: Tensor
-    total: Tensor
-    bits_per_dim: Tensor
-    terms: Tensor | None
-    steps: Tensor
-
-
-@dataclass(frozen=True)
-class ContinuousVLBResult:
-    r"""The continuous-time bound of [`continuous_vlb`][sdegen.ddpm.continuous_vlb], per sample, in nats.
-
-    Attributes:
-        prior: $\mathrm{KL}(q(x_T \mid x_0)\,\|\,p_T)$, ``(B,)``.
-        diffusion: the estimate of $\tfrac12\int_{\lambda_T}^{\lambda_\epsilon} e^{\lambda}
-            \|x_0 - \hat x_0(x_\lambda)\|^2 d\lambda$, ``(B,)``.
-        decoder: $-\log \mathcal N(x_0; \hat x_0(x_\epsilon), \sigma(\epsilon)^2 I)$, ``(B,)``.
-        total: the sum, ``(B,)``.
-        bits_per_dim: ``total / (D ln 2)``, ``(B,)``.
-    """
-
-    prior: Tensor
-    diffusion: Tensor
-    decoder: Tensor
-    total: Tensor
-    bits_per_dim: Tensor
 
 
 # ---------------------------------------------------------------------- the chain
@@ -460,11 +365,13 @@ class DDPM:
         r"""Ancestral sampling (Ho et al. 2020, Algorithm 2), from step $N$ down to 0.
 
         $x_N \sim \mathcal N(0, I)$; for $i = N, \dots, 1$: $z \sim \mathcal N(0, I)$,
-        $x_{i-1} = \mu_\theta(x_i, i) + \sigma_i z$. Draws: $x_N$ = ``torch.randn(shape)`` first (skipped
-        when ``x_T`` is given), then one ``torch.randn(shape)`` per step, also at $i = 1$ where
-        $\sigma_1 = 0$ for ``variance="posterior"``. This is the order of
+        $x_{i-1} = \mu_\theta(x_i, i) + \sigma_i z$, run by the one sampling loop as the chain's
+        [`ChainPlan`][sdegen.sdes.discrete.ChainPlan] of every step (``sdegen.sample`` with
+        ``method="ancestral"``). Draws: $x_N$ = ``torch.randn(shape)`` first (skipped when ``x_T`` is
+        given), then one ``torch.randn(shape)`` per step, also at $i = 1$ where $\sigma_1 = 0$ for
+        ``variance="posterior"``. This is the order of
         ``sdegen.sample(vp, ddpm.score_fn(eps_model), shape, method="ancestral", steps=N)``, so both
-        give the same samples from the same generator.
+        give the same samples from the same generator (to float rounding).
 
         Args:
             eps_model: ``eps_model(x, i, **model_kwargs)``; ``i`` a ``(B,)`` long tensor of steps.
@@ -479,17 +386,9 @@ class DDPM:
         Returns:
             ``(B, *D)`` samples $x_0$.
         """
-        x, gen_kw = self._start(shape, generator, device, dtype, x_T)
-        B = x.shape[0]
-        steps = range(self.n_steps, 0, -1)
-        with torch.no_grad():
-            for i in _progress(steps, progress, "DDPM"):
-                ii = torch.full((B,), i, dtype=torch.long, device=x.device)
-                eps_hat = self._eps(eps_model, x, ii, model_kwargs)
-                mean = self._mean_from_eps(x, i, eps_hat)
-                z = torch.randn(x.shape, **gen_kw)
-                x = mean + self._coef("sigma2", i, x).sqrt() * z
-        return x
+        steps = tuple(range(self.n_steps, 0, -1))
+        plan = ChainPlan(steps, steps[1:] + (0,), variance=self.variance, noiseless_step_one=False)
+        return self._run(plan, eps_model, shape, generator, device, dtype, x_T, progress, model_kwargs)
 
     def ddim_steps(self, steps: int) -> list[int]:
         r"""The DDIM sub-sequence $0 = \tau_0 < \tau_1 < \dots < \tau_S = N$, $\tau_k = \mathrm{round}(kN/S)$."""
@@ -513,8 +412,10 @@ class DDPM:
         $\eta = 0$ is deterministic: Euler's method for the probability-flow ODE in the variables
         $(x/\sqrt{\bar\alpha}, \sigma = \sqrt{(1-\bar\alpha)/\bar\alpha})$, exact for a constant
         $\hat\epsilon$. $\eta = 1$ with ``steps = N`` is ancestral sampling with $\tilde\beta_i$. The last
-        step lands on $\tau_0 = 0$ ($\bar\alpha = 1$) and returns $\hat x_0$. Draws: $x_N$ first (unless
-        ``x_T``), then one ``torch.randn(shape)`` per step only when ``eta > 0``.
+        step lands on $\tau_0 = 0$ ($\bar\alpha = 1$) and returns $\hat x_0$. The steps run in the one
+        sampling loop as a [`ChainPlan`][sdegen.sdes.discrete.ChainPlan] (as [`sample`][sdegen.ddpm.DDPM.sample]).
+        Draws: $x_N$ first (unless ``x_T``), then one ``torch.randn(shape)`` per step (multiplied by
+        $\sigma = 0$ when ``eta = 0``).
 
         Args:
             eps_model: ``eps_model(x, i, **model_kwargs)`` as in [`sample`][sdegen.ddpm.DDPM.sample].
@@ -533,23 +434,14 @@ class DDPM:
         """
         taus = self.ddim_steps(steps)
         eta = check_positive(eta, "eta", allow_zero=True)
-        x, gen_kw = self._start(shape, generator, device, dtype, x_T)
-        B = x.shape[0]
-        with torch.no_grad():
-            for k in _progress(range(len(taus) - 1, 0, -1), progress, "DDIM"):
-                tau, tau_prev = taus[k], taus[k - 1]
-                ii = torch.full((B,), tau, dtype=torch.long, device=x.device)
-                eps_hat = self._eps(eps_model, x, ii, model_kwargs)
-                ab = self._coef("alpha_bar", tau, x)
-                ab_prev = self._coef("alpha_bar", tau_prev, x)
-                x0_hat = self.x0_from_eps(x, ii, eps_hat)
-                sigma2 = (eta ** 2) * (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
-                x = ab_prev.sqrt() * x0_hat + (1 - ab_prev - sigma2).clamp_min(0).sqrt() * eps_hat
-                if eta > 0:
-                    x = x + sigma2.sqrt() * torch.randn(x.shape, **gen_kw)
-        return x
+        plan = ChainPlan(tuple(taus[:0:-1]), tuple(taus[-2::-1]), eta=eta, noiseless_step_one=False)
+        return self._run(plan, eps_model, shape, generator, device, dtype, x_T, progress, model_kwargs)
 
-    def _start(self, shape, generator, device, dtype, x_T):
+    def _run(self, plan: ChainPlan, eps_model: EpsModel, shape, generator, device, dtype, x_T, progress: bool,
+             model_kwargs: dict | None) -> Tensor:
+        r"""Run ``plan`` from $x_N$ (``x_T`` checked, or drawn) in the one sampling loop: ``sdegen.sample`` with
+        ``method="ancestral"`` on [`score_fn`][sdegen.ddpm.DDPM.score_fn] and the chain's own SDE, a
+        [`DiscreteVPSDE`][sdegen.sdes.discrete.DiscreteVPSDE] of the same $\beta_i$ (its $\bar\alpha_i$ are these bit for bit)."""
         if x_T is not None:
             check_floating(x_T, "x_T")
             if x_T.ndim < 2 or x_T.shape[0] < 1:
@@ -561,16 +453,18 @@ class DDPM:
                 raise ValueError(f"x_T must have shape {tuple(shape)}, got {tuple(x_T.shape)}")
             if dtype is not None and x_T.dtype != dtype:
                 raise ValueError(f"x_T must have dtype {dtype}, got {x_T.dtype}")
-            gen_kw = {"generator": generator, "device": x_T.device, "dtype": x_T.dtype}
-            return x_T, gen_kw
-        shape = _check_shape(shape)
-        if device is None and generator is not None:
-            device = generator.device
-        dtype = dtype if dtype is not None else torch.get_default_dtype()
-        if dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        gen_kw = {"generator": generator, "device": device, "dtype": dtype}
-        return torch.randn(shape, **gen_kw), gen_kw
+        else:
+            shape = _check_shape(shape)
+            if device is None and generator is not None:
+                device = generator.device
+            dtype = dtype if dtype is not None else torch.get_default_dtype()
+            if dtype not in (torch.float32, torch.float64):
+                raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+            x_T = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        sde = DiscreteVPSDE(self._betas, T=self.T, plan=plan)
+        with torch.no_grad():
+            return sample(sde, self.score_fn(eps_model), None, method="ancestral", x_T=x_T, generator=generator,
+                          progress=progress, model_kwargs=model_kwargs).samples
 
     # ------------------------------------------------------------------ score view
     def score_fn(self, eps_model: EpsModel) -> Callable[..., Tensor]:
@@ -636,9 +530,9 @@ class DDPM:
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         B = x0.shape[0]
-        ii = torch.randint(1, self.n_steps + 1, (B,), generator=generator, device=_gen_device(generator, x0))
+        ii = torch.randint(1, self.n_steps + 1, (B,), generator=generator, device=draw_device(generator, x0))
         ii = ii.to(x0.device)
-        noise = _randn_like(x0, generator)
+        noise = standard_normal(x0, generator)
         eps_hat = self._eps(eps_model, self.q_sample(x0, ii, noise), ii, model_kwargs)
         per = (noise - eps_hat).square().reshape(B, -1).mean(1)
         return per.mean() if reduction == "mean" else per
@@ -652,234 +546,23 @@ class DDPM:
 
     def vlb_term(self, eps_model: EpsModel, x0: Tensor, i, noise: Tensor, *, form: str = "kl",
                  model_kwargs: dict | None = None) -> Tensor:
-        r"""$L_{i-1} = \mathrm{KL}(q(x_{i-1}\mid x_i, x_0)\,\|\,p_\theta(x_{i-1}\mid x_i))$ for $i \ge 2$ at $x_i$ = ``q_sample(x0, i, noise)``.
-
-        Three equal forms (with $r_i = \tilde\beta_i/\sigma_i^2$ and $c_i = \tfrac D2(r_i - 1 - \log r_i)$,
-        zero for ``variance="posterior"``):
-
-        - ``"kl"``: ``gaussian_kl`` of the posterior and the model, summed over dimensions;
-        - ``"eps"``: $\lambda_i\|\epsilon - \hat\epsilon\|^2 + c_i$ with [`eps_weight`][sdegen.ddpm.DDPM.eps_weight] (Ho et al. 2020, eq. 12);
-        - ``"snr"``: $\tfrac{r_i}2(\mathrm{SNR}_{i-1} - \mathrm{SNR}_i)\|x_0 - \hat x_0\|^2 + c_i$ (Kingma et al. 2021, eq. 13).
-
-        Returns:
-            ``(B,)`` nats.
-        """
-        if form not in ("kl", "eps", "snr"):
-            raise ValueError(f"form must be one of 'kl', 'eps', 'snr', got {form!r}")
-        check_floating(x0, "x0")
-        _check_like(noise, x0, "noise")
-        ii = _as_steps(i, 2, self.n_steps, "i", device=x0.device)
-        ii = self._steps(ii, x0)
-        x_i = self.q_sample(x0, ii, noise)
-        eps_hat = self._eps(eps_model, x_i, ii, model_kwargs)
-        return self._kl_term(x0, x_i, ii, noise, eps_hat, form)
-
-    def _kl_term(self, x0, x_i, ii, noise, eps_hat, form: str) -> Tensor:
-        D = x0[0].numel()
-        sigma2 = self._coef("sigma2", ii, x0)
-        post_var = self._coef("post_var", ii, x0)
-        if form == "kl":
-            mean_q, _ = self.q_posterior(x0, x_i, ii)
-            mean_p = self._mean_from_eps(x_i, ii, eps_hat)
-            kl = gaussian_kl(mean_q, append_dims(post_var, x0.ndim), mean_p, append_dims(sigma2, x0.ndim))
-            return sum_except_batch(kl)
-        r = post_var / sigma2
-        const = 0.5 * D * (r - 1 - r.log())
-        if form == "eps":
-            w = self._coef("beta", ii, x0).square() / (
-                2 * sigma2 * self._coef("alpha", ii, x0) * (1 - self._coef("alpha_bar", ii, x0)))
-            return w * sum_except_batch((noise - eps_hat).square()) + const
-        x0_hat = self.x0_from_eps(x_i, ii, eps_hat)
-        dsnr = self._coef("snr", ii - 1, x0) - self._coef("snr", ii, x0)
-        return 0.5 * r * dsnr * sum_except_batch((x0 - x0_hat).square()) + const
+        r"""$L_{i-1}$ ($i \ge 2$) at $x_i$ = ``q_sample(x0, i, noise)``, ``(B,)`` nats: [`chain_vlb_term`][sdegen.vlb.chain_vlb_term] of this chain."""
+        return chain_vlb_term(self, eps_model, x0, i, noise, form=form, model_kwargs=model_kwargs)
 
     def vlb(self, eps_model: EpsModel, x0: Tensor, *, generator: torch.Generator | None = None,
             decoder: str = "gaussian", n_terms: int | None = None, model_kwargs: dict | None = None) -> VLBResult:
-        r"""The variational bound on $-\log p_\theta(x_0)$, term by term (Ho et al. 2020, eq. 5; Sohl-Dickstein et al. 2015).
+        r"""The variational bound on $-\log p_\theta(x_0)$, term by term (Ho et al. 2020, eq. 5), in nats and bits/dim.
 
-        $$L = \underbrace{\mathrm{KL}(q(x_N\mid x_0)\|\mathcal N(0,I))}_{L_T}
-            + \sum_{i=2}^{N}\underbrace{\mathbb E_{q(x_i\mid x_0)}\mathrm{KL}(q(x_{i-1}\mid x_i,x_0)\|p_\theta(x_{i-1}\mid x_i))}_{L_{i-1}}
-            \underbrace{- \mathbb E_{q(x_1\mid x_0)}\log p_\theta(x_0\mid x_1)}_{L_0}.$$
-
-        $L_T$ is exact. Each $L_{i-1}$ ($i \ge 2$) and $L_0$ is estimated with one draw
-        $x_i \sim q(x_i \mid x_0)$ per sample; independent draws across $i$. With ``n_terms=None`` every
-        $i$ is evaluated ($N$ model calls); with ``n_terms=K`` the sum is the unbiased estimate
-        $\tfrac{N-1}{K}\sum_k L_{i_k - 1}$, $i_k \sim \mathcal U\{2..N\}$ per sample, and ``terms`` is ``None``.
-
-        Decoder $p_\theta(x_0\mid x_1)$, mean $\mu_\theta(x_1, 1) = \hat x_0$ and variance $\beta_1$ (the
-        variance of $x_0 \mid x_1$ to first order; $\tilde\beta_1 = 0$ would make it degenerate):
-
-        - ``"gaussian"`` (default, for continuous data): $\mathcal N(x_0; \mu_\theta, \beta_1 I)$,
-          a density, so bits/dim is in density units (no dequantization offset);
-        - ``"discretized"`` (for 8-bit data scaled to $[-1, 1]$): the Gaussian mass of each data bin
-          ([`discretized_gaussian_log_likelihood`][sdegen.ddpm.discretized_gaussian_log_likelihood]), a probability, so the bound is a true
-          discrete NLL and bits/dim compares with published numbers.
-
-        **Which variance.** The bound uses the chain's ``variance``. With ``"beta"`` and the exact
-        $\epsilon$ it tends to $-\log p(x_0)$ as $N \to \infty$ (the gap is $O(1/N)$). With ``"posterior"``
-        it does not: in the first steps, where $\beta_i$ is comparable to the noise level
-        $1-\bar\alpha_{i-1}$, the true reverse variance is close to $\beta_i$, not $\tilde\beta_i$,
-        and the mismatch costs a constant, about 0.3 nats per dimension, for every $N$
-        (``tests/test_ddpm.py::test_vlb_gap_shrinks_with_n``). Use ``DDPM(..., variance="beta")``
-        for likelihoods.
-
-        Draws: per step a ``torch.randn`` (and, for ``n_terms``, first the ``torch.randint`` steps).
-
-        Args:
-            eps_model: ``eps_model(x, i)``.
-            x0: ``(B, *D)`` data (in $[-1, 1]$ for ``"discretized"``).
-            generator: source of all randomness.
-            decoder: ``"gaussian"`` or ``"discretized"``.
-            n_terms: None (all terms) or the number K of sampled terms.
-
-        Returns:
-            [`VLBResult`][sdegen.ddpm.VLBResult], nats and bits/dim, ``(B,)`` each.
-
-        Raises:
-            ValueError: ``x0`` not batch-first ``(B, *D)`` or containing NaN/inf; unknown ``decoder``.
-            TypeError: ``eps_model`` returns another dtype than ``x0``'s.
+        [`chain_vlb`][sdegen.vlb.chain_vlb] of this chain, which documents the estimator, the decoders
+        and the options. Use ``variance="beta"`` for likelihoods.
         """
-        check_floating(x0, "x0")
-        if x0.ndim < 2 or x0.shape[0] < 1:
-            raise ValueError(f"x0 must be batch-first with shape (B, *D), at least 2 dims, got {tuple(x0.shape)}")
-        if not bool(torch.isfinite(x0).all()):        # one host read at the entry point
-            raise ValueError("x0 contains NaN or inf values: the bound would be NaN")
-        if decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {', '.join(map(repr, DECODERS))}, got {decoder!r}")
-        if decoder == "discretized" and is_traceable_device(x0) and bool((x0.abs() > 1 + 1e-6).any()):
-            raise ValueError("decoder='discretized' needs x0 in [-1, 1] (8-bit data scaled), got values outside")
-        B, D, N = x0.shape[0], x0[0].numel(), self.n_steps
-        nd = x0.ndim
-        # L_T: KL(N(sqrt(abar_N) x0, 1 - abar_N) || N(0, 1)), exact.
-        abN = self._coef("alpha_bar", N, x0)
-        prior = sum_except_batch(gaussian_kl(abN.sqrt() * x0, 1 - abN, torch.zeros_like(x0), torch.ones_like(x0)))
-
-        def term(ii: Tensor) -> Tensor:
-            noise = _randn_like(x0, generator)
-            x_i = self.q_sample(x0, ii, noise)
-            return self._kl_term(x0, x_i, ii, noise, self._eps(eps_model, x_i, ii, model_kwargs), "kl")
-
-        cols = []
-        if n_terms is None:
-            steps = torch.arange(1, N + 1)
-            for i in range(2, N + 1):
-                cols.append(term(torch.full((B,), i, dtype=torch.long, device=x0.device)))
-            diffusion = torch.stack(cols, 1).sum(1) if cols else torch.zeros_like(prior)
-        else:
-            K = _check_steps(n_terms, "n_terms")
-            if N < 2:
-                diffusion, steps = torch.zeros_like(prior), torch.zeros(0, dtype=torch.long)
-            else:
-                draws = torch.randint(2, N + 1, (K, B), generator=generator, device=_gen_device(generator, x0))
-                draws = draws.to(x0.device)
-                acc = torch.zeros_like(prior)
-                for k in range(K):
-                    acc = acc + term(draws[k])
-                diffusion = acc * ((N - 1) / K)
-                steps = draws.reshape(-1)
-        # L_0: the decoder at step 1.
-        one = torch.ones(B, dtype=torch.long, device=x0.device)
-        noise = _randn_like(x0, generator)
-        x1 = self.q_sample(x0, one, noise)
-        mean = self._mean_from_eps(x1, one, self._eps(eps_model, x1, one, model_kwargs))
-        var = append_dims(self._coef("beta", one, x0), nd).expand_as(x0)
-        if decoder == "gaussian":
-            logp = -0.5 * ((x0 - mean).square() / var + var.log() + math.log(2 * math.pi))
-        else:
-            logp = discretized_gaussian_log_likelihood(x0, mean, var)
-        dec = -sum_except_batch(logp)
-        total = prior + diffusion + dec
-        terms = torch.stack([dec, *cols], 1) if n_terms is None else None
-        return VLBResult(prior=prior, diffusion=diffusion, decoder=dec, total=total,
-                         bits_per_dim=total / (D * _LOG2), terms=terms, steps=steps)
+        return chain_vlb(self, eps_model, x0, generator=generator, decoder=decoder, n_terms=n_terms,
+                         model_kwargs=model_kwargs)
 
     def __repr__(self) -> str:
         b = self._betas
         return (f"DDPM(n_steps={self.n_steps}, betas=[{float(b[0]):.4g} .. {float(b[-1]):.4g}], "
                 f"T={self.T}, variance={self.variance!r})")
-
-
-# ---------------------------------------------------------------------- continuous time
-def continuous_vlb(sde: AffineSDE, score_fn: Callable[..., Tensor], x0: Tensor, *, eps: float = 1e-5,
-                   n_t: int = 16, generator: torch.Generator | None = None,
-                   model_kwargs: dict | None = None) -> ContinuousVLBResult:
-    r"""The continuous-time variational bound of an affine SDE, the $N \to \infty$ limit of the DDPM VLB.
-
-    $$-\log p(x_0) \lesssim \mathrm{KL}(q(x_T\mid x_0)\|p_T)
-      - \tfrac12\int_\epsilon^T \mathrm{SNR}'(t)\,\mathbb E\|x_0 - \hat x_0(x_t, t)\|^2 dt
-      - \mathbb E\log\mathcal N(x_0; \hat x_0(x_\epsilon, \epsilon), \sigma(\epsilon)^2 I)$$
-
-    with $\mathrm{SNR} = m^2/s^2$, $x_t = m(t)x_0 + s(t)\epsilon$ and $\hat x_0$ from the score by
-    Tweedie (Kingma et al. 2021, eq. 17 and App. E). It is the limit of [`DDPM.vlb`][sdegen.ddpm.DDPM.vlb]: the
-    DDPM's $L_{i-1} = \tfrac12(\mathrm{SNR}_{i-1} - \mathrm{SNR}_i)\|x_0 - \hat x_0\|^2$ are Riemann
-    sums of the integral, and its decoder $L_0$ becomes the Gaussian decoder at $\epsilon \approx T/N$.
-    The integral diverges like $\tfrac D2\log(1/\epsilon)$ and the decoder like
-    $-\tfrac D2\log(1/\epsilon)$; their sum converges, so ``eps`` may be small.
-
-    The integral is estimated in $\lambda = \log\mathrm{SNR}$, where it reads
-    $\tfrac12\int_{\lambda_T}^{\lambda_\epsilon} e^\lambda\|x_0 - \hat x_0\|^2 d\lambda$ (the integrand
-    stays bounded, $\le D$ for an exact model as $\lambda \to \infty$), by stratified sampling: ``n_t``
-    strata of $[\lambda_T, \lambda_\epsilon]$, one uniform $\lambda$ and one $\epsilon$-draw per stratum
-    and sample; unbiased. Draws: ``torch.rand`` ``(B, n_t)``, then per stratum ``torch.randn``, then
-    the decoder's ``torch.randn``.
-
-    Args:
-        sde: any [`AffineSDE`][sdegen.AffineSDE] (VP, sub-VP, VE, user-defined).
-        score_fn: ``score_fn(x, t)``.
-        x0: ``(B, *D)``.
-        eps: the truncation time, ``0 < eps < T``.
-        n_t: the number of strata per sample.
-        generator: source of all randomness.
-
-    Returns:
-        [`ContinuousVLBResult`][sdegen.ddpm.ContinuousVLBResult], ``(B,)`` nats each.
-    """
-    if not isinstance(sde, AffineSDE):
-        raise TypeError(f"sde must be an sdegen.AffineSDE, got {type(sde).__name__}")
-    if not callable(score_fn):
-        raise TypeError(f"score_fn must be callable score_fn(x, t), got {type(score_fn).__name__}")
-    check_floating(x0, "x0")
-    eps = check_positive(eps, "eps")
-    if not eps < sde.T:
-        raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps}")
-    n_t = _check_steps(n_t, "n_t")
-    kw = model_kwargs or {}
-    B, D, nd = x0.shape[0], x0[0].numel(), x0.ndim
-    like = dict(device=x0.device, dtype=x0.dtype)
-    t_eps = torch.full((B,), eps, **like)
-    t_T = torch.full((B,), sde.T, **like)
-    # prior term
-    mT, sT = sde.marginal(t_T)
-    ps = sde.prior_std()
-    prior = sum_except_batch(gaussian_kl(append_dims(mT, nd) * x0, append_dims(sT.square(), nd).expand_as(x0),
-                                         torch.zeros_like(x0), torch.full_like(x0, ps ** 2)))
-    # diffusion term, stratified in log-SNR
-    lam_T, lam_eps = sde.log_snr(t_T), sde.log_snr(t_eps)
-    width = lam_eps - lam_T
-    u = torch.rand((B, n_t), generator=generator, device=_gen_device(generator, x0), dtype=x0.dtype).to(x0.device)
-    u = (torch.arange(n_t, **like)[None, :] + u) / n_t
-    lam_all = lam_T[:, None] + u * width[:, None]                              # (B, n_t)
-    # One inversion for all strata (generic affine SDEs invert log-SNR by bisection).
-    t_all = sde.t_from_log_snr(lam_all.reshape(-1)).to(**like).clamp(eps, sde.T).reshape(B, n_t)
-    diffusion = torch.zeros(B, **like)
-    for k in range(n_t):
-        lam, t = lam_all[:, k], t_all[:, k]
-        m, s = sde.marginal(t)
-        noise = _randn_like(x0, generator)
-        xt = append_dims(m, nd) * x0 + append_dims(s, nd) * noise
-        x0_hat = sde.x0_from_score(xt, t, score_fn(xt, t, **kw))
-        diffusion = diffusion + 0.5 * lam.exp() * sum_except_batch((x0 - x0_hat).square())
-    diffusion = diffusion * width / n_t
-    # decoder at eps
-    m, s = sde.marginal(t_eps)
-    noise = _randn_like(x0, generator)
-    xe = append_dims(m, nd) * x0 + append_dims(s, nd) * noise
-    x0_hat = sde.x0_from_score(xe, t_eps, score_fn(xe, t_eps, **kw))
-    var = append_dims((s / m).square(), nd)
-    dec = 0.5 * sum_except_batch((x0 - x0_hat).square() / var + var.log().expand_as(x0) + math.log(2 * math.pi))
-    total = prior + diffusion + dec
-    return ContinuousVLBResult(prior=prior, diffusion=diffusion, decoder=dec, total=total,
-                               bits_per_dim=total / (D * _LOG2))
 
 
 # ---------------------------------------------------------------------- helpers
@@ -915,19 +598,3 @@ def _check_like(t: Tensor, x: Tensor, name: str) -> None:
         raise ValueError(f"{name} must be a tensor shaped like x0 {tuple(x.shape)}, got "
                          f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
 
-
-def _gen_device(generator, x: Tensor):
-    """Draw on the generator's device (a CUDA generator cannot fill a CPU tensor), else on ``x``'s."""
-    return generator.device if generator is not None else x.device
-
-
-def _randn_like(x: Tensor, generator) -> Tensor:
-    return torch.randn(x.shape, generator=generator, device=_gen_device(generator, x), dtype=x.dtype).to(x.device)
-
-
-def _progress(it, progress: bool, desc: str):
-    if not progress:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, desc=desc, leave=False)

@@ -20,7 +20,11 @@ ALLOWED = {
     "sdes": set(),
     "grids": {"sdes"},
     "oracle": {"sdes"},
-    "ddpm": {"sdes"},
+    # ddpm -> sampling: DDPM.sample / ddim_sample are sdegen.sample on the chain's own SDE (one loop, issue 15).
+    "ddpm": {"sdes", "gaussian", "vlb", "sampling"},
+    # gaussian: closed forms (KL, log-densities) and the standard normal draw; vlb: the bounds built on them.
+    "gaussian": set(),
+    "vlb": {"sdes", "gaussian"},
     "parameterization": {"sdes"},
     "nn": set(),
     # training -> nn: `sdegen.load` rebuilds the network from its saved config, so training must

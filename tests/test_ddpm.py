@@ -17,7 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sdegen
-from sdegen.ddpm import DDPM, continuous_vlb, discretized_gaussian_log_likelihood, gaussian_kl
+from sdegen.ddpm import DDPM
+from sdegen.gaussian import discretized_gaussian_log_likelihood, gaussian_kl
+from sdegen.vlb import continuous_vlb
 
 F64 = torch.float64
 MU, S2 = 0.5, 0.25          # the data N(0.5, 0.5^2 I) of named_mixture("gaussian")

@@ -6,7 +6,7 @@ with the chain steps its own sampler visits. An SDE that knows both lets
 ``sdegen.sample(sde, score_fn, shape, method="ancestral")`` reproduce that sampler without
 ``steps=``/``eps=``: [`ChainPlan`][sdegen.sdes.discrete.ChainPlan] is that plan, and
 [`AbstractChainSDE`][sdegen.sdes.discrete.AbstractChainSDE] is the interface the samplers read
-(``sdegen.adapters.DiscreteVPSDE`` implements it).
+([`DiscreteVPSDE`][sdegen.sdes.discrete.DiscreteVPSDE] below implements it; ``sdegen.adapters.DiscreteVPSDE`` is the same class).
 
 Time map: chain index $i \in \{0, \dots, N\}$ sits at $t_i = iT/N$ (data at $i = 0$).
 """
@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .affine import AffineSDE
 
-__all__ = ["ChainPlan", "AbstractChainSDE", "AbstractChainModel", "CHAIN_VARIANCES", "LOG_ZERO"]
+__all__ = ["ChainPlan", "AbstractChainSDE", "AbstractChainModel", "DiscreteVPSDE", "CHAIN_VARIANCES", "LOG_ZERO"]
 
 #: Noise variances of a chain step: ``"posterior"`` $\eta^2\tilde\beta$ (DDPM ``fixed_small``, DDIM),
 #: ``"beta"`` $\eta^2\beta$ (DDPM ``fixed_large``), and the model's own (``diffusers``' learned variances,
@@ -155,3 +155,156 @@ class AbstractChainSDE(AffineSDE):
     @abc.abstractmethod
     def plan(self) -> ChainPlan:
         """The chain steps the model's own sampler visits (default: every step)."""
+
+
+class DiscreteVPSDE(AbstractChainSDE):
+    r"""The VP SDE whose marginal is exact at the steps of a discrete $\beta$ schedule (final class).
+
+    Given $\beta_1, \dots, \beta_N$ (or $\bar\alpha_i = \prod_{j \le i}(1 - \beta_j)$), step $i$ sits at
+    $t_i = iT/N$ and $\log\bar\alpha(t)$ is the piecewise-linear interpolant of the knots
+    $(t_i, \log\bar\alpha_i)$, $\bar\alpha_0 = 1$. Then
+
+    $$\beta(t) = -\frac{d\log\bar\alpha}{dt} = -\frac{N}{T}\log(1 - \beta_i)\ \text{on}\ (t_{i-1}, t_i],
+      \qquad dx = -\tfrac12\beta(t)\,x\,dt + \sqrt{\beta(t)}\,dw,$$
+
+    with $m(t) = \bar\alpha(t)^{1/2}$, $s(t) = (1 - \bar\alpha(t))^{1/2}$: exactly DDPM's
+    $q(x_i \mid x_0)$ at every training step (Ho et al. 2020, eq. 4), so the exact one-step kernel
+    between neighbouring steps has variance $\beta_i$ and the ancestral sampler on the grid
+    $t_i$ is DDPM's. $\beta(t)$ is piecewise constant; at a knot it takes the value of the interval
+    below it (the one a reverse step from $t_i$ crosses). Between knots the interpolation in
+    $\log\bar\alpha$ is the choice of DPM-Solver's ``NoiseScheduleVP('discrete')`` (Lu et al. 2022,
+    App. D), and keeps $\bar\alpha$ monotone for any positive $\beta$ schedule.
+
+    Args:
+        betas (Tensor | None): ``(N,)`` values in $(0, 1)$; or give
+        alphas_cumprod (Tensor | None): ``(N,)`` decreasing values $\bar\alpha_1 \ge \dots \ge \bar\alpha_N$ in $(0, 1)$.
+        T: end time; step $i$ sits at $iT/N$.
+        plan: the chain steps the model's own sampler visits
+            ([`ChainPlan`][sdegen.sdes.discrete.ChainPlan]); default every step $N \to 0$ (DDPM).
+            ``sdegen.sample(sde, score_fn, shape, method="ancestral")`` without ``steps=`` runs it.
+
+    Raises:
+        ValueError: neither or both schedules given, or values out of range / not monotone.
+    """
+
+    def __init__(self, betas=None, *, alphas_cumprod=None, T: float = 1.0, plan: ChainPlan | None = None):
+        super().__init__(T=T)
+        if (betas is None) == (alphas_cumprod is None):
+            raise ValueError("give exactly one of betas= or alphas_cumprod=")
+        if betas is not None:
+            b = torch.as_tensor(betas).detach().to("cpu", torch.float64).reshape(-1)
+            if b.numel() < 1 or not bool(((b > 0) & (b < 1)).all()):
+                raise ValueError(f"betas must be a non-empty 1-D schedule with values in (0, 1), "
+                                 f"got {b.numel()} values in [{float(b.min()) if b.numel() else 'nan'}, "
+                                 f"{float(b.max()) if b.numel() else 'nan'}]")
+            log_ab = torch.cumsum(torch.log1p(-b), 0)
+        else:
+            ab = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64).reshape(-1)
+            # The last value may be 0 (zero terminal SNR, e.g. diffusers' rescale_betas_zero_snr).
+            inside = (ab > 0) & (ab < 1)
+            if ab.numel() < 1 or not bool(inside[:-1].all()) or not (0 <= float(ab[-1]) < 1):
+                raise ValueError("alphas_cumprod must be a non-empty 1-D tensor with values in (0, 1) "
+                                 "(the last may be 0: zero terminal SNR)")
+            if ab.numel() > 1 and not bool((ab[1:] <= ab[:-1]).all()):
+                raise ValueError("alphas_cumprod must be non-increasing")
+            log_ab = ab.log().clamp_min(LOG_ZERO)       # exactly 0 in float64, without -inf in the knots
+        self._log_ab = torch.cat([log_ab.new_zeros(1), log_ab])      # knots i = 0..N, log abar_0 = 0
+        self._n = log_ab.numel()
+        self._knot_cache: dict = {}
+        if plan is not None and not isinstance(plan, ChainPlan):
+            raise TypeError(f"plan must be an sdegen.sdes.discrete.ChainPlan, got {type(plan).__name__}")
+        if plan is not None and plan.steps[0] > self._n:
+            raise ValueError(f"plan.steps must lie in 1..{self._n} (the chain's steps), got {plan.steps[0]}")
+        self._plan = ChainPlan.full(self._n) if plan is None else plan
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def n_steps(self) -> int:
+        """$N$, the number of training steps."""
+        return self._n
+
+    @property
+    def alpha_bar(self) -> Tensor:
+        r"""``(N + 1,)`` float64 $\bar\alpha_0 = 1, \bar\alpha_1, \dots, \bar\alpha_N$."""
+        return self._log_ab.exp()
+
+    @property
+    def plan(self) -> ChainPlan:
+        """The chain steps ``sample(..., method="ancestral")`` visits when no ``steps=`` is given."""
+        return self._plan
+
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        r"""``(N,)`` float64 $\bar\alpha_1, \dots, \bar\alpha_N$."""
+        return self._log_ab[1:].exp()
+
+    @property
+    def betas(self) -> Tensor:
+        r"""``(N,)`` float64 $\beta_i = 1 - \bar\alpha_i/\bar\alpha_{i-1}$."""
+        return -torch.expm1(self._log_ab[1:] - self._log_ab[:-1])
+
+    def step_times(self) -> Tensor:
+        r"""``(N + 1,)`` float64 $t_i = iT/N$, $i = 0 \dots N$."""
+        return torch.arange(self._n + 1, dtype=torch.float64) * (self.T / self._n)
+
+    def _knots(self, like: Tensor) -> Tensor:
+        key = (like.device, like.dtype)
+        k = self._knot_cache.get(key)
+        if k is None:
+            k = self._knot_cache[key] = self._log_ab.to(device=like.device, dtype=like.dtype)
+        return k
+
+    def log_alpha_bar(self, t: Tensor) -> Tensor:
+        r"""$\log\bar\alpha(t)$, linear between the knots $t_i$. ``(B,) -> (B,)``."""
+        L = self._knots(t)
+        u = t * (self._n / self.T)
+        k = u.floor().clamp(0, self._n - 1)
+        frac = u - k
+        k = k.long()
+        return L[k] + frac * (L[k + 1] - L[k])
+
+    def beta(self, t: Tensor) -> Tensor:
+        r"""$\beta(t) = -d\log\bar\alpha/dt$, piecewise constant (left-continuous at the knots). ``(B,)``."""
+        L = self._knots(t)
+        u = t * (self._n / self.T)
+        k = (u.ceil() - 1).clamp(0, self._n - 1).long()
+        return (L[k] - L[k + 1]) * (self._n / self.T)
+
+    def drift_coef(self, t: Tensor) -> Tensor:
+        return -0.5 * self.beta(t)
+
+    def diffusion(self, t: Tensor) -> Tensor:
+        return self.beta(t).sqrt()
+
+    def marginal(self, t) -> tuple[Tensor, Tensor]:
+        r"""$m = \bar\alpha(t)^{1/2}$, $s = (1 - \bar\alpha(t))^{1/2}$ (``expm1`` keeps $s$ accurate near 0)."""
+        t = self._as_t(t)
+        la = self.log_alpha_bar(t)
+        return torch.exp(0.5 * la), torch.sqrt(-torch.expm1(la))
+
+    def log_snr(self, t) -> Tensor:
+        r"""$\log(\bar\alpha / (1 - \bar\alpha))$."""
+        t = self._as_t(t)
+        la = self.log_alpha_bar(t)
+        return la - torch.log(-torch.expm1(la))
+
+    def t_from_log_snr(self, log_snr: Tensor) -> Tensor:
+        r"""Closed-form inverse: $\log\bar\alpha = \log\mathrm{sigmoid}(\lambda)$, then invert the linear pieces.
+
+        Values outside the schedule's range clamp to ``[0, T]``.
+        """
+        lam = torch.as_tensor(log_snr)
+        dtype = lam.dtype if lam.is_floating_point() else torch.get_default_dtype()
+        la = torch.nn.functional.logsigmoid(lam.to(torch.float64))
+        neg = -self._log_ab.to(la.device)                          # increasing in i
+        target = (-la).clamp(float(neg[0]), float(neg[-1]))
+        k = (torch.searchsorted(neg, target.reshape(-1).contiguous()) - 1).clamp(0, self._n - 1).reshape(target.shape)
+        lo, hi = neg[k], neg[k + 1]
+        frac = torch.where(hi > lo, (target - lo) / (hi - lo).clamp_min(1e-300), torch.zeros_like(target))
+        return ((k.to(torch.float64) + frac) * (self.T / self._n)).to(dtype)
+
+    def prior_std(self) -> float:
+        return 1.0
+
+    def __repr__(self) -> str:
+        return f"DiscreteVPSDE(n_steps={self._n}, T={self.T})"

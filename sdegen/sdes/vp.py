@@ -70,7 +70,7 @@ class VPSDE(_LinearBeta):
         return self.beta(t).sqrt()
 
     def ode_coefs(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        r"""$a = -\tfrac12 g^2 = -\tfrac12\beta(t)$: one tensor for both (see [`AffineSDE.ode_coefs`][sdegen.adapters.DiscreteVPSDE.ode_coefs])."""
+        r"""$a = -\tfrac12 g^2 = -\tfrac12\beta(t)$: one tensor for both (see [`AffineSDE.ode_coefs`][sdegen.sdes.discrete.DiscreteVPSDE.ode_coefs])."""
         k = (self.beta_max - self.beta_min) / self.T
         c = (t * (-0.5 * k)).add_(-0.5 * self.beta_min)
         return c, c
