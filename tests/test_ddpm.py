@@ -452,6 +452,52 @@ def test_ancestral_sampler_reproducible_and_dtype(generator):
     assert d.dtype == torch.float32 and d.shape == (7, 2)
 
 
+def _reference_chain(ddpm, eps_model, x, pairs, eta, variance, generator):
+    r"""Ho et al. 2020, Alg. 2 / Song et al. 2021 (DDIM), eq. 12, written out from the paper on the float64
+    tables: from step i to j, $x_j = \sqrt{\bar\alpha_j}\hat x_0 + \sqrt{1-\bar\alpha_j-\sigma^2}\hat\epsilon + \sqrt v z$,
+    $\sigma^2 = \eta^2\tilde\beta_{ij}$, $v = \sigma^2$ (posterior) or $\eta^2\beta_{ij}$ ("beta"); one draw per step."""
+    ab = ddpm.alpha_bar
+    for i, j in pairs:
+        eps_hat = eps_model(x, torch.full((x.shape[0],), i, dtype=torch.long))
+        x0_hat = (x - (1 - ab[i]).sqrt() * eps_hat) / ab[i].sqrt()
+        beta_ij = 1 - ab[i] / ab[j]
+        sigma2 = eta ** 2 * (1 - ab[j]) / (1 - ab[i]) * beta_ij
+        v = sigma2 if variance == "posterior" else eta ** 2 * beta_ij
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        x = ab[j].sqrt() * x0_hat + (1 - ab[j] - sigma2).sqrt() * eps_hat + v.sqrt() * z
+    return x
+
+
+@pytest.mark.parametrize("variance", ["posterior", "beta"])
+def test_samplers_in_the_loop_equal_the_papers_recursions(variance):
+    """DDPM.sample and DDPM.ddim_sample now run in sdegen.sample's loop (issue 15): they still are the papers'
+    recursions, draw for draw, for both reverse variances (float64; per-step round-off ~1e-16, 30 steps)."""
+    ddpm = DDPM.linear(30, 1e-3, 0.2, variance=variance)
+    eps = gaussian_eps(ddpm)
+    x_T = torch.randn(16, 2, generator=gen(1), dtype=F64)
+    full = [(i, i - 1) for i in range(30, 0, -1)]
+    ref = _reference_chain(ddpm, eps, x_T, full, 1.0, variance, gen(2))
+    torch.testing.assert_close(ddpm.sample(eps, None, x_T=x_T, generator=gen(2)), ref, rtol=1e-12, atol=1e-12)
+    taus = ddpm.ddim_steps(7)
+    pairs = list(zip(taus[:0:-1], taus[-2::-1]))
+    ref = _reference_chain(ddpm, eps, x_T, pairs, 0.5, "posterior", gen(3))
+    torch.testing.assert_close(ddpm.ddim_sample(eps, None, steps=7, eta=0.5, x_T=x_T, generator=gen(3)), ref,
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_samplers_report_a_non_finite_model_through_the_loop():
+    """The loop's checks hold for the DDPM samplers too: a model that returns NaN is named, not returned."""
+    ddpm = DDPM.linear(10, 1e-3, 0.2)
+
+    def bad(x, i):
+        return torch.where(i[:, None] < 5, torch.full_like(x, float("nan")), torch.zeros_like(x))
+
+    for run in (lambda: ddpm.sample(bad, (4, 2), generator=gen(0)),
+                lambda: ddpm.ddim_sample(bad, (4, 2), steps=10, generator=gen(0))):
+        with pytest.raises(sdegen.NonFiniteError, match="non-finite at step 6"):
+            run()
+
+
 def test_ddim_eta1_full_steps_is_ancestral():
     r"""DDIM with $\eta = 1$ on all N steps has $\sigma^2 = \tilde\beta_i$ and the mean $\mu_\theta$: the ancestral
     sampler, draw for draw (both draw x_N, then one normal per step)."""
