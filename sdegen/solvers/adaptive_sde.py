@@ -36,7 +36,9 @@ import torch
 from torch import Tensor
 
 from .._utils import append_dims, check_positive
-from .base import Dynamics, NonFiniteError, StepSizeError, check_finite_state
+from .base import Dynamics, NonFiniteError, StepSizeError, check_finite_state, progress_bar
+from .brownian import BrownianBridgeStack
+from .controllers import PIController
 
 __all__ = ["AdaptiveSDE", "adaptive_sde_integrate"]
 
@@ -75,6 +77,12 @@ class AdaptiveSDE:
 
     order = 1.0
     stochastic = True
+    evals_per_step = 2
+
+    def controller(self) -> PIController:
+        r"""The step-size controller: an I controller ($\beta = 0$) capped at ``safety`` after a rejection."""
+        return PIController(safety=min(self.safety, 1.0), min_factor=self.min_factor, max_factor=self.max_factor,
+                            beta=0.0, reject_max=max(min(self.safety, 1.0), self.min_factor))
 
     def __post_init__(self):
         for name in ("rtol", "atol", "h_init", "safety", "exponent", "min_factor", "max_factor", "h_min"):
@@ -85,58 +93,6 @@ class AdaptiveSDE:
             raise ValueError(f"max_steps must be a positive int, got {self.max_steps!r}")
         if not isinstance(self.per_sample, bool):
             raise TypeError(f"per_sample must be a bool, got {self.per_sample!r}")
-
-
-class _BrownianStack:
-    r"""Per-sample stacks of future Brownian increments $(\Delta t, \Delta W)$ left by rejected steps."""
-
-    def __init__(self, x: Tensor, depth: int = 4):
-        self.dt = x.new_zeros(x.shape[0], depth)
-        self.dw = x.new_zeros(x.shape[0], depth, *x.shape[1:])
-        self.depth = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        # Host-side flag: while no step was ever rejected (the common case) ``take`` is a fresh draw.
-        self.nonempty = False
-
-    def take(self, idx: Tensor, h: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-        r"""Increments for an attempted step of size ``h`` (``(b,)``) for the samples ``idx``, using
-        the unit draws ``z``: fresh $\sqrt h z$ on an empty stack, the whole top entry if $h$ covers it
-        (the step is shortened to it), else its bridge part (the rest stays). Returns ``(h, dW)``."""
-        if not self.nonempty:
-            # Nothing pending (the common case): the fresh draw, without the gathers and scatters below
-            # (bitwise what they would give: frac = 0 and bridge_sd = sqrt(h)).
-            return h, z * append_dims(h.sqrt(), z.ndim)
-        d = self.depth[idx]
-        has = d > 0
-        top = (d - 1).clamp_min(0)
-        top_dt = torch.where(has, self.dt[idx, top], torch.ones_like(h))
-        top_dw = self.dw[idx, top]
-        full = has & (h >= top_dt)
-        split = has & ~full
-        h = torch.where(full, top_dt, h)
-        nd = z.ndim
-        frac = append_dims(torch.where(split, h / top_dt, torch.zeros_like(h)), nd)
-        bridge_sd = append_dims(torch.where(split, (h * (top_dt - h) / top_dt).clamp_min(0), h).sqrt(), nd)
-        # Empty stack: frac = 0 and bridge_sd = sqrt(h), so this is the fresh draw sqrt(h) z.
-        dw = torch.where(append_dims(full, nd), top_dw, frac * top_dw + bridge_sd * z)
-        self.dt[idx, top] = torch.where(split, top_dt - h, self.dt[idx, top])
-        self.dw[idx, top] = torch.where(append_dims(split, nd), top_dw - dw, top_dw)
-        self.depth[idx] = d - full.long()
-        self.nonempty = bool(self.depth.any())
-        return h, dw
-
-    def push(self, idx: Tensor, mask: Tensor, h: Tensor, dw: Tensor) -> None:
-        """Put the rejected attempts ``(h, dw)`` of ``idx[mask]`` back on top of their stacks."""
-        idx, h, dw = idx[mask], h[mask], dw[mask]
-        if idx.numel() == 0:
-            return
-        d = self.depth[idx]
-        if int(d.max()) >= self.dt.shape[1]:
-            self.dt = torch.cat([self.dt, torch.zeros_like(self.dt)], 1)
-            self.dw = torch.cat([self.dw, torch.zeros_like(self.dw)], 1)
-        self.dt[idx, d] = h
-        self.dw[idx, d] = dw
-        self.depth[idx] = d + 1
-        self.nonempty = True
 
 
 def adaptive_sde_integrate(
@@ -180,16 +136,13 @@ def adaptive_sde_integrate(
     kw = dict(device=x.device, dtype=x.dtype)
     t = torch.full((B,), float(t_start), **kw)
     h = torch.full((B,), min(opts.h_init, t_start - t_end), **kw)
-    stack = _BrownianStack(x)
+    stack = BrownianBridgeStack(x)
     n_per = x[0].numel()
     accepted = rejected = advanced = 0
     times = [float(t_start)]
     traj = [(float(t_start), x.detach().clone())] if record_every else None
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=t_start - t_end, desc="adaptive_sde", leave=False)
+    bar = progress_bar(progress, t_start - t_end, "adaptive_sde")
+    ctrl = opts.controller()
     all_idx = torch.arange(B, device=x.device)
     idx = None  # the running samples; None = all of them (no gathers on the common path)
     # A sample is done when it reaches t_end; steps that would land within this gap land on t_end.
@@ -217,10 +170,9 @@ def adaptive_sde_integrate(
         # factor would make NaN times); if it stays non-finite while the step shrinks, the score itself
         # is NaN/inf there: stop with the sample and time instead of crawling on.
         finite = torch.isfinite(err)
-        # Next step: the classical controller, bounded; after a rejection it never grows (err = inf
-        # gives min_factor; NaN is mapped to it too).
-        fac = (opts.safety * err.clamp_min(1e-10).pow(-opts.exponent)).clamp(opts.min_factor, opts.max_factor)
-        fac = torch.where(ok, fac, fac.clamp_max(opts.safety)).nan_to_num_(nan=opts.min_factor)
+        # Next step: the I controller (beta = 0) with the paper's exponent, bounded; after a rejection
+        # it grows by at most `safety` (err = inf or NaN gives min_factor).
+        fac = ctrl.factor(err, None, 0, ok, alpha=opts.exponent)
         t_new = torch.where(ok, t1, ta)
         h_new = torch.minimum(ha * fac, t_new - t_end)
         x_new = torch.where(append_dims(ok, nd), x_ie, xa)

@@ -9,7 +9,6 @@ path), never by the solver.
 from __future__ import annotations
 
 import abc
-import math
 from dataclasses import dataclass, field
 from collections.abc import Mapping
 from typing import Any, Callable, ClassVar
@@ -19,6 +18,8 @@ from torch import Tensor
 
 from .._utils import append_dims
 from ..sdes import SDE, AffineSDE
+from .brownian import BrownianPath
+from .controllers import FixedGrid
 
 __all__ = [
     "SampleResult",
@@ -29,6 +30,7 @@ __all__ = [
     "Dynamics",
     "AbstractFixedGridSolver",
     "integrate_fixed_grid",
+    "progress_bar",
 ]
 
 
@@ -215,6 +217,25 @@ class AbstractFixedGridSolver(abc.ABC):
         variance ``|t1 - t0|`` per entry (``None`` for deterministic solvers). Returns ``(x, state)``."""
 
 
+def progress_bar(progress: bool, total: float, desc: str, *, time_bar: bool = False):
+    """The one tqdm bar of the integrators (``None`` when ``progress`` is false; tqdm imported lazily).
+
+    Args:
+        progress: whether to show a bar.
+        total: its total (steps, or a time span when ``time_bar``).
+        desc: its label.
+        time_bar: format the counts as times (adaptive solvers advance by a time, not a step).
+    """
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    if time_bar:
+        return tqdm(total=total, desc=desc, leave=False,
+                    bar_format="{l_bar}{bar}| {n:.4g}/{total:.4g} [{elapsed}<{remaining}{postfix}]")
+    return tqdm(total=total, desc=desc, leave=False)
+
+
 def integrate_fixed_grid(
     solver: AbstractFixedGridSolver,
     dyn: Dynamics,
@@ -227,51 +248,47 @@ def integrate_fixed_grid(
     record_every: int | None = None,
     check_every: int = 16,
     desc: str | None = None,
+    brownian: BrownianPath | None = None,
+    callback: Callable[[dict], Any] | None = None,
 ) -> tuple[Tensor, list[tuple[float, Tensor]] | None, Any]:
     r"""Run ``solver`` over the decreasing grid ``times`` (``(n+1,)``, ``times[0]`` = start).
 
-    Owns the Brownian path: step $i$ gets $dw_i = \sqrt{|t_{i+1} - t_i|}\,z_i$, $z_i \sim \mathcal N(0, I)$
-    from ``generator``; or ``noise[i]`` (shape ``(n, *x.shape)``, unit-variance draws) when given, so a
-    test can sum a fine path's draws to refine it; or ``noise(i)`` when ``noise`` is a callable
+    The one loop of the fixed-grid solvers: it owns the counted score's checks, the Brownian path,
+    the non-finite checks, the progress bar, the trajectory and the ``callback`` hook.
+
+    Brownian path: step $i$ gets $dw_i$ from ``brownian`` when given (e.g. one path refined,
+    [`BrownianPath.from_increments`][sdegen.solvers.brownian.BrownianPath.from_increments]); else
+    $dw_i = \sqrt{|t_{i+1} - t_i|}\,z_i$, $z_i \sim \mathcal N(0, I)$ from ``generator``; or ``noise[i]``
+    (shape ``(n, *x.shape)``, unit-variance draws); or ``noise(i)`` when ``noise`` is a callable
     (per-sample seeded noise that does not depend on batch-mates). Non-finite states are detected with one on-device
     flag per step and checked every ``check_every`` steps (one host sync per block, not per step);
-    the error names the first bad step and its time.
+    the error names the first bad step, its time and the sample.
+
+    ``callback``, when given, is called after every step with a dict ``{"i": step, "t": t_i,
+    "t_next": t_{i+1}, "x": state at t_{i+1}}`` (as k-diffusion's sampler callback); it must not
+    modify ``x`` in place.
 
     Returns:
         ``(x, trajectory or None, final solver state)``.
     """
-    times_cpu = times.detach().to("cpu", torch.float64)
-    n = times_cpu.numel() - 1
-    B = x.shape[0]
-    tdev = times.to(device=x.device, dtype=x.dtype)
-    if isinstance(noise, Tensor) and (noise.shape[0] != n or noise.shape[1:] != x.shape):
-        raise ValueError(f"noise must have shape ({n}, {', '.join(map(str, x.shape))}), got {tuple(noise.shape)}")
-    traj = [(float(times_cpu[0]), x.detach().clone())] if record_every else None
+    grid = FixedGrid(times, x)
+    n, B, t_list, tvecs = grid.n, x.shape[0], grid.t_list, grid.vecs
+    if brownian is None:
+        brownian = BrownianPath(t_list, x, generator=generator, noise=noise)
+    elif brownian.steps() not in (None, n):
+        raise ValueError(f"brownian covers {brownian.steps()} steps, the grid has {n}")
+    traj = [(t_list[0], x.detach().clone())] if record_every else None
     # Per-step host work is kept to the minimum (the per-step overhead budget is tens of µs):
     # the time vectors and noise scales are built once, and the finiteness flags stay on the
     # device as 0-d tensors until a block check reads them all with one sync.
-    t_list = times_cpu.tolist()
-    tvecs = tdev.unsqueeze(1).expand(n + 1, B).unbind(0)
-    scales = [math.sqrt(abs(t_list[i + 1] - t_list[i])) for i in range(n)]
     pending: list[Tensor] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, desc=desc or type(solver).__name__, leave=False)
+    bar = progress_bar(progress, n, desc or type(solver).__name__)
     state = solver.init_state(dyn, x, tvecs[0])
     x_start = x
     last_good, last_checked = x, 0
-    stochastic = solver.stochastic
+    dw_of = brownian.dw if solver.stochastic else None
     for i in range(n):
-        dw = None
-        if stochastic:
-            if noise is None:
-                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            else:
-                z = noise(i) if callable(noise) else noise[i]
-            dw = z * scales[i]
-        x, state = solver.step(dyn, x, tvecs[i], tvecs[i + 1], state, dw)
+        x, state = solver.step(dyn, x, tvecs[i], tvecs[i + 1], state, dw_of(i) if dw_of is not None else None)
         pending.append(torch.isfinite(x).all())
         if (i + 1) % check_every == 0 or i == n - 1:
             ok = torch.stack(pending)
@@ -292,6 +309,8 @@ def integrate_fixed_grid(
             last_good, last_checked, pending = x, i + 1, []
         if traj is not None and ((i + 1) % record_every == 0 or i == n - 1):
             traj.append((t_list[i + 1], x.detach().clone()))
+        if callback is not None:
+            callback({"i": i, "t": t_list[i], "t_next": t_list[i + 1], "x": x})
         if bar is not None:
             bar.update(1)
             bar.set_postfix(t=f"{t_list[i + 1]:.4f}", refresh=False)

@@ -29,123 +29,19 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from .._utils import append_dims, check_floating, check_positive
-from .base import NonFiniteError, StepSizeError, check_finite_state
+from .base import NonFiniteError, StepSizeError, check_finite_state, progress_bar
+from .controllers import PIController
+from .tableaus import DOPRI5, ButcherTableau
 
 __all__ = ["ButcherTableau", "DOPRI5", "PIController", "rk45_integrate", "initial_step_size"]
 
 ODEFn = Callable[[Tensor, Tensor], Tensor]
-
-
-@dataclass(frozen=True)
-class ButcherTableau:
-    r"""Coefficients of an explicit embedded Runge–Kutta pair (data only).
-
-    Attributes:
-        c: nodes $c_i$, ``(s,)``.
-        a: lower-triangular rows $a_{ij}$, ``a[i]`` has ``i`` entries (row 0 is empty).
-        b: weights of the propagated solution, ``(s,)``.
-        b_err: $b - \hat b$, weights of the error estimate, ``(s,)``.
-        order: order of the propagated solution.
-        error_order: order of the embedded solution (the controller uses ``error_order + 1``).
-        fsal: whether the last stage is $f(y_{n+1}, t_{n+1})$ (first same as last).
-    """
-
-    c: tuple[float, ...]
-    a: tuple[tuple[float, ...], ...]
-    b: tuple[float, ...]
-    b_err: tuple[float, ...]
-    order: int
-    error_order: int
-    fsal: bool
-
-    def __post_init__(self):
-        s = len(self.c)
-        if len(self.a) != s or any(len(row) != i for i, row in enumerate(self.a)):
-            raise ValueError("a must have s rows with row i holding i coefficients")
-        if len(self.b) != s or len(self.b_err) != s:
-            raise ValueError(f"b and b_err must have {s} entries")
-        for i, row in enumerate(self.a):
-            # Row sums equal the nodes: the consistency condition every RK method satisfies.
-            if abs(sum(row) - self.c[i]) > 1e-12:
-                raise ValueError(f"row {i} of a does not sum to c[{i}]")
-
-    @property
-    def stages(self) -> int:
-        return len(self.c)
-
-
-_B5 = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
-_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
-
-#: Dormand–Prince 5(4) (Dormand & Prince 1980, Table 2; Hairer–Nørsett–Wanner Table II.5.2).
-DOPRI5 = ButcherTableau(
-    c=(0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0),
-    a=(
-        (),
-        (1 / 5,),
-        (3 / 40, 9 / 40),
-        (44 / 45, -56 / 15, 32 / 9),
-        (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-        (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-        _B5[:6],
-    ),
-    b=_B5,
-    b_err=tuple(p - q for p, q in zip(_B5, _B4)),
-    order=5,
-    error_order=4,
-    fsal=True,
-)
-
-
-@dataclass(frozen=True)
-class PIController:
-    r"""Step-size controller $h_{n+1} = h_n \cdot \mathrm{clip}(\text{safety}\,\|e_n\|^{-\alpha}\|e_{n-1}\|^{\beta})$.
-
-    With ``beta = 0`` it is the classical I controller $(\text{safety}/\|e\|)^{1/q}$ (Hairer–Nørsett–
-    Wanner eq. II.4.13); ``beta = 0.04`` is the PI setting of Hairer's ``dopri5`` code (Hairer–Wanner
-    II, Sec. IV.2). After a rejected step the factor is capped at 1 (no growth right after a failure).
-    Works on Python floats (batched mode) and on ``(B,)`` tensors (per-sample mode) alike.
-
-    Attributes:
-        safety: safety factor (< 1).
-        min_factor, max_factor: bounds on the step ratio.
-        beta: PI exponent on the previous error (0: I controller).
-    """
-
-    safety: float = 0.9
-    min_factor: float = 0.2
-    max_factor: float = 10.0
-    beta: float = 0.04
-
-    def __post_init__(self):
-        if not 0 < self.safety <= 1:
-            raise ValueError(f"safety must lie in (0, 1], got {self.safety!r}")
-        if not 0 < self.min_factor < 1 < self.max_factor:
-            raise ValueError(f"need 0 < min_factor < 1 < max_factor, got {self.min_factor!r}, {self.max_factor!r}")
-        if not 0 <= self.beta < 0.2:
-            raise ValueError(f"beta must lie in [0, 0.2), got {self.beta!r}")
-
-    def factor(self, err, prev_err, q: int, accepted):
-        r"""Step ratio from the error norm ``err`` (float or ``(B,)``), ``q`` = error order + 1."""
-        alpha = 1.0 / q - 0.75 * self.beta
-        if isinstance(err, Tensor):
-            # err = 0 (an exactly integrated step) gives the largest allowed growth.
-            e = err.clamp_min(1e-10)
-            fac = self.safety * e.pow(-alpha) * prev_err.clamp_min(1e-4).pow(self.beta)
-            hi = torch.where(accepted, torch.full_like(fac, self.max_factor), torch.ones_like(fac))
-            fac = torch.where(torch.isfinite(fac), fac, torch.full_like(fac, self.min_factor))
-            return torch.minimum(fac.clamp_min(self.min_factor), hi)
-        if not math.isfinite(err):
-            return self.min_factor
-        fac = self.safety * max(err, 1e-10) ** (-alpha) * max(prev_err, 1e-4) ** self.beta
-        return min(max(fac, self.min_factor), self.max_factor if accepted else 1.0)
 
 
 def _rms(v: Tensor, per_sample: bool) -> Tensor:
@@ -276,7 +172,7 @@ def rk45_integrate(
         progress: show a tqdm bar with the current ``t`` and step size.
         record_every: record ``(t, y)`` every this many accepted steps (batched mode; in per-sample
             mode every this many loop iterations, with ``t`` the smallest progress in the batch).
-        controller: a [`PIController`][sdegen.solvers.rk45.PIController] (default ``PIController(safety=safety)``).
+        controller: a [`PIController`][sdegen.solvers.controllers.PIController] (default ``PIController(safety=safety)``).
         tableau: an embedded explicit RK pair (default `DOPRI5`).
 
     Returns:
@@ -320,12 +216,7 @@ def rk45_integrate(
 
 
 def _progress_bar(progress: bool, t0: float, t1: float):
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=abs(t1 - t0), desc="rk45", leave=False,
-                bar_format="{l_bar}{bar}| {n:.4g}/{total:.4g} [{elapsed}<{remaining}{postfix}]")
+    return progress_bar(progress, abs(t1 - t0), "rk45", time_bar=True)
 
 
 def _rk_step(f: ODEFn, tab: ButcherTableau, y: Tensor, k1: Tensor, t: Tensor, h, hb):
