@@ -41,6 +41,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .._utils import check_bool
 from ..sdes import AffineSDE
 from .base import AbstractFixedGridSolver, Dynamics
 from .marginal_rows import lambda_of, marginal_rows
@@ -217,7 +218,7 @@ def build_sa_solver(ctx, opts: dict) -> SASolver:
     return SASolver.tabulated(ctx.dyn.affine, ctx.times, predictor_order=opts["predictor_order"],
                               corrector_order=opts["corrector_order"], tau=opts["tau"],
                               tau_sigma=tuple(win) if isinstance(win, list) else win,
-                              lower_order_final=bool(opts["lower_order_final"]))
+                              lower_order_final=check_bool(opts["lower_order_final"], "lower_order_final"))
 
 
 #: ``sdegen.sample(method="sa_solver")`` options (diffusers' ``SASolverScheduler`` orders; $\tau = 1$ on

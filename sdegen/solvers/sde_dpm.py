@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .._utils import check_bool
 from ..sdes import AffineSDE
 from .base import AbstractFixedGridSolver, Dynamics
 from .marginal_rows import lambda_of, marginal_rows
@@ -180,7 +181,7 @@ def build_sde_dpm_solver(ctx, opts: dict) -> SDEDPMSolverPP:
     ctx.times = get_grid(opts["grid"], ctx.sde, ctx.steps, ctx.eps, **grid_opts)
     return SDEDPMSolverPP.tabulated(ctx.dyn.affine, ctx.times, order=opts["order"], eta=opts["eta"],
                                     solver_type=opts["solver_type"],
-                                    lower_order_final=bool(opts["lower_order_final"]))
+                                    lower_order_final=check_bool(opts["lower_order_final"], "lower_order_final"))
 
 
 #: ``sdegen.sample(method="sde_dpm_solver")`` options and defaults (k-diffusion's ``dpmpp_2m_sde``
