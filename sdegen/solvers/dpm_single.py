@@ -37,6 +37,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor
 
+from .._utils import check_bool, check_number
 from ..sdes import AffineSDE
 from .base import AbstractFixedGridSolver, Dynamics
 from .marginal_rows import lambda_of, marginal_rows
@@ -294,12 +295,12 @@ def build_dpm_singlestep(ctx, opts: dict) -> DPMSolverSinglestep:
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
     grid_opts = {"rho": opts["rho"]} if isinstance(opts["grid"], str) and opts["grid"] == "karras" else {}
     fine = get_grid(opts["grid"], ctx.sde, ctx.steps, ctx.eps, **grid_opts)
-    orders = singlestep_orders(fine.numel() - 1, order, bool(opts["lower_order_final"]))
+    orders = singlestep_orders(fine.numel() - 1, order, check_bool(opts["lower_order_final"], "lower_order_final"))
     if sum(orders) != fine.numel() - 1:        # without lower_order_final a remainder is one last group
         orders = orders + [fine.numel() - 1 - sum(orders)]
     ctx.times = DPMSolverSinglestep.group_times(fine, orders)
     return DPMSolverSinglestep.tabulated(ctx.dyn.affine, fine, orders, prediction=opts["prediction"],
-                                         solver_type=opts["solver_type"], eta=float(opts["eta"]),
+                                         solver_type=opts["solver_type"], eta=check_number(opts["eta"], "eta", low=0.0),
                                          noise=opts["noise"], draw=ctx.unit_draw())
 
 
