@@ -40,7 +40,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor
 
-from ._utils import append_dims, check_floating, check_positive
+from ._utils import append_dims, check_floating, check_number, check_positive
 from .sdes import AffineSDE
 from .solvers.base import AbstractFixedGridSolver, CountingScore, Dynamics, NonFiniteError, SampleResult, \
     integrate_fixed_grid
@@ -285,7 +285,7 @@ def inpaint(sde: AffineSDE, score_fn: Callable[..., Tensor], x_known: Tensor, ma
                         f"valid options: {', '.join(sorted(defaults))}")
     opts = {**defaults, **options}
     steps = _check_int(opts["steps"], "steps", 1)
-    eps = float(eps)
+    eps = check_number(eps, "eps")      # True and "0.01" refused
     if not 0.0 < eps < sde.T:
         raise ValueError(f"eps must lie in (0, T={sde.T}), got {eps!r}")
     mask = _check_mask(mask, x_known)
@@ -349,7 +349,7 @@ def _build_replacement(method, opts, sde, times, y, mask, z, x, generator) -> _R
 
 def _run_smc(dyn: Dynamics, y: Tensor, mask: Tensor, times: Tensor, opts: dict, generator, progress, record_every):
     P = _check_int(opts["particles"], "particles", 1)
-    thr = float(opts["ess_threshold"])
+    thr = check_number(opts["ess_threshold"], "ess_threshold")
     if not 0.0 <= thr <= 1.0:
         raise ValueError(f"ess_threshold must lie in [0, 1], got {opts['ess_threshold']!r}")
     sde = dyn.affine
