@@ -272,6 +272,12 @@ def _from_diffusers(scheduler: str, **kwargs):
 
     return from_diffusers(lambda x, t: x, getattr(diffusers, scheduler)(num_train_timesteps=20), **kwargs)
 
+
+def _inpaint(**kw):
+    from sdegen.conditional import inpaint
+
+    return inpaint(_vp(), _score, torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bool), **kw)
+
 nan, inf = float("nan"), float("inf")
 
 CASES: list[Case] = [
@@ -490,6 +496,13 @@ CASES: list[Case] = [
     Case("grids.log_snr", "eps='0.01' (a string)", lambda: sdegen.grids.log_snr(VPSDE(), 5, eps="0.01"), TypeError,
          "eps"),
     Case("GaussianMixture", "stds=True", lambda: GaussianMixture(torch.zeros(1, 2), stds=True), TypeError, "stds"),
+    Case("sample", "sde_dpm_solver with lower_order_final='no'",
+         lambda: _sample(method="sde_dpm_solver", lower_order_final="no"), TypeError, "lower_order_final"),
+    Case("sample", "dpm_solver_singlestep with eta=True", lambda: _sample(method="dpm_solver_singlestep", eta=True),
+         TypeError, "eta"),
+    Case("inpaint", "eps='0.01' (a string)", lambda: _inpaint(eps="0.01"), TypeError, "eps"),
+    Case("inpaint", "smc with ess_threshold=True", lambda: _inpaint(method="smc", ess_threshold=True), TypeError,
+         "ess_threshold"),
     Case("log_likelihood", "eps=True", lambda: _loglik(eps=True), TypeError, "eps"),
     Case("log_likelihood", "rtol='1e-3' (a string)", lambda: _loglik(rtol="1e-3"), TypeError, "rtol"),
     Case("DDPM.linear", "beta_start=True", lambda: sdegen.DDPM.linear(10, beta_start=True), TypeError, "beta_start"),
