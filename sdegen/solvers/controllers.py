@@ -59,10 +59,10 @@ class PIController:
         r"""Step ratio from the error norm ``err`` (float or ``(B,)``), ``q`` = error order + 1.
 
         Args:
-            err: this step's error norm (a float, or a ``(B,)`` tensor per sample).
-            prev_err: the previous accepted step's error norm (same kind; unused when ``beta = 0``).
+            err (float | Tensor): this step's error norm (a float, or a ``(B,)`` tensor per sample).
+            prev_err (float | Tensor): the previous accepted step's error norm (same kind; unused when ``beta = 0``).
             q: error order + 1; the exponent is $\alpha = 1/q - 0.75\beta$.
-            accepted: whether the step was accepted (bool, or ``(B,)`` bool tensor).
+            accepted (bool | Tensor): whether the step was accepted (bool, or ``(B,)`` bool tensor).
             alpha: the exponent $\alpha$ itself, overriding ``q`` (a solver with a tuned exponent).
         """
         if alpha is None:
