@@ -176,6 +176,7 @@ class DDPM:
             "alpha_bar": ab,
             "sqrt_ab": ab.sqrt(),
             "sqrt_1mab": one_m_ab.sqrt(),
+            "neg_inv_sqrt_1mab": -1 / safe.sqrt(),       # the score of eps: -1 / sqrt(1 - abar_i) (row 0 unused)
             "beta": beta,
             "alpha": alpha,
             "inv_sqrt_alpha": alpha.rsqrt(),
@@ -251,8 +252,7 @@ class DDPM:
 
         Times below $T/(2N)$ map to step 1: the chain has no model step at $i = 0$.
         """
-        t = torch.as_tensor(t)
-        return torch.round(t * (self.n_steps / self.T)).clamp(1, self.n_steps).long()
+        return (torch.as_tensor(t) * (self.n_steps / self._T)).round_().clamp_(1, self.n_steps).long()
 
     def _coef(self, name: str, i: Tensor | int, like: Tensor) -> Tensor:
         """Table ``name`` at steps ``i`` on ``like``'s device and dtype (cached per device/dtype)."""
@@ -491,7 +491,7 @@ class DDPM:
             check_time_range(tt, self.T, name="t")
             ii = self.time_to_step(tt)
             eps_hat = self._eps(eps_model, x, ii, kwargs)
-            return -eps_hat / append_dims(self._coef("sqrt_1mab", ii, x), x.ndim)
+            return eps_hat * append_dims(self._coef("neg_inv_sqrt_1mab", ii, x), x.ndim)
 
         return score_fn
 
