@@ -47,10 +47,9 @@ class GaussianMixture:
     """
 
     def __init__(self, means, covs=None, stds=None, weights=None, *, device=None, dtype=None):
-        means = torch.as_tensor(means)
-        if not means.is_floating_point():
-            means = means.to(torch.get_default_dtype())
-        dtype = dtype or means.dtype
+        given = torch.as_tensor(means)
+        dtype = dtype or (given.dtype if given.is_floating_point() else torch.get_default_dtype())
+        means = _exact(means)
         device = device or means.device
         means = means.to(device=device, dtype=dtype)
         if means.ndim == 1:
@@ -63,7 +62,7 @@ class GaussianMixture:
         if covs is not None and stds is not None:
             raise ValueError("give covs or stds, not both")
         if covs is not None:
-            covs = torch.as_tensor(covs).to(device=device, dtype=dtype)
+            covs = _exact(covs).to(device=device, dtype=dtype)
             if covs.ndim == 2:
                 covs = covs.expand(K, d, d)
             if covs.shape != (K, d, d):
@@ -80,7 +79,7 @@ class GaussianMixture:
                 stds = 1.0
             if isinstance(stds, (bool, str)) or (isinstance(stds, torch.Tensor) and stds.dtype == torch.bool):
                 raise TypeError(f"stds must be a float or a real tensor, got {stds!r}")
-            stds = torch.as_tensor(stds).to(device=device, dtype=dtype)
+            stds = _exact(stds).to(device=device, dtype=dtype)
             if stds.ndim == 0:
                 stds = stds.expand(K, d)
             elif stds.ndim == 1 and stds.shape[0] == K:
@@ -92,7 +91,7 @@ class GaussianMixture:
             self._lam, self._U = stds.square().contiguous(), None
         if weights is None:
             weights = torch.full((K,), 1.0 / K, dtype=dtype, device=device)
-        weights = torch.as_tensor(weights).to(device=device, dtype=dtype)
+        weights = _exact(weights).to(device=device, dtype=dtype)
         if weights.shape != (K,):
             raise ValueError(f"weights must have shape ({K},), got {tuple(weights.shape)}")
         if (weights < 0).any() or not torch.isfinite(weights).all():
@@ -243,6 +242,18 @@ class GaussianMixture:
     def __repr__(self) -> str:
         kind = "full" if self._U is not None else "diagonal"
         return f"GaussianMixture(K={self.n_components}, d={self.dim}, covariance={kind}, dtype={self.dtype})"
+
+
+def _exact(value) -> Tensor:
+    r"""A tensor of ``value`` without rounding: Python numbers and sequences become float64 (``torch.as_tensor``
+    would round them through the default float32, e.g. ``0.2`` to ``0.2000000030``); tensors and NumPy
+    arrays keep their own dtype."""
+    if isinstance(value, Tensor):
+        return value
+    t = torch.as_tensor(value)
+    if type(value).__module__ == "numpy" or t.dtype == torch.bool:
+        return t
+    return torch.as_tensor(value, dtype=torch.float64)
 
 
 def _check_affine(sde) -> None:

@@ -113,6 +113,22 @@ def test_float32_and_batched_times():
     assert gm64.score(x.double().reshape(10, 1, 1, 2), t.double(), vp).shape == (10, 1, 1, 2)
 
 
+def test_python_numbers_are_not_rounded_through_float32():
+    # torch.as_tensor(0.2) is float32 (0.2000000030); a float64 mixture must hold the Python values
+    # themselves: 8gaussians' component variance is 0.2 ** 2 exactly, not 0.0400000012.
+    gm = named_mixture("8gaussians")
+    assert gm.covs[0, 0, 0].item() == 0.2 ** 2
+    gm = GaussianMixture(torch.zeros(2, 2, dtype=F64), stds=[0.1, 0.3], weights=[0.3, 0.7])
+    assert gm.covs[:, 0, 0].tolist() == [0.1 ** 2, 0.3 ** 2]
+    assert gm.weights.tolist() == [0.3, 0.7]
+    gm = GaussianMixture([[0.1, 0.7]], covs=[[0.3, 0.1], [0.1, 0.3]], dtype=F64)
+    assert gm.means.tolist() == [[0.1, 0.7]]
+    assert torch.allclose(gm.covs[0], torch.tensor([[0.3, 0.1], [0.1, 0.3]], dtype=F64), rtol=0, atol=1e-15)
+    # the mixture's dtype still follows the means (Python floats: torch's default) unless given
+    assert GaussianMixture([[0.1, 0.7]], stds=0.2).dtype == torch.get_default_dtype()
+    assert named_mixture("8gaussians", dtype=torch.float32).covs.dtype == torch.float32
+
+
 def test_diag_iso_full_agree():
     means = torch.tensor([[0.0, 1.0], [2.0, -1.0]], dtype=F64)
     stds = torch.tensor([[0.5, 0.2], [1.0, 0.3]], dtype=F64)
