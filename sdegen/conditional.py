@@ -33,6 +33,7 @@ coordinates (``transform=Q``).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -44,11 +45,12 @@ from ._utils import append_dims, check_floating, check_number, check_positive
 from .sdes import AffineSDE
 from .solvers.base import AbstractFixedGridSolver, CountingScore, Dynamics, NonFiniteError, SampleResult, \
     integrate_fixed_grid
+from .sampling import METHODS, RunContext
 from .solvers.correctors import LangevinCorrector, PredictorCorrector
 from .solvers.ode_steps import ODEEuler, ODEHeun
 from .solvers.sde_steps import Ancestral, EulerMaruyama, ReverseDiffusion, ancestral_table
 
-__all__ = ["inpaint", "colorize", "INPAINT_METHODS", "gray_transform"]
+__all__ = ["inpaint", "colorize", "INPAINT_METHODS", "gray_transform", "inpaint_predictors"]
 
 
 # ---------------------------------------------------------------------------------------------- solvers
@@ -211,10 +213,27 @@ def _check_int(value, name: str, lo: int) -> int:
     return value
 
 
-_SDE_PREDICTORS = {"reverse_diffusion": lambda sde, times: ReverseDiffusion(),
-                   "euler_maruyama": lambda sde, times: EulerMaruyama(),
-                   "ancestral": lambda sde, times: Ancestral(ancestral_table(sde, times))}
-_ODE_PREDICTORS = {"ode_heun": ODEHeun, "ode_euler": ODEEuler}
+# Inpainting's own forms of the first predictors (the generic steps on the given grid; ancestral is the
+# posterior step on it, not the VP DDPM chain); every other fixed-grid method of sdegen.METHODS is a
+# predictor too, built by its own builder with its own defaults (reverse-SDE methods for "replacement",
+# the others for "masked_ode").
+_SDE_PREDICTORS = {"reverse_diffusion": lambda ctx: ReverseDiffusion(),
+                   "euler_maruyama": lambda ctx: EulerMaruyama(),
+                   "ancestral": lambda ctx: Ancestral(ancestral_table(ctx.sde, ctx.times))}
+_ODE_PREDICTORS = {"ode_heun": lambda ctx: ODEHeun(), "ode_euler": lambda ctx: ODEEuler()}
+
+
+def inpaint_predictors(ode: bool) -> dict[str, Callable]:
+    """Predictors of ``"masked_ode"`` (``ode=True``) or ``"replacement"``: name -> ``build(ctx)``, read from
+    [`sdegen.METHODS`][sdegen.sampling.METHODS] (so a new fixed-grid method is an inpainting predictor)."""
+    special = _ODE_PREDICTORS if ode else _SDE_PREDICTORS
+    rows = {name: functools.partial(_table_predictor, spec) for name, spec in METHODS.items()
+            if spec.build is not None and name != "pc" and spec.reverse_sde != ode and name not in special}
+    return {**special, **rows}
+
+
+def _table_predictor(spec, ctx: RunContext) -> AbstractFixedGridSolver:
+    return spec.build(ctx, dict(spec.options))
 
 #: Inpainting methods with their options and defaults.
 INPAINT_METHODS: dict[str, dict[str, Any]] = {
@@ -238,10 +257,12 @@ def inpaint(sde: AffineSDE, score_fn: Callable[..., Tensor], x_known: Tensor, ma
     Methods and options (defaults in `INPAINT_METHODS`):
 
     - ``"replacement"``: ``steps=500``, ``predictor`` in ``"reverse_diffusion"`` (default),
-      ``"euler_maruyama"``, ``"ancestral"``; ``corrector=None`` or ``"langevin"`` (``snr=0.16``,
+      ``"euler_maruyama"``, ``"ancestral"`` or any other reverse-SDE fixed-grid method of
+      [`sdegen.METHODS`][sdegen.sampling.METHODS] (with its own default options and grid); ``corrector=None`` or ``"langevin"`` (``snr=0.16``,
       ``corrector_steps=1``; Song et al. 2021, Alg. 5, on the whole state before replacement);
       ``denoise=True``.
-    - ``"masked_ode"``: ``steps=200``, ``predictor`` in ``"ode_heun"`` (default), ``"ode_euler"``;
+    - ``"masked_ode"``: ``steps=200``, ``predictor`` in ``"ode_heun"`` (default), ``"ode_euler"`` or any
+      other probability-flow fixed-grid method of [`sdegen.METHODS`][sdegen.sampling.METHODS];
       ``denoise=False``.
     - ``"smc"``: ``steps=500``, ``particles=16`` per output, ``ess_threshold=0.5``; ``denoise=True``.
 
@@ -319,7 +340,9 @@ def inpaint(sde: AffineSDE, score_fn: Callable[..., Tensor], x_known: Tensor, ma
             z = torch.randn(x_known.shape, generator=generator, device=dev, dtype=dt)
             m, s = sde.marginal(torch.full((B,), sde.T, device=dev, dtype=dt))
             x = torch.where(mask, append_dims(m, y.ndim) * y + append_dims(s, y.ndim) * z, x_T)
-            solver = _build_replacement(method, opts, sde, times, y, mask, z, x, generator)
+            ctx = RunContext(sde, dyn, x, eps, steps, generator, None, bool(progress), record_every, method, times)
+            solver = _build_replacement(method, opts, ctx, y, mask, z)
+            times = ctx.times          # a predictor with a grid of its own (e.g. dpm_solver's) set it
             x, traj, _ = integrate_fixed_grid(solver, dyn, x, times, generator=generator, progress=progress,
                                               record_every=record_every, desc=f"inpaint:{method}")
         if opts["denoise"]:
@@ -334,11 +357,12 @@ def inpaint(sde: AffineSDE, score_fn: Callable[..., Tensor], x_known: Tensor, ma
     return SampleResult(samples=x, nfe=counted.nfe, trajectory=traj, times=times, stats=stats)
 
 
-def _build_replacement(method, opts, sde, times, y, mask, z, x, generator) -> _Replacement:
+def _build_replacement(method, opts, ctx: RunContext, y, mask, z) -> _Replacement:
+    x, generator = ctx.x, ctx.generator
     if method == "masked_ode":
-        inner = _choice(opts["predictor"], _ODE_PREDICTORS, "predictor")()
+        inner = _choice(opts["predictor"], inpaint_predictors(ode=True), "predictor")(ctx)
         return _Replacement(inner, y, mask, z)
-    inner = _choice(opts["predictor"], _SDE_PREDICTORS, "predictor")(sde, times)
+    inner = _choice(opts["predictor"], inpaint_predictors(ode=False), "predictor")(ctx)
     corrector = _choice(opts["corrector"], {None: None, "langevin": LangevinCorrector}, "corrector")
     if corrector is not None:
         n_corr = _check_int(opts["corrector_steps"], "corrector_steps", 1)

@@ -19,7 +19,6 @@ and their defaults.
 from __future__ import annotations
 
 import functools
-import math
 import inspect
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
@@ -30,27 +29,31 @@ from torch import Tensor
 from ._utils import check_positive
 from .sdes import SDE, AffineSDE, VPSDE
 from .grids import get_grid, sampling_start, user_grid
+from ._sample_inputs import _BoundNoise, _check_eps, _check_start, _noised_start, _per_sample_noise, _start_state
+from .solvers.runners import _adaptive_ode_runner, _backend, _build_ancestral, _run_torchsde
 from .solvers.base import AbstractFixedGridSolver, CountingScore, Dynamics, NonFiniteError, SampleResult, \
-    check_finite_state, integrate_fixed_grid
+    integrate_fixed_grid
 from .solvers.correctors import (AnnealedLangevinCorrector, BatchLangevinCorrector, LangevinCorrector,
                                   PredictorCorrector, langevin_alpha)
 from .solvers.ode_steps import ODEEuler, ODEHeun
-from .solvers.sde_steps import Ancestral, ChainStep, EulerMaruyama, ReverseDiffusion, ancestral_table, chain_table, \
-    ddpm_ancestral_table
+from .solvers.sde_steps import Ancestral, EulerMaruyama, ReverseDiffusion
 from .sdes.discrete import AbstractChainSDE
 from .solvers.adaptive_sde import ADAPTIVE_SDE_OPTIONS, run_adaptive_sde
-from .solvers.dpm_solver import DPM_SOLVER_OPTIONS, build_dpm_solver
-from .solvers.edm import HEUN_KARRAS_OPTIONS, build_heun_karras
-from .solvers.sde_dpm import SDE_DPM_OPTIONS, build_sde_dpm_solver
-from .solvers.dpm_single import DPM_FAST_OPTIONS, DPM_SINGLESTEP_OPTIONS, build_dpm_fast, build_dpm_singlestep
-from .solvers.restart import RESTART_OPTIONS, build_restart
-from .solvers.sa_solver import SA_SOLVER_OPTIONS, build_sa_solver
-from .solvers.ancestral_k import DPM2_OPTIONS, EULER_ANCESTRAL_OPTIONS, build_dpm2, build_euler_ancestral
-from .solvers.unipc import UNIPC_OPTIONS, build_unipc
-from .solvers.deis import DEIS_OPTIONS, build_deis
-from .solvers.multistep import IPNDM_OPTIONS, LMS_OPTIONS, PNDM_OPTIONS, build_ipndm, build_lms, build_pndm
+from .solvers.dpm_solver import DPM_SOLVER_OPTIONS, DPMSolver, build_dpm_solver
+from .solvers.edm import HEUN_KARRAS_OPTIONS, HeunKarras, build_heun_karras
+from .solvers.sde_dpm import SDE_DPM_OPTIONS, SDEDPMSolverPP, build_sde_dpm_solver
+from .solvers.ancestral_k import DPM2, DPM2_OPTIONS, EULER_ANCESTRAL_OPTIONS, EulerAncestral, build_dpm2, \
+    build_euler_ancestral
+from .solvers.restart import RESTART_OPTIONS, Restart, build_restart
+from .solvers.sa_solver import SA_SOLVER_OPTIONS, SASolver, build_sa_solver
+from .solvers.dpm_single import DPM_FAST_OPTIONS, DPM_SINGLESTEP_OPTIONS, DPMSolverSinglestep, build_dpm_fast, \
+    build_dpm_singlestep
+from .solvers.unipc import UNIPC_OPTIONS, UniPC, build_unipc
+from .solvers.deis import DEIS, DEIS_OPTIONS, build_deis
+from .solvers.ab_logsnr import AB_LOGSNR_OPTIONS, ABLogSNR, build_ab_logsnr
+from .solvers.multistep import IPNDM_OPTIONS, LMS, LMS_OPTIONS, PNDM, PNDM_OPTIONS, build_ipndm, build_lms, build_pndm
 
-__all__ = ["sample", "METHODS", "MethodSpec", "RunContext"]
+__all__ = ["sample", "METHODS", "MethodSpec", "RunContext", "predictors"]
 
 
 # ---------------------------------------------------------------------------------------------- plumbing
@@ -75,6 +78,7 @@ class RunContext:
             plan), so ``denoise`` defaults to ``False``.
         t_start: the time of ``x`` and the start of every grid (``sde.T``, or earlier for an
             img2img/SDEdit run; ``None`` read as ``sde.T``).
+        callback: called by the fixed-grid loop after every step (see ``sample``), or ``None``.
     """
 
     sde: SDE
@@ -91,6 +95,7 @@ class RunContext:
     steps_given: bool = True
     own_final_step: bool = False
     t_start: float | None = None
+    callback: Callable[[dict], Any] | None = None
 
     def __post_init__(self):
         if self.t_start is None:
@@ -117,8 +122,15 @@ def _signature_params(fn: Callable) -> tuple[inspect.Parameter, ...]:
 class MethodSpec:
     r"""One sampling method: how to run it and which options it takes.
 
+    A fixed-grid method is data: its builder (``build(ctx, options) -> solver``), the solver class and
+    whether the generic ``grid`` option sets the grid first; the runner is then the one loop. Such a row
+    is at once a ``sample`` method, a PC predictor (``predictor=`` of ``"pc"``), an inpainting
+    predictor ([`sdegen.conditional.inpaint`][sdegen.conditional.inpaint]) and a row of the contract
+    test and the benchmarks.
+
     Attributes:
-        run: ``run(ctx, **options) -> (x, trajectory | None, times | None, stats)``.
+        run: ``run(ctx, **options) -> (x, trajectory | None, times | None, stats)``; derived from
+            ``build`` when not given.
         options: allowed keyword options and their defaults.
         reverse_sde: whether it samples the reverse SDE (then ``denoise`` defaults to ``True``).
         fixed_grid: whether ``steps`` applies (else passing ``steps`` is an error).
@@ -126,15 +138,29 @@ class MethodSpec:
         backend: for adapters, a zero-argument callable returning the backend function whose keyword
             parameters are further allowed options (imported lazily: optional dependencies).
         doc: one line for error messages and docs.
+        build: fixed-grid builder ``build(ctx, options) -> AbstractFixedGridSolver`` (sets ``ctx.times``
+            when the method runs on a grid of its own), or ``None`` for adaptive and backend methods.
+        solver: the solver class ``build`` returns (its ``order``, ``evals_per_step``, ``stochastic``).
+        grid_option: the ``grid`` option (a name of `sdegen.grids.GRIDS` or a tensor) sets ``ctx.times``
+            before ``build`` runs.
     """
 
-    run: Callable[..., tuple]
+    run: Callable[..., tuple] | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     reverse_sde: bool = False
     fixed_grid: bool = True
     default_steps: int | None = 1000
     backend: Callable[[], Callable] | None = None
     doc: str = ""
+    build: Callable[..., AbstractFixedGridSolver] | None = None
+    solver: type | None = None
+    grid_option: bool = False
+
+    def __post_init__(self):
+        if (self.run is None) == (self.build is None):
+            raise ValueError("a MethodSpec needs exactly one of run= (its own runner) and build= (a fixed-grid builder)")
+        if self.run is None:
+            object.__setattr__(self, "run", _fixed_grid_runner(self.build, grid_option=self.grid_option))
 
     def allowed_options(self) -> dict[str, Any]:
         """The options this method accepts (``denoise`` included) with defaults; ``...`` = backend default."""
@@ -173,76 +199,11 @@ def _fixed_grid_runner(build: Callable[[RunContext, dict], AbstractFixedGridSolv
                              f"t={float(ctx.times[0]):.6g}, not at t_start={ctx.t_start:.6g}; it cannot start part-way")
         x, traj, _ = integrate_fixed_grid(solver, ctx.dyn, ctx.x, ctx.times, generator=ctx.generator,
                                           noise=ctx.noise, progress=ctx.progress, record_every=ctx.record_every,
-                                          desc=ctx.method)
-        return x, traj, ctx.times, {"steps": ctx.times.numel() - 1, "solver": repr(solver)}
+                                          desc=ctx.method, callback=ctx.callback)
+        n = ctx.times.numel() - 1
+        return x, traj, ctx.times, {"steps": n, "solver": repr(solver), "declared_nfe": solver.nfe(n)}
 
     return run
-
-
-def _build_ancestral(ctx: RunContext, opts: dict) -> Ancestral:
-    r"""VPSDE: the DDPM chain of ``vp.discretize(N)`` on $t_i = iT/N$ (``eps`` ignored); other affine SDEs:
-    the Tweedie posterior step on the grid to ``eps`` (uniform unless ``grid=`` is given to ``pc``)."""
-    sde = ctx.dyn.affine
-    eta = opts.get("eta")
-    grid = opts.get("grid", "uniform")
-    if isinstance(sde, AbstractChainSDE) and not ctx.steps_given and isinstance(grid, str) and grid == "uniform":
-        # The chain's own sampler (e.g. the diffusers scheduler the adapter read): its steps, its
-        # final step (no extra denoising), its noise and its eta unless eta= is given.
-        plan = sde.plan
-        eta = plan.eta if eta is None else check_positive(eta, "eta", allow_zero=True)
-        if opts.get("variance") is not None:
-            if opts["variance"] not in ("posterior", "beta"):
-                raise ValueError(f"variance must be 'posterior' (DDPM's beta-tilde) or 'beta', got {opts['variance']!r}")
-            plan = replace(plan, variance=opts["variance"])
-        ctx.times = plan.times(sde.alpha_bar.numel() - 1, sde.T)
-        ctx.steps = len(plan.steps)
-        ctx.own_final_step = True
-        if plan.x0_transform is not None or plan.variance.startswith("learned") or \
-                float(sde.alpha_bar[plan.steps[0]]) == 0.0:
-            return ChainStep.from_plan(sde, plan, eta, ctx.times)
-        return Ancestral(chain_table(sde, plan, eta, ctx.times))
-    if eta is not None or opts.get("variance") is not None:
-        name, value = ("eta", eta) if eta is not None else ("variance", opts["variance"])
-        raise ValueError(f"{name}={value!r} applies to the ancestral step on a chain SDE's own plan (e.g. an SDE "
-                         "from sdegen.adapters.from_diffusers or from_discrete_eps, without steps=); here the step is "
-                         "the posterior (eta = 1)")
-    if isinstance(sde, VPSDE):
-        grid = opts.get("grid", "uniform")
-        if not (isinstance(grid, str) and grid == "uniform"):
-            raise ValueError("the ancestral step on a VPSDE is the DDPM chain on its own grid t_i = iT/N; "
-                             f"grid={grid!r} does not apply (use predictor='reverse_diffusion' for other grids)")
-        n = ctx.steps
-        if ctx.t_start < sde.T:
-            # Part-way on the chain: steps = N is the chain's length (as DDPM img2img: strength x N
-            # steps), and the run starts at its step k with t_k = k T / N = t_start.
-            k = round(n * ctx.t_start / sde.T)
-            if k < 1 or abs(k * sde.T / n - ctx.t_start) > 1e-9 * sde.T:
-                raise ValueError(f"method 'ancestral' on a VPSDE runs the DDPM chain of steps={n} on t_i = iT/N; "
-                                 f"t_start={ctx.t_start:.6g} is not on it (nearest: {max(k, 1) * sde.T / n:.6g}); "
-                                 "choose t_start (or strength) and steps with strength * steps an integer")
-            ab = _ddpm_alphas_cumprod(sde, n).reshape(-1)
-            ab = ab[1:] if ab.numel() == n + 1 else ab        # abar_1 .. abar_N
-            ctx.times = torch.arange(k, -1, -1, dtype=torch.float64) * (sde.T / n)
-            ctx.steps = k
-            return Ancestral(ddpm_ancestral_table(ab[:k], ctx.times))
-        ctx.times = torch.arange(n, -1, -1, dtype=torch.float64) * (sde.T / n)
-        return Ancestral(ddpm_ancestral_table(_ddpm_alphas_cumprod(sde, n), ctx.times))
-    return Ancestral(ancestral_table(sde, ctx.times))
-
-
-def _ddpm_alphas_cumprod(vp: VPSDE, n: int) -> Tensor:
-    r"""$\bar\alpha_i$ of ``vp.discretize(n)``; until [`sdegen.ddpm`][sdegen.ddpm] exists, the same chain computed here:
-    $\beta_i = (\beta_\min + \tfrac{i-1}{N-1}(\beta_\max - \beta_\min))\,T/N$ (Song et al. 2021, App. B)."""
-    try:
-        return vp.discretize(n).alphas_cumprod
-    except ValueError as err:
-        raise ValueError(f"method 'ancestral' on a VPSDE runs the DDPM chain vp.discretize(steps), which needs "
-                         f"steps > beta_max * T = {vp.beta_max * vp.T:g}; got steps={n} ({err})") from None
-    except ImportError:
-        i = torch.arange(1, n + 1, dtype=torch.float64)
-        frac = (i - 1) / max(n - 1, 1)
-        betas = (vp.beta_min + frac * (vp.beta_max - vp.beta_min)) * (vp.T / n)
-        return torch.cumprod(1 - betas, 0)
 
 
 def _rule(cls):
@@ -257,19 +218,21 @@ def _rule(cls):
     return build
 
 
-_PREDICTORS: dict[str, Callable[[RunContext, dict], AbstractFixedGridSolver]] = {
-    "euler_maruyama": _rule(EulerMaruyama),
-    "reverse_diffusion": _rule(ReverseDiffusion),
-    "ancestral": _build_ancestral,
-    "ode_euler": _rule(ODEEuler),
-    "ode_heun": _rule(ODEHeun),
-}
+def predictors() -> dict[str, Callable[[RunContext, dict], AbstractFixedGridSolver]]:
+    """Every fixed-grid method of [`METHODS`][sdegen.sampling.METHODS] (but ``pc``) as a PC predictor:
+    ``builder(ctx, pc_options)`` runs the method's own builder with its defaults and the PC run's ``grid``."""
+    return {name: functools.partial(_predictor, spec) for name, spec in METHODS.items()
+            if spec.build is not None and name != "pc"}
+
+
+def _predictor(spec: MethodSpec, ctx: RunContext, opts: dict) -> AbstractFixedGridSolver:
+    return spec.build(ctx, {**spec.options, "grid": opts["grid"]})
 _CORRECTORS = {"langevin": LangevinCorrector, "langevin_batch": BatchLangevinCorrector,
                "annealed_langevin": AnnealedLangevinCorrector, None: None}
 
 
 def _build_pc(ctx: RunContext, opts: dict) -> AbstractFixedGridSolver:
-    predictor = _choice(opts["predictor"], _PREDICTORS, "predictor")
+    predictor = _choice(opts["predictor"], predictors(), "predictor")
     corrector = _choice(opts["corrector"], _CORRECTORS, "corrector")
     check_positive(opts["snr"], "snr")
     n_corr = opts["corrector_steps"]
@@ -296,52 +259,6 @@ def _choice(value, table: Mapping, name: str):
     return table[value]
 
 
-def _adaptive_ode_runner(module: str, fn_name: str, returns_trajectory: bool):
-    """Runner for probability-flow ODE integrators ``fn(ode_drift, y0, t0, t1, **opts)`` (imported lazily)."""
-
-    def run(ctx: RunContext, **opts):
-        fn = _backend(module, fn_name)()
-        if returns_trajectory:
-            y, stats, traj = fn(ctx.dyn.ode_drift, ctx.x, ctx.t_start, ctx.eps, progress=ctx.progress,
-                                record_every=ctx.record_every, **opts)
-        else:
-            (y, stats), traj = fn(ctx.dyn.ode_drift, ctx.x, ctx.t_start, ctx.eps, **opts), None
-        return y, traj, _times_from(stats, traj, ctx), dict(stats)
-
-    return run
-
-
-def _run_torchsde(ctx: RunContext, **opts):
-    fn = _backend("sdegen.solvers.backends", "torchsde_integrate")()
-    generator = ctx.generator
-    if ctx.noise is not None:
-        # torchsde draws its own Brownian path from one seed; with per-sample seeds, derive that seed
-        # from the seeded noise so that the same seeds give the same samples (one host read). The path
-        # is shared by the batch, so torchsde samples stay repeatable but not batch-invariant.
-        z = ctx.noise(0).reshape(-1)[:64].to("cpu", torch.float64)
-        generator = torch.Generator().manual_seed(int((z * 1e6).round().abs().sum().item()) % 2**62)
-    y, stats = fn(ctx.dyn.reverse_drift, ctx.dyn.diffusion, ctx.x, ctx.t_start, ctx.eps, steps=ctx.steps,
-                  generator=generator, **opts)
-    return y, None, _times_from(stats, None, ctx), dict(stats)
-
-
-def _times_from(stats: Mapping, traj, ctx: RunContext) -> Tensor:
-    if isinstance(stats, Mapping) and isinstance(stats.get("times"), Tensor):
-        return stats["times"].detach().to("cpu", torch.float64)
-    if traj:
-        return torch.tensor([t for t, _ in traj], dtype=torch.float64)
-    return torch.tensor([ctx.t_start, ctx.eps], dtype=torch.float64)
-
-
-def _backend(module: str, name: str) -> Callable[[], Callable]:
-    def get():
-        from importlib import import_module
-
-        return getattr(import_module(module), name)
-
-    return get
-
-
 _TOL = {"rtol": 1e-5, "atol": 1e-5}
 #: The ``grid`` option of the generic fixed-grid methods (see [`sdegen.grids`][sdegen.grids]).
 _GRID = {"grid": "uniform"}
@@ -360,22 +277,22 @@ class MethodTable(dict):
 
 
 METHODS: MethodTable = MethodTable({
-    "euler_maruyama": MethodSpec(_fixed_grid_runner(_PREDICTORS["euler_maruyama"], grid_option=True),
+    "euler_maruyama": MethodSpec(build=_rule(EulerMaruyama), solver=EulerMaruyama, grid_option=True,
                                  reverse_sde=True, options=_GRID,
                                  doc="reverse SDE, Euler–Maruyama (strong order 1 for additive noise)"),
-    "reverse_diffusion": MethodSpec(_fixed_grid_runner(_PREDICTORS["reverse_diffusion"], grid_option=True),
+    "reverse_diffusion": MethodSpec(build=_rule(ReverseDiffusion), solver=ReverseDiffusion, grid_option=True,
                                     reverse_sde=True, options=_GRID,
                                     doc="reverse SDE, the SDE's own discretization reversed (Song et al. eq. 47)"),
-    "ancestral": MethodSpec(_fixed_grid_runner(_build_ancestral), reverse_sde=True,
+    "ancestral": MethodSpec(build=_build_ancestral, solver=Ancestral, reverse_sde=True,
                             options={"eta": None, "variance": None},
                             doc="ancestral posterior sampling (VP: exactly DDPM; VE: SMLD)"),
-    "pc": MethodSpec(_fixed_grid_runner(_build_pc, grid_option=True), reverse_sde=True,
+    "pc": MethodSpec(build=_build_pc, solver=PredictorCorrector, grid_option=True, reverse_sde=True,
                      options={"predictor": "reverse_diffusion", "corrector": "langevin", "snr": 0.16,
                               "corrector_steps": 1, "data_std": 0.0, **_GRID},
                      doc="predictor-corrector: predictor + Langevin/annealed Langevin corrector (or None)"),
-    "ode_euler": MethodSpec(_fixed_grid_runner(_PREDICTORS["ode_euler"], grid_option=True), options=_GRID,
+    "ode_euler": MethodSpec(build=_rule(ODEEuler), solver=ODEEuler, grid_option=True, options=_GRID,
                             doc="probability-flow ODE, explicit Euler (order 1)"),
-    "ode_heun": MethodSpec(_fixed_grid_runner(_PREDICTORS["ode_heun"], grid_option=True), options=_GRID,
+    "ode_heun": MethodSpec(build=_rule(ODEHeun), solver=ODEHeun, grid_option=True, options=_GRID,
                            doc="probability-flow ODE, Heun (order 2, 2 evaluations per step)"),
     "rk45": MethodSpec(_adaptive_ode_runner("sdegen.solvers.rk45", "rk45_integrate", True), options=_TOL,
                        fixed_grid=False, default_steps=None,
@@ -392,43 +309,45 @@ METHODS: MethodTable = MethodTable({
     "torchsde": MethodSpec(_run_torchsde, options={"solver": "euler"}, reverse_sde=True,
                            backend=_backend("sdegen.solvers.backends", "torchsde_integrate"),
                            doc="reverse SDE through torchsde.sdeint"),
-    "heun_karras": MethodSpec(_fixed_grid_runner(build_heun_karras), options=HEUN_KARRAS_OPTIONS, default_steps=18,
+    "heun_karras": MethodSpec(build=build_heun_karras, solver=HeunKarras, options=HEUN_KARRAS_OPTIONS, default_steps=18,
                               doc="probability-flow ODE, EDM Heun on the Karras rho grid (2N-1 evaluations)"),
-    "dpm_solver": MethodSpec(_fixed_grid_runner(build_dpm_solver), options=DPM_SOLVER_OPTIONS, default_steps=20,
+    "dpm_solver": MethodSpec(build=build_dpm_solver, solver=DPMSolver, options=DPM_SOLVER_OPTIONS, default_steps=20,
                              doc="probability-flow ODE, DPM-Solver/DPM-Solver++ multistep, orders 1-3"),
-    "unipc": MethodSpec(_fixed_grid_runner(build_unipc), options=UNIPC_OPTIONS, default_steps=20,
+    "unipc": MethodSpec(build=build_unipc, solver=UniPC, options=UNIPC_OPTIONS, default_steps=20,
                         doc="probability-flow ODE, UniPC multistep predictor-corrector (UniP orders 1-3 + UniC)"),
-    "deis": MethodSpec(_fixed_grid_runner(build_deis), options=DEIS_OPTIONS, default_steps=20,
+    "deis": MethodSpec(build=build_deis, solver=DEIS, options=DEIS_OPTIONS, default_steps=20,
                        doc="probability-flow ODE, DEIS tAB exponential integrator, orders 1-3"),
-    "pndm": MethodSpec(_fixed_grid_runner(build_pndm), options=PNDM_OPTIONS, default_steps=50,
+    "pndm": MethodSpec(build=build_pndm, solver=PNDM, options=PNDM_OPTIONS, default_steps=50,
                        doc="probability-flow ODE, PNDM pseudo linear multistep (warmup 'prk'; 'heun' = PLMS)"),
-    "ipndm": MethodSpec(_fixed_grid_runner(build_ipndm), options=IPNDM_OPTIONS, default_steps=20,
+    "ipndm": MethodSpec(build=build_ipndm, solver=PNDM, options=IPNDM_OPTIONS, default_steps=20,
                         doc="probability-flow ODE, iPNDM (AB4 on the DDIM transfer, lower-order start)"),
-    "lms": MethodSpec(_fixed_grid_runner(build_lms), options=LMS_OPTIONS, default_steps=20,
+    "lms": MethodSpec(build=build_lms, solver=LMS, options=LMS_OPTIONS, default_steps=20,
                       doc="probability-flow ODE, linear multistep in sigma, orders 1-4"),
     "adaptive_sde": MethodSpec(run_adaptive_sde, options=ADAPTIVE_SDE_OPTIONS, reverse_sde=True, fixed_grid=False,
                                default_steps=None, doc="reverse SDE, adaptive EM/improved-Euler pair with rtol/atol"),
-    "sde_dpm_solver": MethodSpec(_fixed_grid_runner(build_sde_dpm_solver), options=SDE_DPM_OPTIONS, reverse_sde=True,
+    "sde_dpm_solver": MethodSpec(build=build_sde_dpm_solver, solver=SDEDPMSolverPP, options=SDE_DPM_OPTIONS, reverse_sde=True,
                                  default_steps=20,
                                  doc="reverse SDE, SDE-DPM-Solver++ 1 / 2M-SDE / 3M-SDE with eta (one evaluation per step)"),
-    "euler_ancestral": MethodSpec(_fixed_grid_runner(build_euler_ancestral, grid_option=True),
+    "euler_ancestral": MethodSpec(build=build_euler_ancestral, solver=EulerAncestral, grid_option=True,
                                   options=EULER_ANCESTRAL_OPTIONS, reverse_sde=True, default_steps=50,
                                   doc="Euler ancestral in (x/m, sigma) with eta (k-diffusion, diffusers EulerAncestral)"),
-    "dpm2": MethodSpec(_fixed_grid_runner(build_dpm2(False), grid_option=True), options=DPM2_OPTIONS, default_steps=20,
+    "dpm2": MethodSpec(build=build_dpm2(False), solver=DPM2, grid_option=True, options=DPM2_OPTIONS, default_steps=20,
                        doc="probability-flow ODE, k-diffusion DPM-2 (midpoint in log sigma, 2 evaluations per step)"),
-    "dpm2_ancestral": MethodSpec(_fixed_grid_runner(build_dpm2(True), grid_option=True),
+    "dpm2_ancestral": MethodSpec(build=build_dpm2(True), solver=DPM2, grid_option=True,
                                  options=EULER_ANCESTRAL_OPTIONS, reverse_sde=True, default_steps=20,
                                  doc="DPM-2 ancestral with eta (k-diffusion, diffusers KDPM2Ancestral)"),
-    "restart": MethodSpec(_fixed_grid_runner(build_restart), options=RESTART_OPTIONS, default_steps=18,
+    "restart": MethodSpec(build=build_restart, solver=Restart, options=RESTART_OPTIONS, default_steps=18,
                           doc="Restart sampling: Heun ODE with K forward re-noising restarts over a sigma interval"),
-    "sa_solver": MethodSpec(_fixed_grid_runner(build_sa_solver), options=SA_SOLVER_OPTIONS, reverse_sde=True,
+    "sa_solver": MethodSpec(build=build_sa_solver, solver=SASolver, options=SA_SOLVER_OPTIONS, reverse_sde=True,
                             default_steps=20,
                             doc="reverse SDE, SA-Solver stochastic Adams predictor-corrector with tau (1 evaluation per step)"),
-    "dpm_solver_singlestep": MethodSpec(_fixed_grid_runner(build_dpm_singlestep), options=DPM_SINGLESTEP_OPTIONS,
+    "dpm_solver_singlestep": MethodSpec(build=build_dpm_singlestep, solver=DPMSolverSinglestep, options=DPM_SINGLESTEP_OPTIONS,
                                         default_steps=20,
                                         doc="DPM-Solver single-step orders 1-3 (optional SDE noise eta); steps = evaluations"),
-    "dpm_fast": MethodSpec(_fixed_grid_runner(build_dpm_fast), options=DPM_FAST_OPTIONS, default_steps=20,
+    "dpm_fast": MethodSpec(build=build_dpm_fast, solver=DPMSolverSinglestep, options=DPM_FAST_OPTIONS, default_steps=20,
                            doc="k-diffusion dpm_fast: steps = evaluation budget split over DPM-Solver-3/2/1 steps"),
+    "ab_logsnr": MethodSpec(build=build_ab_logsnr, solver=ABLogSNR, grid_option=True, options=AB_LOGSNR_OPTIONS,
+                            default_steps=20, doc="probability-flow ODE, Adams-Bashforth 2/3 in log-SNR (1 evaluation per step)"),
 })
 """Every sampling method by name: a dict of [`MethodSpec`][sdegen.sampling.MethodSpec] (runner, options
 and their defaults, one-line doc). Runners take a `RunContext` and the method's options. The guide
@@ -469,163 +388,13 @@ def _check_steps(method: str, spec: MethodSpec, steps) -> int | None:
     return steps
 
 
-def _check_eps(eps, T: float) -> float:
-    try:
-        if isinstance(eps, (bool, str)):     # True is not a time, and float("0.01") would hide a typo
-            raise TypeError
-        e = float(eps)
-    except (TypeError, ValueError):
-        raise TypeError(f"eps must be a float in (0, T={T}), got {eps!r}") from None
-    if not 0.0 < e < T:
-        raise ValueError(f"eps must lie in (0, T={T}), got {eps!r}")
-    return e
-
-
-def _check_start(sde: SDE, t_start, strength, x_init, x_T) -> float:
-    r"""The start time: ``T``, or ``t_start``, or ``strength * T``; checks the start-state arguments agree."""
-    T = float(sde.T)
-    if t_start is not None and strength is not None:
-        raise ValueError(f"give t_start= or strength= (t_start = strength * T), not both; got t_start={t_start!r}, "
-                         f"strength={strength!r}")
-    if strength is not None:
-        s = _real_arg(strength, "strength")
-        if not 0.0 < s <= 1.0:
-            raise ValueError(f"strength must lie in (0, 1] (t_start = strength * T), got {strength!r}")
-        t0 = s * T
-    elif t_start is not None:
-        t0 = _real_arg(t_start, "t_start")
-        if not 0.0 < t0 <= T:
-            raise ValueError(f"t_start must lie in (eps, T] = (eps, {T}], got {t_start!r}")
-    else:
-        t0 = T
-    if x_init is not None:
-        if x_T is not None:
-            raise ValueError("give x_init= (data, noised to t_start here) or x_T= (the start state), not both")
-        if t_start is None and strength is None:
-            raise ValueError("x_init= (data to start from part-way) needs t_start= or strength=")
-        if not isinstance(sde, AffineSDE):
-            raise TypeError(f"x_init= is noised to t_start by the SDE's Gaussian transition; {type(sde).__name__} is "
-                            "not an AffineSDE (pass x_T=, the state at t_start, instead)")
-    elif t0 < T and x_T is None:
-        raise ValueError(f"t_start={t0:.6g} < T={T} needs the data to start from (x_init=) or the state at t_start "
-                         "(x_T=); a prior draw is a sample of p_T only")
-    return t0
-
-
-def _real_arg(value, name: str) -> float:
-    if isinstance(value, (bool, str)):      # float("0.5") would accept a string
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {value!r}") from None
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return v
-
-
-def _check_dtype(dtype) -> torch.dtype:
-    if dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype} (half precision would lose "
-                        "the small time steps; cast the model instead and sample in float32)")
-    return dtype
-
-
-def _per_sample_noise(seeds, shape):
-    """``seeds=`` as given: ``None``; an int offset (sample k gets seed offset + k); a list/tuple/1-D
-    integer tensor of per-sample seeds; or a noise object with ``prior`` and ``__call__(i)``."""
-    if seeds is None or callable(getattr(seeds, "prior", None)):
-        return seeds
-    from ._rng import PerSampleNoise
-
-    B = int(tuple(shape)[0])
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        return PerSampleNoise.from_offset(seeds, B)
-    if isinstance(seeds, (list, tuple, Tensor, range)):
-        if len(seeds) != B:
-            raise ValueError(f"seeds must have one seed per sample ({B}), got {len(seeds)}")
-        return PerSampleNoise(seeds)
-    raise TypeError("seeds must be an int offset, a sequence of ints, or an object with prior(shape, device, "
-                    f"dtype) and __call__(i), got {type(seeds).__name__}")
-
-
-class _BoundNoise:
-    """A per-sample noise object bound to the state's shape, device and dtype (so a ``PerSampleNoise``
-    made without them gives draws like ``x``)."""
-
-    def __init__(self, noise, x: Tensor):
-        self._noise, self._shape, self._device, self._dtype = noise, tuple(x.shape), x.device, x.dtype
-        self._kw = _accepts_kwargs(noise)
-
-    def prior(self, shape=None, device=None, dtype=None) -> Tensor:
-        return self._noise.prior(shape or self._shape, device or self._device, dtype or self._dtype)
-
-    def __call__(self, i: int) -> Tensor:
-        if self._kw:
-            return self._noise(i, shape=self._shape, device=self._device, dtype=self._dtype)
-        return self._noise(i).to(device=self._device, dtype=self._dtype)
-
-
-def _accepts_kwargs(fn) -> bool:
-    import inspect
-
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return all(k in params for k in ("shape", "device", "dtype"))
-
-
-def _start_state(sde: SDE, shape, x_T, device, dtype, generator, seeds) -> Tensor:
-    if x_T is None:
-        dtype = _check_dtype(torch.get_default_dtype() if dtype is None else dtype)
-        if device is None and generator is not None:
-            device = generator.device
-        if seeds is not None:
-            return seeds.prior(tuple(shape), torch.device(device or "cpu"), dtype) * sde.prior_std()
-        return sde.prior_sample(shape, generator=generator, device=device, dtype=dtype)
-    return _check_given_state(x_T, "x_T", shape, device, dtype)
-
-
-def _check_given_state(x: Tensor, name: str, shape, device, dtype) -> Tensor:
-    """Checks of a caller's ``x_T`` or ``x_init``: a finite float32/float64 ``(B, *D)`` tensor agreeing
-    with ``shape``, ``device`` and ``dtype`` where given (one host read for the finiteness, once)."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{name}: dtype must be torch.float32 or torch.float64, got {x.dtype}")
-    if x.ndim < 1 or x.shape[0] < 1:
-        raise ValueError(f"{name} must have shape (B, *D) with B >= 1, got {tuple(x.shape)}")
-    if shape is not None and tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)} (the shape argument), got {tuple(x.shape)}")
-    if device is not None and x.device != torch.device(device) and not (
-            torch.device(device).type == x.device.type and torch.device(device).index is None):
-        raise ValueError(f"{name} is on {x.device} but device={device!r} was requested")
-    if dtype is not None and x.dtype != dtype:
-        raise TypeError(f"{name} has dtype {x.dtype} but dtype={dtype} was requested")
-    check_finite_state(x, name)
-    return x
-
-
-def _noised_start(sde: AffineSDE, x_init, t_start: float, shape, device, dtype, generator, seeds) -> Tensor:
-    r"""$x_{t_\text{start}} = m(t_\text{start})\,x_0 + s(t_\text{start})\,z$, $z \sim \mathcal N(0, I)$: the
-    exact transition of the forward SDE from the data (SDEdit, Meng et al. 2022, §3)."""
-    x0 = _check_given_state(x_init, "x_init", shape, device, dtype)
-    # The marginal in float64 on the host, once: two scalars.
-    m, s = (float(v) for v in sde.marginal(torch.tensor([t_start], dtype=torch.float64)))
-    if seeds is not None:
-        z = seeds.prior(tuple(x0.shape), x0.device, x0.dtype)
-    else:
-        z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    return x0 * m + z * s
-
-
 # ---------------------------------------------------------------------------------------------- entry point
 def sample(sde: SDE, score_fn: Callable[..., Tensor], shape, *, method: str, steps: int | None = None,
            eps: float | None = None, generator: torch.Generator | None = None, device=None, dtype=None,
            progress: bool = False, return_trajectory: bool | int = False, x_T: Tensor | None = None,
            model_kwargs: dict | None = None, seeds=None, x_init: Tensor | None = None,
-           t_start: float | None = None, strength: float | None = None, **method_options) -> SampleResult:
+           t_start: float | None = None, strength: float | None = None, callback: Callable[[dict], Any] | None = None,
+           **method_options) -> SampleResult:
     r"""Draw samples by integrating the reverse-time SDE or the probability-flow ODE from ``T`` to ``eps``.
 
     Methods (see [`METHODS`][sdegen.sampling.METHODS]; each step rule's docstring gives its update and order):
@@ -697,6 +466,9 @@ def sample(sde: SDE, score_fn: Callable[..., Tensor], shape, *, method: str, ste
             ``t_start`` must be one of its times $iT/N$. Below ``T`` it needs ``x_init`` or ``x_T``.
         strength: ``t_start = strength * T``, in ``(0, 1]`` (diffusers' img2img convention);
             exclusive with ``t_start``.
+        callback: fixed-grid methods call ``callback(info)`` after every step with ``info = {"i": step,
+            "t": t_i, "t_next": t_{i+1}, "x": state at t_{i+1}}`` (as k-diffusion's samplers); it must not
+            modify ``x`` in place. Adaptive and backend methods take none (a ``TypeError``).
         **method_options (Any): the method's options (unknown ones are an error listing the valid ones).
 
     Returns:
@@ -717,6 +489,9 @@ def sample(sde: SDE, score_fn: Callable[..., Tensor], shape, *, method: str, ste
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be an sdegen.SDE, got {type(sde).__name__}")
     spec = _check_method(method)
+    if callback is not None and (spec.build is None or not callable(callback)):
+        raise TypeError(f"callback must be a callable and applies to the fixed-grid methods; got "
+                        f"{type(callback).__name__} with method {method!r}")
     opts = _resolve_options(method, spec, method_options)
     steps_given = steps is not None
     if not steps_given and isinstance(sde, AbstractChainSDE):
@@ -763,7 +538,7 @@ def sample(sde: SDE, score_fn: Callable[..., Tensor], shape, *, method: str, ste
         if seeds is not None:
             seeds = _BoundNoise(seeds, x)
         ctx = RunContext(sde, dyn, x, eps, steps, generator, seeds, bool(progress), record_every, method, times,
-                         steps_given=steps_given, t_start=t_start)
+                         steps_given=steps_given, t_start=t_start, callback=callback)
         # Every grid a builder asks for (named, user, a solver's own) starts at t_start.
         with sampling_start(t_start if t_start < sde.T else None):
             x, traj, times, stats = spec.run(ctx, **opts)

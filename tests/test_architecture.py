@@ -31,7 +31,9 @@ ALLOWED = {
     # know the network classes (an explicit table, never import-by-string).
     "training": {"sdes", "parameterization", "ddpm", "nn"},
     "solvers": {"sdes", "grids"},
-    "sampling": {"solvers", "grids", "sdes", "_rng"},
+    # _sample_inputs: sample()'s checks and start states, split from sampling (issue 15: files under 600 lines).
+    "sampling": {"solvers", "grids", "sdes", "_rng", "_sample_inputs"},
+    "_sample_inputs": {"sdes", "solvers", "_rng"},
     "likelihood": {"solvers", "sdes"},
     "adapters": {"sdes", "ddpm", "parameterization", "x0_transforms"},
     # x0_transforms: data-prediction options (clip, dynamic thresholding) as score wrappers.

@@ -57,6 +57,10 @@ def test_contract_shape_dtype_nfe_reproducible(method, dtype):
         # VP ancestral is the DDPM chain down to t = 0: nothing to denoise
         assert res.nfe == 25 * FIXED[method] + denoise
         assert res.times.shape[0] == 26 + denoise
+    if METHODS[method].build is not None:
+        # Every fixed-grid method: the counted NFE is the solver's declared formula (evals_per_step per step,
+        # or its own nfe(steps) where the first or last steps differ), plus the final denoising call.
+        assert res.nfe == res.stats["declared_nfe"] + int(res.stats["denoise"])
     again, _ = _run(method, dtype=dtype)
     assert torch.equal(res.samples, again.samples)
     other, _ = _run(method, dtype=dtype, seed=1)

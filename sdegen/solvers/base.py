@@ -211,6 +211,11 @@ class AbstractFixedGridSolver(abc.ABC):
         """Initial solver state (multistep history). Default: ``None``."""
         return None
 
+    def nfe(self, steps: int) -> int:
+        """Score evaluations this solver makes over ``steps`` grid steps (the contract test checks the
+        counted NFE against it for every method). Default: ``steps * evals_per_step``."""
+        return steps * self.evals_per_step
+
     @abc.abstractmethod
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None) -> tuple[Tensor, Any]:
         """Advance ``x`` from ``t0`` to ``t1 < t0`` (each ``(B,)``). ``dw``: Brownian increment with
@@ -257,7 +262,7 @@ def integrate_fixed_grid(
     the non-finite checks, the progress bar, the trajectory and the ``callback`` hook.
 
     Brownian path: step $i$ gets $dw_i$ from ``brownian`` when given (e.g. one path refined,
-    [`BrownianPath.from_increments`][sdegen.solvers.brownian.BrownianPath.from_increments]); else
+    `sdegen.solvers.brownian.BrownianPath.from_increments`); else
     $dw_i = \sqrt{|t_{i+1} - t_i|}\,z_i$, $z_i \sim \mathcal N(0, I)$ from ``generator``; or ``noise[i]``
     (shape ``(n, *x.shape)``, unit-variance draws); or ``noise(i)`` when ``noise`` is a callable
     (per-sample seeded noise that does not depend on batch-mates). Non-finite states are detected with one on-device

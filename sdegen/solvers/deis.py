@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .._utils import check_bool, check_int
 from .base import AbstractFixedGridSolver, Dynamics
-from .multistep import _basis
+from .multistep import _basis, _grid, combine_history
 
 __all__ = ["DEIS"]
 
@@ -116,22 +116,14 @@ class DEIS(AbstractFixedGridSolver):
         i = state["i"]
         lin, w = self.table[i]
         hist = (state["hist"] + [dyn.score(x, t0)])[-self.order:]   # scores; -s_j is in the weights
-        x_new = x * lin
-        for wj, ej in zip(w, reversed(hist)):
-            x_new.add_(ej, alpha=wj)
-        return x_new, {"i": i + 1, "hist": hist}
+        return combine_history(x, lin, w, hist), {"i": i + 1, "hist": hist}
 
 
 def build_deis(ctx, opts: dict) -> DEIS:
     r"""``sdegen.sample`` builder: sets ``ctx.times`` to the ``grid`` option and returns the tabulated solver."""
-    from ..grids import get_grid
     from ..sdes import AffineSDE
 
-    grid = opts["grid"]
-    if isinstance(grid, str):
-        ctx.times = get_grid(grid, ctx.sde, ctx.steps, ctx.eps, **({"rho": opts["rho"]} if grid == "karras" else {}))
-    else:  # a user grid sets the number of steps and the final time itself
-        ctx.times = get_grid(grid, ctx.sde, None, None)
+    _grid(ctx, opts)
     solver = DEIS(order=opts["order"], n_steps=ctx.times.numel() - 1, lower_order_final=opts["lower_order_final"])
     return solver.tabulated(ctx.sde, ctx.times) if isinstance(ctx.sde, AffineSDE) else solver
 

@@ -259,6 +259,10 @@ class DPMSolverSinglestep(AbstractFixedGridSolver):
     def _pred(self, x: Tensor, score: Tensor, s2: float) -> Tensor:
         return torch.add(x, score, alpha=s2) if self.prediction == "data" else score * s2
 
+    def nfe(self, steps: int) -> int:
+        """One evaluation per step plus one per stage: the sum of the steps' orders."""
+        return sum(1 + len(row[0]) for row in self.table[:steps])
+
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
         i, tv, k_draw = state
         stages, lin, w, fin, pred = self.table[i]

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -107,17 +107,17 @@ class DPMSolver(AbstractFixedGridSolver):
     (Lu et al. 2022b, §3.3). One score evaluation per step; global order ``order``.
 
     Args:
-        order: 1, 2 or 3.
-        prediction: ``"data"`` (DPM-Solver++, default) or ``"noise"`` (DPM-Solver).
+        order: 1, 2 or 3 (default 3, as ``sample(method="dpm_solver")``).
+        prediction: ``"noise"`` (DPM-Solver, default) or ``"data"`` (DPM-Solver++).
         n_steps: number of grid steps $N$, needed for ``lower_order_final``.
-        lower_order_final: lower the order on the last steps (default on).
+        lower_order_final: lower the order on the last steps (default off).
         solver_type: ``"exact"`` (default) or ``"midpoint"``, the order-2 coefficient (see above).
     """
 
-    order: int = 2  # type: ignore[misc]  # an instance field here: the order is an option
-    prediction: str = "data"
+    order: int = 3  # type: ignore[misc]  # an instance field here: the order is an option
+    prediction: str = "noise"
     n_steps: int | None = None
-    lower_order_final: bool = True
+    lower_order_final: bool = False
     solver_type: str = "exact"
     #: Optional per-step ``(m0, s0, m1, s1)`` as float64 host floats for the grid this solver runs on
     #: (see [`tabulated`][sdegen.solvers.dpm_solver.DPMSolver.tabulated]): the same update with scalar coefficients, a few kernels per step.
@@ -249,5 +249,6 @@ def build_dpm_solver(ctx, opts: dict) -> DPMSolver:
 
 
 #: ``sdegen.sample(method="dpm_solver")`` options and defaults.
-DPM_SOLVER_OPTIONS = {"order": 3, "prediction": "noise", "grid": "karras", "rho": 7.0, "lower_order_final": False,
-                      "solver_type": "exact"}
+#: The solver options' defaults are the class fields' (one source); grid and rho are the builder's.
+DPM_SOLVER_OPTIONS = {**{f.name: f.default for f in fields(DPMSolver) if f.name not in ("n_steps", "table")},
+                      "grid": "karras", "rho": 7.0}

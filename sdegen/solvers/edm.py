@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -66,7 +66,8 @@ class HeunKarras(AbstractFixedGridSolver):
         s_tmin (float): churn only where $\sigma \ge S_\text{tmin}$ ($\sigma$ units).
         s_tmax (float): churn only where $\sigma \le S_\text{tmax}$ ($\sigma$ units).
         s_noise (float): scale $S_\text{noise}$ of the added churn noise.
-        final_euler: take an Euler step on the last step (saves one evaluation).
+        final_euler: take an Euler step on the last step (saves one evaluation; default on, as
+            ``sample(method="heun_karras")`` and EDM's Alg. 1; needs ``n_steps``).
     """
 
     n_steps: int | None = None
@@ -74,7 +75,7 @@ class HeunKarras(AbstractFixedGridSolver):
     s_tmin: float = 0.0
     s_tmax: float = math.inf
     s_noise: float = 1.0
-    final_euler: bool = False
+    final_euler: bool = True
     #: Optional per-step ``(r, e, c0, c1)`` host floats for the grid this solver runs on (see
     #: [`tabulated`][sdegen.solvers.edm.HeunKarras.tabulated]; deterministic steps only): the same step with scalar coefficients.
     table: tuple | None = field(default=None, repr=False)
@@ -90,8 +91,8 @@ class HeunKarras(AbstractFixedGridSolver):
             check_number(v, name, low=0.0)
         if isinstance(self.s_tmax, bool) or not (isinstance(self.s_tmax, (int, float)) and self.s_tmax >= self.s_tmin):
             raise ValueError(f"s_tmax must be a number >= s_tmin={self.s_tmin}, got {self.s_tmax!r}")
-        if (self.s_churn > 0 or self.final_euler) and self.n_steps is None:
-            raise ValueError("s_churn > 0 and final_euler need n_steps (the number of grid steps)")
+        if self.s_churn > 0 and self.n_steps is None:
+            raise ValueError("s_churn > 0 needs n_steps (the number of grid steps)")
 
     def tabulated(self, sde, times: Tensor) -> "HeunKarras":
         r"""This solver with each step's coefficients computed once in float64 on the host.
@@ -119,6 +120,10 @@ class HeunKarras(AbstractFixedGridSolver):
     def stochastic(self) -> bool:  # type: ignore[override]
         """Consumes noise only when churn is on."""
         return self.s_churn > 0
+
+    def nfe(self, steps: int) -> int:
+        """``2 * steps``, one fewer with ``final_euler`` (the last step skips the correction)."""
+        return 2 * steps - (1 if self.final_euler and self.n_steps is not None and steps >= self.n_steps else 0)
 
     def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
         return 0  # the step index, to apply final_euler on the last step
@@ -176,5 +181,6 @@ def build_heun_karras(ctx, opts: dict) -> HeunKarras:
 
 
 #: ``sdegen.sample(method="heun_karras")`` options and defaults.
-HEUN_KARRAS_OPTIONS = {"grid": "karras", "rho": 7.0, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf,
-                       "s_noise": 1.0, "final_euler": True}
+#: The solver options' defaults are the class fields' (one source); grid and rho are the builder's.
+HEUN_KARRAS_OPTIONS = {"grid": "karras", "rho": 7.0,
+                       **{f.name: f.default for f in fields(HeunKarras) if f.name not in ("n_steps", "table")}}

@@ -85,6 +85,10 @@ class PNDM(AbstractFixedGridSolver):
         """Global order: 4 (``"prk"``), 3 (``"heun"``), 2 (``"ab"``); see the class docstring."""
         return {"prk": 4.0, "heun": 3.0, "ab": 2.0}[self.warmup]
 
+    def nfe(self, steps: int) -> int:
+        """$N + 9$ (``"prk"``: three RK4 start steps), $N + 1$ (``"heun"``), $N$ (``"ab"``)."""
+        return steps + {"prk": 3 * min(steps, 3), "heun": min(steps, 1), "ab": 0}[self.warmup]
+
     def tabulated(self, sde, times: Tensor) -> "PNDM":
         r"""Per step ``(-s_a, r, c, -s_mid, r_h, c_h, -s_b, w)``: $\phi(x, \epsilon) = r x + c\epsilon$ to $t_b$ and
         to the midpoint $(t_a + t_b)/2$ (PRK), with $r = m_b/m_a$, $c = s_b - m_b s_a/m_a$; and the
@@ -121,10 +125,7 @@ class PNDM(AbstractFixedGridSolver):
             e0 = score * neg_s
             e1 = dyn.score(torch.add(x * r, e0, alpha=c), t1) * neg_s1
             return torch.add(x * r, e0 + e1, alpha=0.5 * c), {"i": i + 1, "hist": hist}
-        x_new = x * r
-        for wj, sj in zip(w, reversed(hist)):
-            x_new.add_(sj, alpha=wj)
-        return x_new, {"i": i + 1, "hist": hist}
+        return combine_history(x, r, w, hist), {"i": i + 1, "hist": hist}
 
 
 def _basis(w: list[float], j: int) -> list[float]:
@@ -198,13 +199,12 @@ class LMS(AbstractFixedGridSolver):
         i = state["i"]
         lin, w = self.table[i]
         hist = (state["hist"] + [dyn.score(x, t0)])[-self.lms_order:]   # scores; -s_j is in the weights
-        x_new = x * lin
-        for wj, ej in zip(w, reversed(hist)):
-            x_new.add_(ej, alpha=wj)
-        return x_new, {"i": i + 1, "hist": hist}
+        return combine_history(x, lin, w, hist), {"i": i + 1, "hist": hist}
 
 
 def _grid(ctx, opts: dict) -> None:
+    """Set ``ctx.times`` from the ``grid`` option (a name, with ``rho`` for Karras, or a user tensor of times,
+    which sets the number of steps and the final time itself). One rule for the multistep builders."""
     from ..grids import get_grid
 
     grid = opts["grid"]
@@ -212,6 +212,15 @@ def _grid(ctx, opts: dict) -> None:
         ctx.times = get_grid(grid, ctx.sde, ctx.steps, ctx.eps, **({"rho": opts["rho"]} if grid == "karras" else {}))
     else:  # a user grid sets the number of steps and the final time itself
         ctx.times = get_grid(grid, ctx.sde, None, None)
+
+
+def combine_history(x: Tensor, lin: float, weights, hist: list[Tensor]) -> Tensor:
+    r"""$x_{i+1} = \text{lin}\,x_i + \sum_j w_j h_{i-j}$: a linear multistep update on stored evaluations
+    ``hist`` (oldest first; ``weights`` newest first), tabulated host floats; one kernel per term."""
+    x_new = x * lin
+    for wj, hj in zip(weights, reversed(hist)):
+        x_new.add_(hj, alpha=wj)
+    return x_new
 
 
 def build_pndm(ctx, opts: dict) -> PNDM:

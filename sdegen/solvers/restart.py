@@ -110,6 +110,10 @@ class Restart(AbstractFixedGridSolver):
                 rows.append(("down", m1 / m0, -m1 * dsig * s0, -0.5 * m1 * dsig * s0, -0.5 * m1 * dsig * s1))
         return cls(table=tuple(rows), draw=draw)
 
+    def nfe(self, steps: int) -> int:
+        """Two evaluations per downward step of the time list, none per restart (upward jump)."""
+        return 2 * sum(row[0] == "down" for row in self.table[:steps])
+
     def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
         if self.table is None:
             raise ValueError("Restart needs its per-step table: build it with Restart.tabulated(sde, times)")

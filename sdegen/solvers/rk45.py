@@ -172,7 +172,7 @@ def rk45_integrate(
         progress: show a tqdm bar with the current ``t`` and step size.
         record_every: record ``(t, y)`` every this many accepted steps (batched mode; in per-sample
             mode every this many loop iterations, with ``t`` the smallest progress in the batch).
-        controller: a [`PIController`][sdegen.solvers.controllers.PIController] (default ``PIController(safety=safety)``).
+        controller: a [`PIController`][sdegen.solvers.rk45.PIController] (default ``PIController(safety=safety)``).
         tableau: an embedded explicit RK pair (default `DOPRI5`).
 
     Returns:

@@ -41,6 +41,7 @@ from torch import Tensor
 from .._utils import check_bool, check_int
 from .base import AbstractFixedGridSolver, Dynamics
 from .dpm_solver import PREDICTIONS
+from .multistep import _grid
 
 __all__ = ["UniPC", "VARIANTS"]
 
@@ -263,14 +264,9 @@ def _fold_corrector(rows: list) -> tuple:
 
 def build_unipc(ctx, opts: dict) -> UniPC:
     r"""``sdegen.sample`` builder: sets ``ctx.times`` to the ``grid`` option and returns the tabulated solver."""
-    from ..grids import get_grid
     from ..sdes import AffineSDE
 
-    grid = opts["grid"]
-    if isinstance(grid, str):
-        ctx.times = get_grid(grid, ctx.sde, ctx.steps, ctx.eps, **({"rho": opts["rho"]} if grid == "karras" else {}))
-    else:  # a user grid sets the number of steps and the final time itself
-        ctx.times = get_grid(grid, ctx.sde, None, None)
+    _grid(ctx, opts)
     solver = UniPC(order=opts["order"], prediction=opts["prediction"], variant=opts["variant"],
                    corrector=opts["corrector"], n_steps=ctx.times.numel() - 1,
                    lower_order_final=opts["lower_order_final"])

@@ -40,12 +40,12 @@ def slope(ns, errs):
 
 
 CASES = [
-    ("heun", lambda n: HeunKarras(n_steps=n), "karras", 2.0),
-    ("dpm1", lambda n: DPMSolver(order=1, n_steps=n), "log_snr", 1.0),
-    ("dpm2_data", lambda n: DPMSolver(order=2, prediction="data", n_steps=n), "log_snr", 2.0),
-    ("dpm3_data", lambda n: DPMSolver(order=3, prediction="data", n_steps=n), "log_snr", 3.0),
-    ("dpm2_noise", lambda n: DPMSolver(order=2, prediction="noise", n_steps=n), "log_snr", 2.0),
-    ("dpm3_noise", lambda n: DPMSolver(order=3, prediction="noise", n_steps=n), "log_snr", 3.0),
+    ("heun", lambda n: HeunKarras(n_steps=n, final_euler=False), "karras", 2.0),
+    ("dpm1", lambda n: DPMSolver(order=1, prediction="data", n_steps=n, lower_order_final=True), "log_snr", 1.0),
+    ("dpm2_data", lambda n: DPMSolver(order=2, prediction="data", n_steps=n, lower_order_final=True), "log_snr", 2.0),
+    ("dpm3_data", lambda n: DPMSolver(order=3, prediction="data", n_steps=n, lower_order_final=True), "log_snr", 3.0),
+    ("dpm2_noise", lambda n: DPMSolver(order=2, prediction="noise", n_steps=n, lower_order_final=True), "log_snr", 2.0),
+    ("dpm3_noise", lambda n: DPMSolver(order=3, prediction="noise", n_steps=n, lower_order_final=True), "log_snr", 3.0),
 ]
 
 
@@ -59,8 +59,8 @@ def mixture_reference(kind):
         sde = {"VP": sdegen.VPSDE(), "VE": sdegen.VESDE()}[kind]
         sf = sdegen.named_mixture("8gaussians").score_fn(sde)
         x_T = sde.prior_sample((8, 2), generator=torch.Generator().manual_seed(0), dtype=F64)
-        ref, _ = run_grid(DPMSolver(order=3, n_steps=3000), sde, sf, x_T, grids.log_snr(sde, 3000, EPS))
-        ref2, _ = run_grid(DPMSolver(order=3, n_steps=1500), sde, sf, x_T, grids.log_snr(sde, 1500, EPS))
+        ref, _ = run_grid(DPMSolver(order=3, prediction="data", n_steps=3000, lower_order_final=True), sde, sf, x_T, grids.log_snr(sde, 3000, EPS))
+        ref2, _ = run_grid(DPMSolver(order=3, prediction="data", n_steps=1500, lower_order_final=True), sde, sf, x_T, grids.log_snr(sde, 1500, EPS))
         assert float((ref - ref2).norm(dim=1).max()) < 1e-7
         _REFS[kind] = (sde, sf, x_T, ref)
     return _REFS[kind]

@@ -59,7 +59,7 @@ CASES = [
     ("ipndm", PNDM(warmup="ab"), 2, 0),
     ("lms1", LMS(1), 1, 0),
     ("lms2", LMS(2), 2, 0),
-    ("dpm2_midpoint", DPMSolver(order=2, solver_type="midpoint", lower_order_final=False), 2, 0),
+    ("dpm2_midpoint", DPMSolver(order=2, prediction="data", solver_type="midpoint", lower_order_final=False), 2, 0),
     ("dpm2_midpoint_noise", DPMSolver(order=2, prediction="noise", solver_type="midpoint", lower_order_final=False),
      2, 0),
 ]
@@ -125,7 +125,7 @@ def test_lms_and_deis_order1_are_ddim():
     sde = sdegen.SubVPSDE()
     x_T = sde.prior_sample((8, 2), generator=torch.Generator().manual_seed(1), dtype=F64)
     times = grids.karras(sde, 7, EPS)
-    want, _ = run(DPMSolver(order=1), sde, x_T, times)
+    want, _ = run(DPMSolver(order=1, prediction="data", lower_order_final=True), sde, x_T, times)
     for solver in (DEIS(order=1), LMS(1), UniPC(order=1, corrector=False)):
         got, _ = run(solver, sde, x_T, times)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
@@ -138,8 +138,8 @@ def test_midpoint_and_exact_2m_differ_by_third_order_terms():
     diffs = []
     for n in (10, 20, 40):
         t = grids.log_snr(sde, n, EPS)
-        a, _ = run(DPMSolver(order=2, lower_order_final=False), sde, x_T, t)
-        b, _ = run(DPMSolver(order=2, solver_type="midpoint", lower_order_final=False), sde, x_T, t)
+        a, _ = run(DPMSolver(order=2, prediction="data", lower_order_final=False), sde, x_T, t)
+        b, _ = run(DPMSolver(order=2, prediction="data", solver_type="midpoint", lower_order_final=False), sde, x_T, t)
         diffs.append(float((a - b).norm(dim=1).mean()))
     assert diffs[0] > 1e-3 and diffs[0] / diffs[1] > 3 and diffs[1] / diffs[2] > 3, diffs
 
