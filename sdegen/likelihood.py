@@ -36,7 +36,7 @@ from torch import Tensor
 from ._utils import check_floating, check_positive
 from .sdes import SDE, AffineSDE
 from .solvers.backends import scipy_integrate, torchdiffeq_integrate
-from .solvers.base import CountingScore, Dynamics
+from .solvers.base import CountingScore, Dynamics, progress_bar
 from .solvers.rk45 import rk45_integrate
 
 __all__ = ["LikelihoodResult", "log_likelihood", "encode", "decode", "bits_per_dim", "dequantize",
@@ -329,11 +329,7 @@ def log_likelihood(
     pieces = {"latent": [], "delta": []}
     totals: dict = {}
     chunks = _chunks(B, batch_size)
-    bar = None
-    if progress and len(chunks) > 1:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=B, desc="log_likelihood", leave=False)
+    bar = progress_bar(progress and len(chunks) > 1, B, "log_likelihood")
     for sl in chunks:
         xc = x[sl]
         shape = xc.shape
