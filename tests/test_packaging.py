@@ -42,7 +42,8 @@ def _imported_modules() -> set[str]:
             elif (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "importorskip"
                   and node.args and isinstance(node.args[0], ast.Constant)):
                 names.add(node.args[0].value.split(".")[0])
-    return {n for n in names if n not in sys.stdlib_module_names and n not in ("sdegen", "tests", "conftest")}
+    local = {p.stem for p in ROOT.joinpath("tests").rglob("*.py")} | {"sdegen", "tests"}   # sibling test modules
+    return {n for n in names if n not in sys.stdlib_module_names and n not in local}
 
 
 def test_dev_extra_contains_the_docs_extra():
