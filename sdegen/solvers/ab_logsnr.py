@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .._utils import check_int
 from .base import AbstractFixedGridSolver, Dynamics
+from .marginal_rows import grid_marginals
 from .multistep import _lagrange_integrals, combine_history
 
 __all__ = ["ABLogSNR", "build_ab_logsnr", "AB_LOGSNR_OPTIONS"]
@@ -67,7 +68,7 @@ class ABLogSNR(AbstractFixedGridSolver):
     def tabulated(self, sde, times: Tensor) -> "ABLogSNR":
         """This solver with its per-step weights for the grid ``times`` (float64, host, once)."""
         t = times.detach().to("cpu", torch.float64)
-        m, s = (v.tolist() for v in sde.marginal(t))
+        m, s = grid_marginals(sde, t)
         lam = [math.log(mi / si) for mi, si in zip(m, s)]
         rows = []
         for i in range(len(m) - 1):

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .._utils import check_bool, check_int
 from .base import AbstractFixedGridSolver, Dynamics
+from .marginal_rows import grid_marginals
 from .multistep import _basis, _grid, combine_history
 
 __all__ = ["DEIS"]
@@ -91,7 +92,7 @@ class DEIS(AbstractFixedGridSolver):
         r"""This solver with row $i$ = ``(m_{i+1}/m_i, [-s_{i-j} m_{i+1} C_{ij}]_j)`` computed in float64 (the
         weights act on the stored scores, $\hat\epsilon_j = -s_j\nabla\log p$)."""
         t = times.detach().to("cpu", torch.float64)
-        m, s = (v.tolist() for v in sde.marginal(t))
+        m, s = grid_marginals(sde, t)
         n = len(m) - 1
         logsig = [math.log(si / mi) for mi, si in zip(m, s)]
         rows = []

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..sdes import AffineSDE
 
-__all__ = ["marginal_rows", "sigma_to_time", "lambda_of"]
+__all__ = ["marginal_rows", "grid_marginals", "sigma_to_time", "lambda_of"]
 
 
 def marginal_rows(sde: AffineSDE, times: Tensor) -> list[tuple[float, float]]:
@@ -26,6 +26,15 @@ def marginal_rows(sde: AffineSDE, times: Tensor) -> list[tuple[float, float]]:
     t = torch.as_tensor(times, dtype=torch.float64).detach().to("cpu").reshape(-1)
     m, s = sde.marginal(t)
     return list(zip(m.tolist(), s.tolist()))
+
+
+def grid_marginals(sde: AffineSDE, times: Tensor) -> tuple[list[float], list[float]]:
+    r"""``(m, s)``: the lists $m(t_k)$ and $s(t_k)$ over ``times`` (float64 host floats, one marginal call).
+
+    The one place the tabulated solvers (DEIS, UniPC, PNDM, LMS, AB in log-SNR) read the grid's marginal."""
+    t = torch.as_tensor(times, dtype=torch.float64).detach().to("cpu").reshape(-1)
+    m, s = sde.marginal(t)
+    return m.tolist(), s.tolist()
 
 
 def lambda_of(m: float, s: float) -> float:

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from .._utils import check_int
 from .base import AbstractFixedGridSolver, Dynamics
+from .marginal_rows import grid_marginals
 
 __all__ = ["PNDM", "LMS", "WARMUPS"]
 
@@ -95,8 +96,8 @@ class PNDM(AbstractFixedGridSolver):
         Adams-Bashforth weights $w_j = c\,b_j\,(-s_{a-j})$ on the stored scores (newest first)."""
         t = times.detach().to("cpu", torch.float64)
         tm = 0.5 * (t[:-1] + t[1:])
-        m, s = (v.tolist() for v in sde.marginal(t))
-        mh, sh = (v.tolist() for v in sde.marginal(tm))
+        m, s = grid_marginals(sde, t)
+        mh, sh = grid_marginals(sde, tm)
         rows = []
         for i in range(len(m) - 1):
             c = s[i + 1] - m[i + 1] * s[i] / m[i]
@@ -182,7 +183,7 @@ class LMS(AbstractFixedGridSolver):
     def tabulated(self, sde, times: Tensor) -> "LMS":
         r"""Row $i$: ``(m_{i+1}/m_i, [-s_{i-j} m_{i+1} C_{ij}]_j)`` in float64 (weights on the stored scores)."""
         t = times.detach().to("cpu", torch.float64)
-        m, s = (v.tolist() for v in sde.marginal(t))
+        m, s = grid_marginals(sde, t)
         sig = [si / mi for mi, si in zip(m, s)]
         rows = []
         for i in range(len(m) - 1):

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from .._utils import check_bool, check_int
 from .base import AbstractFixedGridSolver, Dynamics
+from .marginal_rows import grid_marginals
 from .dpm_solver import PREDICTIONS
 from .multistep import _grid
 
@@ -193,7 +194,7 @@ class UniPC(AbstractFixedGridSolver):
         $x^c_i = \ell_c x^c_{i-1} + o_c(\sum_j w^c_j y_{i-1-j} + w^c_\text{new} y_i)$, with the factors of
         $y = f z$ folded in; then ``_fold_corrector`` merges them into row $i$ = ``(alpha, [W_j])``."""
         t = times.detach().to("cpu", torch.float64)
-        m, s = (v.tolist() for v in sde.marginal(t))
+        m, s = grid_marginals(sde, t)
         n = len(m) - 1
         lam = [math.log(mi / si) for mi, si in zip(m, s)]
         data = self.prediction == "data"
