@@ -13,9 +13,12 @@ method over a range of NFE, it measures
 
 plus the variance-error table on $\mathcal N(0.5, 0.5^2)$ 2-D data under VP(0.1, 20) (the DDPM linear
 schedule), computed exactly for the ODE methods (their maps are affine for Gaussian data).
-Writes ``solvers.json``, ``summary.md`` and ``bench_solvers_*.png`` into ``out_dir`` and copies the
-figures to ``docs/figures/`` (and ``summary.md`` to ``docs/benchmarks/solvers_summary.txt``) when that
-folder exists in the working directory and ``quick`` is off.
+plus (issue 16) a best-of comparison against diffusers' deterministic schedulers: per problem and NFE,
+the best sdegen configuration (method, order, variant and grid) against the best peer configuration
+(scheduler, order, variant and spacing; `sdegen.bench.peers`), picked on one seed and re-measured on a
+held-out one, and on the Gaussian variance problem.
+Writes ``solvers.json``, ``summary.md``, ``best.md`` and ``bench_solvers_*.png`` into ``out_dir``; see
+`run` for what goes into ``docs/``.
 """
 
 from __future__ import annotations
@@ -716,6 +719,8 @@ def _best_plot(table, out_dir: pathlib.Path) -> pathlib.Path:
                 ax.plot(x, yh, "--", color=colour, lw=1, label=f"{name}, held-out seed")
         ylabel = "|variance error|" if rows[0]["metric"] == "variance error" else "mean |x - x*| at eps"
         ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel=ylabel, title=prob)
+        ax.set_xticks(x, [str(v) for v in x], minor=False)
+        ax.set_xticks([], minor=True)
         ax.legend(fontsize=6)
     fig.tight_layout()
     p = out_dir / "bench_solvers_best.png"
