@@ -7,7 +7,7 @@ step $\Delta t = t_1 - t_0 < 0$; these rules are deterministic and ignore ``dw``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -15,8 +15,8 @@ from torch import Tensor
 
 from .._utils import append_dims
 from ..sdes import AffineSDE
-from .base import AbstractFixedGridSolver, Dynamics
-from .sde_steps import _as_rows, linear_update
+from .base import Dynamics
+from .sde_steps import Euler, TableRule, _as_rows
 
 
 def _velocity_coefs(sde: AffineSDE, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -28,34 +28,25 @@ __all__ = ["ODEEuler", "ODEHeun"]
 
 
 @dataclass(frozen=True)
-class ODEEuler(AbstractFixedGridSolver):
-    r"""Explicit Euler on the probability-flow ODE: $x_1 = x_0 + v(x_0, t_0)\,\Delta t$, with
-    $v = f - \tfrac12 g^2 s$. Order 1 (global error $O(|\Delta t|)$); one score evaluation per step."""
+class ODEEuler(Euler):
+    r"""Explicit Euler on the probability-flow ODE: [`Euler`][sdegen.solvers.sde_steps.Euler] on the term
+    $v = f - \tfrac12 g^2 s$ without noise, $x_1 = x_0 + v(x_0, t_0)\,\Delta t$ (``dw`` is ignored).
+    Order 1 (global error $O(|\Delta t|)$); one score evaluation per step. `tabulated` (affine SDE, float64):
+    $x_1 = (1 + a\Delta t)x_0 - \tfrac12 g^2\Delta t\, s$."""
 
-    table: tuple | None = field(default=None, repr=False)
-    order: ClassVar[float] = 1.0
     stochastic: ClassVar[bool] = False
-    evals_per_step: ClassVar[int] = 1
 
-    @classmethod
-    def tabulated(cls, sde: AffineSDE, times: Tensor) -> "ODEEuler":
-        r"""Affine SDE, coefficients precomputed in float64: $x_1 = (1 + a\Delta t)x_0 - \tfrac12 g^2\Delta t\, s$."""
-        t = times.detach().to("cpu", torch.float64)
-        a, h = _velocity_coefs(sde, t[:-1])
-        dt = t[1:] - t[:-1]
-        return cls(_as_rows(1 + a * dt, h * dt, torch.zeros_like(dt)))
+    @staticmethod
+    def term_coefs(sde: AffineSDE, t: Tensor) -> tuple[Tensor, Tensor, None]:
+        return (*_velocity_coefs(sde, t), None)
 
-    def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
-        return 0 if self.table is not None else None
-
-    def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
-        if self.table is not None:
-            return linear_update(self.table[state], x, dyn.score(x, t0), None), state + 1
-        return x + dyn.ode_drift(x, t0) * append_dims(t1 - t0, x.ndim), state
+    @staticmethod
+    def term(dyn: Dynamics, x: Tensor, t: Tensor) -> tuple[Tensor, None]:
+        return dyn.ode_drift(x, t), None
 
 
 @dataclass(frozen=True)
-class ODEHeun(AbstractFixedGridSolver):
+class ODEHeun(TableRule):
     r"""Heun's method (explicit trapezoidal rule, RK2) on the probability-flow ODE.
 
     $$\tilde x = x_0 + v(x_0, t_0)\,\Delta t, \qquad
@@ -65,7 +56,6 @@ class ODEHeun(AbstractFixedGridSolver):
     Order 2; two score evaluations per step.
     """
 
-    table: tuple | None = field(default=None, repr=False)
     order: ClassVar[float] = 2.0
     stochastic: ClassVar[bool] = False
     evals_per_step: ClassVar[int] = 2
@@ -78,9 +68,6 @@ class ODEHeun(AbstractFixedGridSolver):
         a0, h0 = _velocity_coefs(sde, t[:-1])
         a1, h1 = _velocity_coefs(sde, t[1:])
         return cls(_as_rows(t[1:] - t[:-1], a0, h0, a1, h1))
-
-    def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
-        return 0 if self.table is not None else None
 
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
         if self.table is not None:

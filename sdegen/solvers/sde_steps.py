@@ -23,7 +23,7 @@ from ..sdes import AffineSDE
 from ..sdes.discrete import AbstractChainModel, AbstractChainSDE, ChainPlan
 from .base import AbstractFixedGridSolver, CountingScore, Dynamics
 
-__all__ = ["EulerMaruyama", "ReverseDiffusion", "Ancestral", "ChainStep", "ancestral_table", "ddpm_ancestral_table",
+__all__ = ["Euler", "EulerMaruyama", "TableRule", "ReverseDiffusion", "Ancestral", "ChainStep", "ancestral_table", "ddpm_ancestral_table",
            "chain_table",
            "linear_update"]
 
@@ -46,44 +46,88 @@ def linear_update(coefs, x: Tensor, score: Tensor, dw: Tensor | None) -> Tensor:
 
 
 @dataclass(frozen=True)
-class EulerMaruyama(AbstractFixedGridSolver):
-    r"""Euler–Maruyama on the reverse-time SDE.
+class TableRule(AbstractFixedGridSolver):
+    r"""A one-step rule with an optional per-step coefficient table (host floats, see ``tabulated``).
+
+    With a table the solver state is the step index; without one the rule evaluates the SDE's
+    coefficients at run time (any [`SDE`][sdegen.SDE]) and carries no state.
+    """
+
+    table: tuple | None = field(default=None, repr=False)
+
+    def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
+        return 0 if self.table is not None else None
+
+
+@dataclass(frozen=True)
+class Euler(TableRule):
+    r"""One explicit Euler step applied to a term $(v, \sigma)$: $x_1 = x_0 + v(x_0, t_0)\,\Delta t + \sigma(t_0)\,\Delta w$.
+
+    The term is the subclass's: the reverse-time SDE, $v = f - g^2 s$ and $\sigma = g$
+    ([`EulerMaruyama`][sdegen.solvers.sde_steps.EulerMaruyama]), or its probability flow,
+    $v = f - \tfrac12 g^2 s$ and $\sigma = 0$ ([`ODEEuler`][sdegen.solvers.ode_steps.ODEEuler]).
+    For an affine SDE, $f = a(t)x$, the step is $x_1 = (1 + a\Delta t)\,x_0 + h\Delta t\, s + \sigma\,\Delta w$
+    with $h = -g^2$ or $-\tfrac12 g^2$, and `tabulated` precomputes those multipliers in float64.
+    Order 1; one score evaluation per step ($\Delta t = t_1 - t_0 < 0$).
+    """
+
+    order: ClassVar[float] = 1.0
+    evals_per_step: ClassVar[int] = 1
+
+    @staticmethod
+    def term_coefs(sde: AffineSDE, t: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        r"""$(a(t), h(t), \sigma(t))$ of the term for an affine SDE ($\sigma$ ``None`` without noise)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def term(dyn: Dynamics, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
+        r"""$(v(x, t), \sigma(t))$ of the term for any SDE ($\sigma$ ``None`` without noise)."""
+        raise NotImplementedError
+
+    @classmethod
+    def tabulated(cls, sde: AffineSDE, times: Tensor) -> "Euler":
+        r"""The same rule for an affine SDE with rows $(1 + a\Delta t,\ h\Delta t,\ \sigma)$ precomputed in float64
+        (fewer kernels per step)."""
+        t = times.detach().to("cpu", torch.float64)
+        t0, dt = t[:-1], t[1:] - t[:-1]
+        a, h, sigma = cls.term_coefs(sde, t0)
+        return cls(_as_rows(1 + a * dt, h * dt, torch.zeros_like(dt) if sigma is None else sigma))
+
+    def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
+        if self.table is not None:
+            return linear_update(self.table[state], x, dyn.score(x, t0), dw if self.stochastic else None), state + 1
+        v, sigma = self.term(dyn, x, t0)
+        out = x + v * append_dims(t1 - t0, x.ndim)
+        return (out if sigma is None else out + append_dims(sigma, x.ndim) * dw), state
+
+
+@dataclass(frozen=True)
+class EulerMaruyama(Euler):
+    r"""Euler–Maruyama: [`Euler`][sdegen.solvers.sde_steps.Euler] on the reverse-time SDE.
 
     $$x_1 = x_0 + [f(x_0, t_0) - g(t_0)^2 s(x_0, t_0)]\,\Delta t + g(t_0)\,\Delta w,
       \qquad \Delta t = t_1 - t_0 < 0,\ \operatorname{Var}\Delta w = |\Delta t|$$
 
     (Kloeden & Platen 1992, eq. 10.2.2; Song et al. 2021, eq. 6). Strong order 1 here because the
     noise is additive ($g$ depends on $t$ only); weak order 1. One score evaluation per step.
-    Works for any [`SDE`][sdegen.SDE].
+    Works for any [`SDE`][sdegen.SDE]; `tabulated` gives $x_1 = (1 + a\Delta t)\,x_0 - g^2\Delta t\, s + g\,\Delta w$
+    for an affine one.
     """
 
-    table: tuple | None = field(default=None, repr=False)
-    order: ClassVar[float] = 1.0
     stochastic: ClassVar[bool] = True
-    evals_per_step: ClassVar[int] = 1
 
-    @classmethod
-    def tabulated(cls, sde: AffineSDE, times: Tensor) -> "EulerMaruyama":
-        r"""The same rule for an affine SDE, $f = a(t)x$, with per-step coefficients precomputed in float64:
-        $x_1 = (1 + a\Delta t)\,x_0 - g^2\Delta t\, s + g\,\Delta w$ (fewer kernels per step)."""
-        t = times.detach().to("cpu", torch.float64)
-        t0, dt = t[:-1], t[1:] - t[:-1]
-        g = sde.diffusion(t0)
-        return cls(_as_rows(1 + sde.drift_coef(t0) * dt, -g.square() * dt, g))
+    @staticmethod
+    def term_coefs(sde: AffineSDE, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        g = sde.diffusion(t)
+        return sde.drift_coef(t), -g.square(), g
 
-    def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
-        return 0 if self.table is not None else None
-
-    def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
-        if self.table is not None:
-            return linear_update(self.table[state], x, dyn.score(x, t0), dw), state + 1
-        dt = append_dims(t1 - t0, x.ndim)
-        g = append_dims(dyn.diffusion(t0), x.ndim)
-        return x + dyn.reverse_drift(x, t0) * dt + g * dw, state
+    @staticmethod
+    def term(dyn: Dynamics, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return dyn.reverse_drift(x, t), dyn.diffusion(t)
 
 
 @dataclass(frozen=True)
-class ReverseDiffusion(AbstractFixedGridSolver):
+class ReverseDiffusion(TableRule):
     r"""The reverse-diffusion predictor, matched to the SDE's own discretization.
 
     With the forward step $x_{t_0} = x_{t_1} + f_i + G_i z$ from [`SDE.discretize_step`][sdegen.sdes.SDE.discretize_step]
@@ -96,7 +140,6 @@ class ReverseDiffusion(AbstractFixedGridSolver):
     general SDE it coincides with Euler–Maruyama. Order 1, one score evaluation per step.
     """
 
-    table: tuple | None = field(default=None, repr=False)
     order: ClassVar[float] = 1.0
     stochastic: ClassVar[bool] = True
     evals_per_step: ClassVar[int] = 1
@@ -108,9 +151,6 @@ class ReverseDiffusion(AbstractFixedGridSolver):
         t = times.detach().to("cpu", torch.float64)
         r, q = sde.transition(t[1:], t[:-1])
         return cls(_as_rows(2 - r, q.square(), q / (t[:-1] - t[1:]).sqrt()))
-
-    def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
-        return 0 if self.table is not None else None
 
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
         if self.table is not None:
