@@ -180,12 +180,9 @@ def karras(sde: SDE, steps: int, eps: float = 1e-3, *, rho: float = 7.0, t_start
     Returns:
         ``(steps + 1,)`` float64 CPU tensor, decreasing from ``T`` to ``eps``.
     """
-    eps, t0 = _check(sde, steps, eps, t_start)
-    sde = _affine(sde, "karras")
-    if not (isinstance(rho, (int, float)) and not isinstance(rho, bool) and math.isfinite(rho) and rho > 0):
-        raise ValueError(f"rho must be a finite positive number, got {rho!r}")
-    sig = sde.sigma(torch.tensor([t0, eps], dtype=_F64))
-    sigmas = karras_sigmas(float(sig[0]), float(sig[1]), steps, rho)
+    sde, eps, t0, ends = _sigma_ends(sde, "karras", steps, eps, t_start, rho=rho)
+    sig_min, sig_max = ends.tolist()
+    sigmas = karras_sigmas(sig_max, sig_min, steps, rho)
     return _pin_ends(sde.t_from_sigma(sigmas).to(_F64), t0, eps)
 
 
@@ -215,10 +212,8 @@ def polyexponential(sde: SDE, steps: int, eps: float = 1e-3, *, rho: float = 1.0
     Returns:
         ``(steps + 1,)`` float64 CPU tensor, decreasing from ``T`` to ``eps``.
     """
-    eps, t0 = _check(sde, steps, eps, t_start)
-    sde = _affine(sde, "polyexponential")
-    _check_shape(rho, "rho")
-    lo, hi = sde.sigma(torch.tensor([eps, t0], dtype=_F64)).log().tolist()
+    sde, eps, t0, ends = _sigma_ends(sde, "polyexponential", steps, eps, t_start, rho=rho)
+    lo, hi = ends.log().tolist()
     ramp = torch.linspace(1.0, 0.0, steps + 1, dtype=_F64) ** rho
     return _pin_ends(sde.t_from_sigma((lo + ramp * (hi - lo)).exp()).to(_F64), t0, eps)
 
@@ -245,18 +240,24 @@ def beta(sde: SDE, steps: int, eps: float = 1e-3, *, alpha: float = 0.6, beta: f
     """
     from scipy.special import betaincinv
 
-    eps, t0 = _check(sde, steps, eps, t_start)
-    sde = _affine(sde, "beta")
-    _check_shape(alpha, "alpha")
-    _check_shape(beta, "beta")
-    lo, hi = sde.sigma(torch.tensor([eps, t0], dtype=_F64)).tolist()
+    sde, eps, t0, ends = _sigma_ends(sde, "beta", steps, eps, t_start, alpha=alpha, beta=beta)
+    lo, hi = ends.tolist()
     q = torch.as_tensor(betaincinv(alpha, beta, (1.0 - torch.linspace(0.0, 1.0, steps + 1, dtype=_F64)).numpy()))
     return _pin_ends(sde.t_from_sigma(lo + q.to(_F64) * (hi - lo)).to(_F64), t0, eps)
 
 
-def _check_shape(value: Any, name: str) -> None:
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+def _sigma_ends(sde: SDE, grid: str, steps: int, eps: float, t_start: float | None,
+                **shape: Any) -> tuple[AffineSDE, float, float, Tensor]:
+    r"""The checks and end points every $\sigma$-spaced grid starts from: ``(sde, eps, t0, [sigma(eps), sigma(t0)])``.
+
+    Checks ``steps``, ``eps`` and ``t_start`` (`_check`), that ``sde`` is affine, and that each shape
+    option in ``shape`` (``rho``, ``alpha``, ``beta``) is a finite positive number."""
+    eps, t0 = _check(sde, steps, eps, t_start)
+    sde = _affine(sde, grid)
+    for name, value in shape.items():
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+    return sde, eps, t0, sde.sigma(torch.tensor([eps, t0], dtype=_F64))
 
 
 #: Grid names accepted by [`get_grid`][sdegen.grids.get_grid] (and the ``grid=`` option of the fast samplers).

@@ -208,22 +208,21 @@ class GaussianMixture:
         m, s = (v.to(self.dtype).to(self.device) for v in sde.marginal(tt))
         return GaussianMixture._from_parts(m * self._means, m.square() * self._lam + s.square(), self._U, self._weights)
 
-    def log_prob_t(self, x: Tensor, t, sde: AffineSDE) -> Tensor:
-        r"""Exact $\log p_t(x)$ under ``sde``; ``x`` ``(B, d)``, ``t`` ``(B,)`` or scalar; returns ``(B,)``."""
+    def _terms_t(self, x: Tensor, t, sde: AffineSDE):
+        """`_terms` of the perturbed mixture $p_t$ under ``sde`` at times ``t`` (checked, flattened ``x``)."""
         _check_affine(sde)
         xf = self._flat(x)
-        tt = sde.time(t, xf)
-        m, s = sde.marginal(tt)
-        lp, *_ = self._terms(xf, m, s)
+        m, s = sde.marginal(sde.time(t, xf))
+        return self._terms(xf, m, s)
+
+    def log_prob_t(self, x: Tensor, t, sde: AffineSDE) -> Tensor:
+        r"""Exact $\log p_t(x)$ under ``sde``; ``x`` ``(B, d)``, ``t`` ``(B,)`` or scalar; returns ``(B,)``."""
+        lp, *_ = self._terms_t(x, t, sde)
         return torch.logsumexp(lp, dim=1)
 
     def score(self, x: Tensor, t, sde: AffineSDE) -> Tensor:
         r"""Exact $\nabla_x \log p_t(x)$, shaped like ``x``."""
-        _check_affine(sde)
-        xf = self._flat(x)
-        tt = sde.time(t, xf)
-        m, s = sde.marginal(tt)
-        lp, z, var, U = self._terms(xf, m, s)
+        lp, z, var, U = self._terms_t(x, t, sde)
         r = torch.softmax(lp, dim=1)                                              # (B, K)
         g = -z / var                                                              # per-component score, eigenbasis
         if U is not None:
