@@ -121,6 +121,19 @@ def check_backend_options(backend: str, solver: str, options) -> None:
                         f"{', '.join(valid) or '(none)'} (besides solver, rtol, atol)")
 
 
+def _check_call(backend: str, solver: str, solvers, y0: Tensor, t0, t1, opts, **tolerances) -> tuple[float, float]:
+    """The checks every adapter makes first: ``y0``, ``t0``, ``t1`` (`_check_common`), the solver name
+    among ``solvers``, each tolerance positive, and the option names (`check_backend_options`).
+    Returns ``(t0, t1)`` as floats."""
+    t0, t1 = _check_common(y0, t0, t1)
+    if solver not in solvers:
+        raise ValueError(f"unknown {backend} solver {solver!r}; choose one of {', '.join(solvers)}")
+    for name, value in tolerances.items():
+        check_positive(value, name)
+    check_backend_options(backend, solver, opts)
+    return t0, t1
+
+
 def _finite(out: Tensor, t, backend: str, calls: int) -> Tensor:
     """Raise [`NonFiniteError`][sdegen.solvers.backends.NonFiniteError] naming the time if the right-hand side is NaN/inf.
 
@@ -172,12 +185,7 @@ def torchdiffeq_integrate(fn: Callable[[Tensor, Tensor], Tensor], y0: Tensor, t0
     from torchdiffeq._impl.odeint import SOLVERS
     from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
-    t0, t1 = _check_common(y0, t0, t1)
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown torchdiffeq solver {solver!r}; choose one of {', '.join(sorted(SOLVERS))}")
-    check_positive(rtol, "rtol")
-    check_positive(atol, "atol")
-    check_backend_options("torchdiffeq", solver, opts)
+    t0, t1 = _check_call("torchdiffeq", solver, sorted(SOLVERS), y0, t0, t1, opts, rtol=rtol, atol=atol)
     calls = [0]
 
     def func(t: Tensor, y: Tensor) -> Tensor:
@@ -233,12 +241,7 @@ def scipy_integrate(fn: Callable[[Tensor, Tensor], Tensor], y0: Tensor, t0: floa
     import numpy as np
     from scipy.integrate import solve_ivp
 
-    t0, t1 = _check_common(y0, t0, t1)
-    if solver not in SCIPY_SOLVERS:
-        raise ValueError(f"unknown scipy solver {solver!r}; choose one of {', '.join(SCIPY_SOLVERS)}")
-    check_positive(rtol, "rtol")
-    check_positive(atol, "atol")
-    check_backend_options("scipy", solver, opts)
+    t0, t1 = _check_call("scipy", solver, SCIPY_SOLVERS, y0, t0, t1, opts, rtol=rtol, atol=atol)
     shape, device, dtype = y0.shape, y0.device, y0.dtype
     calls = [0]
 
@@ -320,14 +323,11 @@ def torchsde_integrate(drift: Callable[[Tensor, Tensor], Tensor], diffusion: Cal
     """
     import torchsde
 
-    t0, t1 = _check_common(y0, t0, t1)
-    if solver not in TORCHSDE_SOLVERS:
-        raise ValueError(f"unknown torchsde solver {solver!r}; choose one of {', '.join(TORCHSDE_SOLVERS)}")
+    t0, t1 = _check_call("torchsde", solver, TORCHSDE_SOLVERS, y0, t0, t1, opts)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if not callable(drift) or not callable(diffusion):
         raise TypeError("drift and diffusion must be callables drift(x, t) and diffusion(t)")
-    check_backend_options("torchsde", solver, opts)
     if t0 == t1:
         return y0, {"nfe_solver": 0, "solver": solver, "steps": 0, "entropy": None}
     sign = -1.0 if t1 < t0 else 1.0
