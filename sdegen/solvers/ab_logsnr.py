@@ -27,21 +27,19 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from .._utils import check_int
-from .base import AbstractFixedGridSolver, Dynamics
 from .marginal_rows import grid_marginals
-from .multistep import _lagrange_integrals, combine_history
+from .multistep import ScoreHistoryMultistep, lagrange_rows
 
 __all__ = ["ABLogSNR", "build_ab_logsnr", "AB_LOGSNR_OPTIONS"]
 
 
 @dataclass(frozen=True)
-class ABLogSNR(AbstractFixedGridSolver):
+class ABLogSNR(ScoreHistoryMultistep):
     r"""Adams–Bashforth of order 2 or 3 in $\lambda = -\log(s/m)$ (see the module docstring).
 
     Step $i$: $x_{i+1} = \frac{m_{i+1}}{m_i} x_i + m_{i+1}\sum_j \beta_{ij}\sigma_{i-j}s_{i-j}\,\nabla\log p_{t_{i-j}}$.
@@ -53,9 +51,6 @@ class ABLogSNR(AbstractFixedGridSolver):
 
     ab_order: int = 2
     table: tuple | None = field(default=None, repr=False)
-
-    stochastic: ClassVar[bool] = False
-    evals_per_step: ClassVar[int] = 1
 
     def __post_init__(self):
         check_int(self.ab_order, "ab_order", low=2, high=3)
@@ -70,24 +65,12 @@ class ABLogSNR(AbstractFixedGridSolver):
         t = times.detach().to("cpu", torch.float64)
         m, s = grid_marginals(sde, t)
         lam = [math.log(mi / si) for mi, si in zip(m, s)]
-        rows = []
-        for i in range(len(m) - 1):
-            nodes = [lam[i - j] for j in range(min(self.ab_order, i + 1))]
-            beta = _lagrange_integrals(nodes, lam[i], lam[i + 1])
-            rows.append((m[i + 1] / m[i], [m[i + 1] * b * s[i - j] / m[i - j] * s[i - j] for j, b in enumerate(beta)]))
-        return dataclasses.replace(self, table=tuple(rows))
+        return dataclasses.replace(self, table=lagrange_rows(
+            m, lam, self.ab_order, lambda i, j, b: m[i + 1] * b * s[i - j] / m[i - j] * s[i - j]))
 
-    def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
-        if self.table is None:
-            dyn.affine  # a non-affine SDE: the "needs an AffineSDE" error
-            raise ValueError("ABLogSNR steps with per-grid weights: build it with solver.tabulated(sde, times)")
-        return 0, ()
-
-    def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
-        i, hist = state
-        lin, w = self.table[i]
-        hist = (hist + (dyn.score(x, t0),))[-self.ab_order:]
-        return combine_history(x, lin, w, hist), (i + 1, hist)
+    @property
+    def history(self) -> int:
+        return self.ab_order
 
 
 def build_ab_logsnr(ctx, opts: dict) -> ABLogSNR:

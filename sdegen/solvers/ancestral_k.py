@@ -53,6 +53,15 @@ def _grid(times: Tensor) -> list[float]:
     return torch.as_tensor(times).detach().to("cpu", torch.float64).reshape(-1).tolist()
 
 
+def _split_grid(sde: AffineSDE, times: Tensor, eta: float) -> tuple[list[float], list, list[tuple[float, float]]]:
+    r"""The grid as host floats, its marginal rows $(m, s)$ and each step's ancestral split
+    $(\sigma_\downarrow, \sigma_\uparrow)$ with ``eta`` (checked), computed once per grid in float64."""
+    _check_eta(eta)
+    t = _grid(times)
+    ms = marginal_rows(sde, t)
+    return t, ms, [ancestral_split(ms[k][1] / ms[k][0], ms[k + 1][1] / ms[k + 1][0], eta) for k in range(len(t) - 1)]
+
+
 @dataclass(frozen=True)
 class EulerAncestral(AbstractFixedGridSolver):
     r"""Euler ancestral sampling in $(\hat x, \sigma)$ with noise level $\eta$.
@@ -82,15 +91,11 @@ class EulerAncestral(AbstractFixedGridSolver):
     @classmethod
     def tabulated(cls, sde: AffineSDE, times: Tensor, eta: float = 1.0) -> "EulerAncestral":
         """The solver for ``times`` (decreasing), coefficients computed once in float64."""
-        _check_eta(eta)
-        t = _grid(times)
-        ms = marginal_rows(sde, t)
+        t, ms, split = _split_grid(sde, times, eta)
         rows = []
-        for k in range(len(t) - 1):
+        for k, (down, up) in enumerate(split):
             (m0, s0), (m1, s1) = ms[k], ms[k + 1]
-            sig0, sig1 = s0 / m0, s1 / m1
-            down, up = ancestral_split(sig0, sig1, eta)
-            rows.append((m1 / m0, m1 * (sig0 - down) * s0, m1 * up / math.sqrt(abs(t[k] - t[k + 1]))))
+            rows.append((m1 / m0, m1 * (s0 / m0 - down) * s0, m1 * up / math.sqrt(abs(t[k] - t[k + 1]))))
         return cls(eta=eta, table=tuple(rows))
 
     def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
@@ -143,13 +148,8 @@ class DPM2(AbstractFixedGridSolver):
     @classmethod
     def tabulated(cls, sde: AffineSDE, times: Tensor, ancestral: bool = False, eta: float = 1.0) -> "DPM2":
         """The solver for ``times`` (decreasing): the midpoint times are found once, by the SDE's inverse."""
-        _check_eta(eta)
-        t = _grid(times)
-        ms = marginal_rows(sde, t)
-        split = []
-        for k in range(len(t) - 1):
-            (m0, s0), (m1, s1) = ms[k], ms[k + 1]
-            split.append(ancestral_split(s0 / m0, s1 / m1, eta if ancestral else 0.0))
+        _check_eta(eta)     # checked even where it is unused (ancestral=False)
+        t, ms, split = _split_grid(sde, times, eta if ancestral else 0.0)
         mids = [math.sqrt((ms[k][1] / ms[k][0]) * split[k][0]) for k in range(len(split))]
         pos = [k for k, sm in enumerate(mids) if sm > 0.0]
         t_mid = dict(zip(pos, sigma_to_time(sde, [mids[k] for k in pos]))) if pos else {}

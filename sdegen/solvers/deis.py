@@ -26,15 +26,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from .._utils import check_bool, check_int
-from .base import AbstractFixedGridSolver, Dynamics
 from .marginal_rows import grid_marginals
-from .multistep import _basis, _grid, combine_history
+from .multistep import ScoreHistoryMultistep, _basis, _grid
 
 __all__ = ["DEIS"]
 
@@ -58,7 +56,7 @@ def _exp_lagrange_integrals(v: list[float], v_end: float) -> list[float]:
 
 
 @dataclass(frozen=True)
-class DEIS(AbstractFixedGridSolver):
+class DEIS(ScoreHistoryMultistep):
     r"""DEIS tAB multistep sampler of order 1-3 on the probability-flow ODE of any affine SDE.
 
     Step $i$: $x_{i+1} = \frac{m_{i+1}}{m_i}x_i + m_{i+1}\sum_j C_{ij}\hat\epsilon_{i-j}$ (module docstring),
@@ -78,9 +76,6 @@ class DEIS(AbstractFixedGridSolver):
     n_steps: int | None = None
     lower_order_final: bool = True
     table: tuple | None = field(default=None, repr=False)
-
-    stochastic: ClassVar[bool] = False
-    evals_per_step: ClassVar[int] = 1
 
     def __post_init__(self):
         check_int(self.order, "order", low=1, high=3)
@@ -107,17 +102,9 @@ class DEIS(AbstractFixedGridSolver):
             rows.append((m[i + 1] / m[i], [-s[i - j] * m[i + 1] * sig_i * c for j, c in enumerate(C)]))
         return dataclasses.replace(self, n_steps=n if self.n_steps is None else self.n_steps, table=tuple(rows))
 
-    def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
-        return {"i": 0, "hist": []}
-
-    def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
-        if self.table is None:
-            dyn.affine  # a non-affine SDE: the "needs an AffineSDE" error
-            raise ValueError("DEIS steps with per-grid coefficients: build it with solver.tabulated(sde, times)")
-        i = state["i"]
-        lin, w = self.table[i]
-        hist = (state["hist"] + [dyn.score(x, t0)])[-self.order:]   # scores; -s_j is in the weights
-        return combine_history(x, lin, w, hist), {"i": i + 1, "hist": hist}
+    @property
+    def history(self) -> int:
+        return self.order
 
 
 def build_deis(ctx, opts: dict) -> DEIS:

@@ -54,8 +54,44 @@ def _require_table(solver, dyn: Dynamics) -> None:
                          "build it with solver.tabulated(sde, times)")
 
 
+class ScoreHistoryMultistep(AbstractFixedGridSolver):
+    r"""A linear multistep rule on the stored scores with tabulated rows ``(lin, weights)``:
+    $x_{i+1} = \text{lin}_i\,x_i + \sum_j w_{ij}\,\nabla\log p_{t_{i-j}}$ (weights newest first, host floats,
+    any per-point factor folded in). The state is ``(i, scores)``, the last ``history`` scores, oldest first.
+    Subclasses are frozen dataclasses with a ``table`` field and a ``history`` length."""
+
+    stochastic: ClassVar[bool] = False
+    evals_per_step: ClassVar[int] = 1
+
+    @property
+    def history(self) -> int:
+        """How many past scores a step may use."""
+        raise NotImplementedError
+
+    def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
+        _require_table(self, dyn)
+        return 0, ()
+
+    def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
+        i, hist = state
+        lin, w = self.table[i]
+        hist = (hist + (dyn.score(x, t0),))[-self.history:]
+        return combine_history(x, lin, w, hist), (i + 1, hist)
+
+
+def lagrange_rows(m: list[float], nodes: list[float], order: int, weight) -> tuple:
+    r"""Rows ``(m_{i+1}/m_i, [weight(i, j, C_ij)]_j)`` of a variable-step Adams-Bashforth method in the variable
+    ``nodes`` (one value per grid point): $C_{ij} = \int_{v_i}^{v_{i+1}} L_j$ over the last $\min(p, i+1)$ nodes."""
+    rows = []
+    for i in range(len(m) - 1):
+        k = min(order, i + 1)
+        C = _lagrange_integrals([nodes[i - j] for j in range(k)], nodes[i], nodes[i + 1])
+        rows.append((m[i + 1] / m[i], [weight(i, j, cj) for j, cj in enumerate(C)]))
+    return tuple(rows)
+
+
 @dataclass(frozen=True)
-class PNDM(AbstractFixedGridSolver):
+class PNDM(ScoreHistoryMultistep):
     r"""PNDM / PLMS / iPNDM: fourth-order pseudo linear multistep on the DDIM transfer (module docstring).
 
     Step $i \ge 3$: $x_{i+1} = \phi(x_i, \epsilon', t_i, t_{i+1})$ with the AB4 combination $\epsilon'$ of
@@ -74,7 +110,6 @@ class PNDM(AbstractFixedGridSolver):
     warmup: str = "prk"
     table: tuple | None = field(default=None, repr=False)
 
-    stochastic: ClassVar[bool] = False
     evals_per_step: ClassVar[int] = 1  # after the warm-up; see the class docstring for the total
 
     def __post_init__(self):
@@ -105,15 +140,11 @@ class PNDM(AbstractFixedGridSolver):
             rows.append((-s[i], m[i + 1] / m[i], c, -sh[i], mh[i] / m[i], sh[i] - mh[i] * s[i] / m[i], -s[i + 1], w))
         return dataclasses.replace(self, table=tuple(rows))
 
-    def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
-        return {"i": 0, "hist": []}
-
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
-        _require_table(self, dyn)
-        i = state["i"]
+        i, hist = state
         neg_s, r, c, neg_sh, rh, ch, neg_s1, w = self.table[i]
         score = dyn.score(x, t0)
-        hist = (state["hist"] + [score])[-4:]      # scores; the AB weights carry -s_j
+        hist = (hist + (score,))[-4:]      # scores; the AB weights carry -s_j
         if i < 3 and self.warmup == "prk":
             # Liu et al. 2022, eq. 13: RK4 weights on the transfer, midpoints at (t0 + t1)/2.
             tm = 0.5 * (t0 + t1)
@@ -121,12 +152,12 @@ class PNDM(AbstractFixedGridSolver):
             e1 = dyn.score(torch.add(x * rh, e0, alpha=ch), tm) * neg_sh
             e2 = dyn.score(torch.add(x * rh, e1, alpha=ch), tm) * neg_sh
             e3 = dyn.score(torch.add(x * r, e2, alpha=c), t1) * neg_s1
-            return torch.add(x * r, (e0 + 2 * e1 + 2 * e2 + e3) / 6, alpha=c), {"i": i + 1, "hist": hist}
+            return torch.add(x * r, (e0 + 2 * e1 + 2 * e2 + e3) / 6, alpha=c), (i + 1, hist)
         if i == 0 and self.warmup == "heun":
             e0 = score * neg_s
             e1 = dyn.score(torch.add(x * r, e0, alpha=c), t1) * neg_s1
-            return torch.add(x * r, e0 + e1, alpha=0.5 * c), {"i": i + 1, "hist": hist}
-        return combine_history(x, r, w, hist), {"i": i + 1, "hist": hist}
+            return torch.add(x * r, e0 + e1, alpha=0.5 * c), (i + 1, hist)
+        return combine_history(x, r, w, hist), (i + 1, hist)
 
 
 def _basis(w: list[float], j: int) -> list[float]:
@@ -151,7 +182,7 @@ def _lagrange_integrals(nodes: list[float], a: float, b: float) -> list[float]:
 
 
 @dataclass(frozen=True)
-class LMS(AbstractFixedGridSolver):
+class LMS(ScoreHistoryMultistep):
     r"""Variable-step linear multistep in $\sigma$ of order 1-4 (k-diffusion ``sample_lms``).
 
     Step $i$: $x_{i+1} = \frac{m_{i+1}}{m_i}x_i + m_{i+1}\sum_{j<k} C_{ij}\hat\epsilon_{i-j}$, $k = \min(p, i + 1)$,
@@ -169,9 +200,6 @@ class LMS(AbstractFixedGridSolver):
     lms_order: int = 4
     table: tuple | None = field(default=None, repr=False)
 
-    stochastic: ClassVar[bool] = False
-    evals_per_step: ClassVar[int] = 1
-
     def __post_init__(self):
         check_int(self.lms_order, "order", low=1, high=4)
 
@@ -185,22 +213,12 @@ class LMS(AbstractFixedGridSolver):
         t = times.detach().to("cpu", torch.float64)
         m, s = grid_marginals(sde, t)
         sig = [si / mi for mi, si in zip(m, s)]
-        rows = []
-        for i in range(len(m) - 1):
-            k = min(self.lms_order, i + 1)
-            C = _lagrange_integrals([sig[i - j] for j in range(k)], sig[i], sig[i + 1])
-            rows.append((m[i + 1] / m[i], [-s[i - j] * m[i + 1] * cj for j, cj in enumerate(C)]))
-        return dataclasses.replace(self, table=tuple(rows))
+        return dataclasses.replace(self, table=lagrange_rows(m, sig, self.lms_order,
+                                                             lambda i, j, cj: -s[i - j] * m[i + 1] * cj))
 
-    def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
-        return {"i": 0, "hist": []}
-
-    def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
-        _require_table(self, dyn)
-        i = state["i"]
-        lin, w = self.table[i]
-        hist = (state["hist"] + [dyn.score(x, t0)])[-self.lms_order:]   # scores; -s_j is in the weights
-        return combine_history(x, lin, w, hist), {"i": i + 1, "hist": hist}
+    @property
+    def history(self) -> int:
+        return self.lms_order
 
 
 def _grid(ctx, opts: dict) -> None:

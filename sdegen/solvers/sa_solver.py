@@ -193,19 +193,20 @@ class SASolver(AbstractFixedGridSolver):
         d = torch.add(x, dyn.score(x, t0), alpha=s0sq)                   # m0 * Tweedie x0_hat
         hist = (d, *hist)[:5]                                            # newest first
         if corr is not None:
-            lin, w, cn = corr
-            x = x_prev * lin
-            for wj, dj in zip(w, hist):
-                x.add_(dj, alpha=wj)
-            if dw_prev is not None and cn != 0.0:
-                x.add_(dw_prev, alpha=cn)
-        lin, w, cn = pred
-        x_new = x * lin
-        for wj, dj in zip(w, hist):
-            x_new.add_(dj, alpha=wj)
-        if dw is not None and cn != 0.0:
-            x_new.add_(dw, alpha=cn)
-        return x_new, (i + 1, hist, x, dw)
+            x = _update(corr, x_prev, hist, dw_prev)
+        return _update(pred, x, hist, dw), (i + 1, hist, x, dw)
+
+
+def _update(coefs: tuple, x: Tensor, hist: tuple, dw: Tensor | None) -> Tensor:
+    r"""$\text{lin}\,x + \sum_j w_j d_j + c\,\Delta w$ for a row ``(lin, w, c)`` of host floats (``hist`` newest first,
+    as ``w``); the noise term is skipped without ``dw`` or where $c = 0$. A new tensor, one kernel per term."""
+    lin, w, cn = coefs
+    out = x * lin
+    for wj, dj in zip(w, hist):
+        out.add_(dj, alpha=wj)
+    if dw is not None and cn != 0.0:
+        out.add_(dw, alpha=cn)
+    return out
 
 
 def build_sa_solver(ctx, opts: dict) -> SASolver:

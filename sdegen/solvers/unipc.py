@@ -42,7 +42,7 @@ from .._utils import check_bool, check_int
 from .base import AbstractFixedGridSolver, Dynamics
 from .marginal_rows import grid_marginals
 from .dpm_solver import PREDICTIONS
-from .multistep import _grid
+from .multistep import _grid, _require_table, combine_history
 
 __all__ = ["UniPC", "VARIANTS"]
 
@@ -220,22 +220,17 @@ class UniPC(AbstractFixedGridSolver):
                                    table=_fold_corrector(rows), table_y=s2)
 
     def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
-        return {"i": 0, "hist": []}
+        _require_table(self, dyn)
+        return 0, ()
 
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
-        if self.table is None:
-            dyn.affine  # a non-affine SDE: the "needs an AffineSDE" error
-            raise ValueError("UniPC steps with per-grid coefficients: build it with solver.tabulated(sde, times)")
-        i = state["i"]
+        i, hist = state
         alpha, w = self.table[i]
         score = dyn.score(x, t0)
         # the stored z (the prediction up to a per-point factor folded into the weights)
         z = score if self.table_y is None else torch.add(x, score, alpha=self.table_y[i])
-        hist = (state["hist"] + [z])[-(self.order + 1):]
-        x_new = x * alpha
-        for wj, zj in zip(w, reversed(hist)):
-            x_new.add_(zj, alpha=wj)
-        return x_new, {"i": i + 1, "hist": hist}
+        hist = (hist + (z,))[-(self.order + 1):]
+        return combine_history(x, alpha, w, hist), (i + 1, hist)
 
 
 def _fold_corrector(rows: list) -> tuple:
