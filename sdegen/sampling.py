@@ -250,7 +250,9 @@ def _build_pc(ctx: RunContext, opts: dict) -> AbstractFixedGridSolver:
                          f"with corrector={opts['corrector']!r}")
     else:
         corr = corrector(snr=float(opts["snr"]))
-    return PredictorCorrector(pred, corr, n_corr, ctx.unit_draw(), alphas)
+    # Time-only step rules are tabulated once per run: a corrector update is then two kernels.
+    table = corr.tabulate(ctx.sde, t, alphas, ctx.x.dtype)
+    return PredictorCorrector(pred, corr, n_corr, ctx.unit_draw(), alphas, table)
 
 
 def _choice(value, table: Mapping, name: str):

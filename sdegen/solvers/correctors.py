@@ -65,6 +65,29 @@ class AbstractCorrector:
         ``alpha``: ``(B,)`` or a float."""
         raise NotImplementedError
 
+    def tabulate(self, sde, times: Tensor, alphas, dtype: torch.dtype) -> tuple | None:
+        r"""Per-step ``(eps_i, sqrt(2 eps_i))`` as host floats on the grid ``times`` (``(n+1,)``) when the
+        step depends on time only, computed once per run in ``dtype`` (the state's) so that a step
+        needs no coefficient kernels; ``None`` (the default) for rules that read the state.
+
+        Args:
+            sde: the forward SDE.
+            times: the decreasing grid, ``times[0]`` the start.
+            alphas: the ``n`` per-step $\alpha_i$ (floats, see `langevin_alpha`).
+            dtype: the state's floating dtype (the step is rounded as the untabulated rule rounds it).
+        """
+        return None
+
+
+def _tabulate_steps(step: Tensor) -> tuple:
+    """``((eps_i, sqrt(2 eps_i)), ...)`` host floats from the ``(n,)`` steps, rounded as `_langevin_update` rounds them."""
+    return tuple(zip(step.tolist(), step.mul(2.0).sqrt_().tolist()))
+
+
+def _grid_args(times: Tensor, alphas, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The grid's left ends and the $\alpha_i$ as CPU tensors in ``dtype`` (as the loop's time vectors)."""
+    return times.detach()[:-1].to("cpu", dtype), torch.tensor(alphas, dtype=torch.float64).to(dtype)
+
 
 def _langevin_update(x: Tensor, score: Tensor, step: Tensor, noise: Tensor) -> Tensor:
     r"""$x + \epsilon s + \sqrt{2\epsilon} z$ with a per-sample step $\epsilon$ ``(B,)`` (four kernels)."""
@@ -139,6 +162,9 @@ class LangevinCorrector(AbstractCorrector):
         v = std.square() if self.data_std == 0 else std.square() + (m * self.data_std).square()
         return v.mul(2 * self.snr**2).mul_(alpha)
 
+    def tabulate(self, sde, times: Tensor, alphas, dtype: torch.dtype) -> tuple:
+        return _tabulate_steps(self.step_size(sde, *_grid_args(times, alphas, dtype)))
+
     def correct(self, dyn: Dynamics, x: Tensor, t: Tensor, alpha: Tensor | float, noise: Tensor) -> Tensor:
         step = self.step_size(dyn.sde, t, alpha)
         return _langevin_update(x, dyn.score(x, t), step, noise)
@@ -186,10 +212,17 @@ class AnnealedLangevinCorrector(AbstractCorrector):
 
     snr: float = 0.16
 
+    def step_size(self, sde, t: Tensor, alpha: Tensor | float) -> Tensor:
+        r"""$\epsilon(t) = 2\alpha\,(r\,s(t))^2$, shaped like ``t``."""
+        _, std = _check_affine_for("annealed_langevin", sde).marginal(t)
+        return 2 * alpha * (self.snr * std).square()
+
+    def tabulate(self, sde, times: Tensor, alphas, dtype: torch.dtype) -> tuple:
+        return _tabulate_steps(self.step_size(sde, *_grid_args(times, alphas, dtype)))
+
     def correct(self, dyn: Dynamics, x: Tensor, t: Tensor, alpha: Tensor | float, noise: Tensor) -> Tensor:
-        _, std = dyn.affine.marginal(t)
-        score = dyn.score(x, t)
-        return _langevin_update(x, score, 2 * alpha * (self.snr * std).square(), noise)
+        step = self.step_size(dyn.sde, t, alpha)
+        return _langevin_update(x, dyn.score(x, t), step, noise)
 
 
 @dataclass(frozen=True, eq=False)
@@ -208,6 +241,10 @@ class PredictorCorrector(AbstractFixedGridSolver):
         draw: ``draw(k) -> Tensor`` shaped like ``x``, unit Gaussian; required with a corrector.
         alphas: optional per-step $\alpha$ as Python floats, precomputed on the grid (see
             [`langevin_alpha`][sdegen.solvers.correctors.langevin_alpha]); otherwise computed from ``t0``, ``t1`` each step.
+        table: optional per-step ``(eps_i, sqrt(2 eps_i))`` host floats from the corrector's
+            [`tabulate`][sdegen.solvers.correctors.AbstractCorrector.tabulate] for this grid: a corrector
+            update is then $x + \epsilon_i s + \sqrt{2\epsilon_i} z$ in two kernels (the same numbers as
+            ``corrector.correct``); ``alphas`` is not read.
     """
 
     predictor: AbstractFixedGridSolver
@@ -215,6 +252,7 @@ class PredictorCorrector(AbstractFixedGridSolver):
     corrector_steps: int = 1
     draw: Callable[[int], Tensor] | None = None
     alphas: tuple | None = None
+    table: tuple | None = None
 
     @property
     def order(self) -> float:  # type: ignore[override]
@@ -234,7 +272,13 @@ class PredictorCorrector(AbstractFixedGridSolver):
 
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
         pstate, k, i = state
-        if self.corrector is not None:
+        if self.table is not None:
+            eps, scale = self.table[i]
+            for _ in range(self.corrector_steps):
+                noise = self.draw(k)
+                x = torch.add(x, dyn.score(x, t0), alpha=eps).add_(noise, alpha=scale)
+                k += 1
+        elif self.corrector is not None:
             alpha = self.alphas[i] if self.alphas is not None else langevin_alpha(dyn.sde, t0, t1)
             for _ in range(self.corrector_steps):
                 x = self.corrector.correct(dyn, x, t0, alpha, self.draw(k))

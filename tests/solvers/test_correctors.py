@@ -26,9 +26,10 @@ from scipy import stats
 import sdegen
 from sdegen import sample
 from sdegen.bench._metrics import noise_floor, sliced_wasserstein
-from sdegen.solvers.base import Dynamics
+from sdegen.solvers.base import Dynamics, integrate_fixed_grid
 from sdegen.solvers.correctors import (AbstractCorrector, AnnealedLangevinCorrector, BatchLangevinCorrector,
-                                       LangevinCorrector, _langevin_update)
+                                       LangevinCorrector, PredictorCorrector, _langevin_update, langevin_alpha)
+from sdegen.solvers.sde_steps import ReverseDiffusion
 
 MU, STD = 0.5, 0.5
 VAR = STD**2
@@ -238,6 +239,29 @@ def test_pc_langevin_sample_independent_of_batch_size():
     a = sample(sde, gm.score_fn(sde), (8, 2), method="pc", steps=20, dtype=torch.float64, seeds=list(range(8)))
     b = sample(sde, gm.score_fn(sde), (3, 2), method="pc", steps=20, dtype=torch.float64, seeds=list(range(3)))
     torch.testing.assert_close(a.samples[:3], b.samples, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("corrector", [LangevinCorrector(), LangevinCorrector(snr=0.2, data_std=0.3),
+                                       AnnealedLangevinCorrector()])
+@pytest.mark.parametrize("sde_name", ["vp", "ve"])
+def test_tabulated_corrector_equals_the_per_step_rule(sde_name, corrector, dtype):
+    """The per-run table of time-only steps (two kernels per update) gives the very numbers of
+    ``corrector.correct`` evaluated at each step (same rounding: the table is computed in the state's dtype)."""
+    sde = SDES[sde_name]()
+    times = torch.linspace(sde.T, 1e-3, 13, dtype=torch.float64)
+    alphas = tuple(langevin_alpha(sde, times[:-1], times[1:]).tolist())
+    draws = torch.randn(2 * 12, 5, 3, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    x0 = torch.randn(5, 3, generator=torch.Generator().manual_seed(4), dtype=dtype)
+
+    def run(table):
+        pc = PredictorCorrector(ReverseDiffusion(), corrector, 2, lambda k: draws[k], alphas, table)
+        dyn = Dynamics(sde, lambda x, t: -x / (1 + t[:, None]))
+        return integrate_fixed_grid(pc, dyn, x0, times, generator=torch.Generator().manual_seed(5))[0]
+
+    table = corrector.tabulate(sde, times, alphas, dtype)
+    assert len(table) == 12
+    assert torch.equal(run(table), run(None))
 
 
 @pytest.mark.slow
