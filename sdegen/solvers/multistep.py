@@ -55,10 +55,11 @@ def _require_table(solver, dyn: Dynamics) -> None:
 
 
 class ScoreHistoryMultistep(AbstractFixedGridSolver):
-    r"""A linear multistep rule on the stored scores with tabulated rows ``(lin, weights)``:
-    $x_{i+1} = \text{lin}_i\,x_i + \sum_j w_{ij}\,\nabla\log p_{t_{i-j}}$ (weights newest first, host floats,
-    any per-point factor folded in). The state is ``(i, scores)``, the last ``history`` scores, oldest first.
-    Subclasses are frozen dataclasses with a ``table`` field and a ``history`` length."""
+    r"""A linear multistep rule on stored evaluations with tabulated rows ``(lin, weights)``:
+    $x_{i+1} = \text{lin}_i\,x_i + \sum_j w_{ij}\,z_{i-j}$ (weights newest first, host floats, any per-point
+    factor folded in), $z_j$ the score at $t_j$ or what ``stored`` makes of it. The state is ``(i, z)``, the
+    last ``history`` values, oldest first. Subclasses are frozen dataclasses with a ``table`` field and a
+    ``history`` length."""
 
     stochastic: ClassVar[bool] = False
     evals_per_step: ClassVar[int] = 1
@@ -72,10 +73,14 @@ class ScoreHistoryMultistep(AbstractFixedGridSolver):
         _require_table(self, dyn)
         return 0, ()
 
+    def stored(self, x: Tensor, score: Tensor, i: int) -> Tensor:
+        """What step ``i`` keeps of its evaluation (default: the score itself)."""
+        return score
+
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
         i, hist = state
         lin, w = self.table[i]
-        hist = (hist + (dyn.score(x, t0),))[-self.history:]
+        hist = (hist + (self.stored(x, dyn.score(x, t0), i),))[-self.history:]
         return combine_history(x, lin, w, hist), (i + 1, hist)
 
 

@@ -33,16 +33,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from .._utils import check_bool, check_int
-from .base import AbstractFixedGridSolver, Dynamics
 from .marginal_rows import grid_marginals
 from .dpm_solver import PREDICTIONS
-from .multistep import _grid, _require_table, combine_history
+from .multistep import ScoreHistoryMultistep, _grid
 
 __all__ = ["UniPC", "VARIANTS"]
 
@@ -120,7 +118,7 @@ def _stored(m: list[float], s: list[float], prediction: str) -> tuple[tuple[floa
 
 
 @dataclass(frozen=True)
-class UniPC(AbstractFixedGridSolver):
+class UniPC(ScoreHistoryMultistep):
     r"""UniPC multistep sampler: UniP-$p$ predictor with the UniC corrector, any affine SDE.
 
     Step $i$ ($t_i \to t_{i+1}$) evaluates the model once at $x_i$, giving $y_i$; with ``corrector``
@@ -158,9 +156,6 @@ class UniPC(AbstractFixedGridSolver):
     table: tuple | None = field(default=None, repr=False)
     #: $s_i^2$ per grid point for the data prediction (``None``: noise prediction), from `tabulated`.
     table_y: tuple | None = field(default=None, repr=False)
-
-    stochastic: ClassVar[bool] = False
-    evals_per_step: ClassVar[int] = 1
 
     def __post_init__(self):
         check_int(self.order, "order", low=1, high=3)   # True and 2.0 are not orders
@@ -219,18 +214,13 @@ class UniPC(AbstractFixedGridSolver):
         return dataclasses.replace(self, n_steps=n if self.n_steps is None else self.n_steps,
                                    table=_fold_corrector(rows), table_y=s2)
 
-    def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
-        _require_table(self, dyn)
-        return 0, ()
+    @property
+    def history(self) -> int:
+        return self.order + 1
 
-    def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
-        i, hist = state
-        alpha, w = self.table[i]
-        score = dyn.score(x, t0)
-        # the stored z (the prediction up to a per-point factor folded into the weights)
-        z = score if self.table_y is None else torch.add(x, score, alpha=self.table_y[i])
-        hist = (hist + (z,))[-(self.order + 1):]
-        return combine_history(x, alpha, w, hist), (i + 1, hist)
+    def stored(self, x: Tensor, score: Tensor, i: int) -> Tensor:
+        """The stored z: the prediction up to a per-point factor folded into the weights."""
+        return score if self.table_y is None else torch.add(x, score, alpha=self.table_y[i])
 
 
 def _fold_corrector(rows: list) -> tuple:
