@@ -19,7 +19,7 @@ from sdegen.sampling import sample
 from sdegen.solvers.base import CountingScore, Dynamics
 from sdegen.solvers.correctors import AnnealedLangevinCorrector, LangevinCorrector, PredictorCorrector
 from sdegen.solvers.ode_steps import ODEEuler, ODEHeun
-from sdegen.solvers.sde_steps import (Ancestral, EulerMaruyama, ReverseDiffusion, ancestral_table,
+from sdegen.solvers.sde_steps import (Ancestral, Euler, EulerMaruyama, ReverseDiffusion, ancestral_table,
                                       ddpm_ancestral_table)
 
 MU, V = 0.5, 0.25          # data N(0.5, 0.5^2 I): named_mixture("gaussian")
@@ -168,6 +168,29 @@ def test_reverse_diffusion_equals_em_without_kernel():
     b, _ = ReverseDiffusion().step(dyn, x, t0, t1, None, dw)
     expected = x + (-x ** 3 - 1.6 ** 2 * -x) * -0.1 + 1.6 * dw
     assert torch.allclose(a, expected, atol=1e-12) and torch.allclose(b, expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("tabulated", [False, True])
+def test_em_and_ode_euler_are_one_euler_on_two_terms(tabulated):
+    r"""EM and ODE Euler are the one ``Euler`` step on the reverse SDE and on its probability flow: from
+    the same state their results differ by $-\tfrac12 g^2 s\,\Delta t + g\,\Delta w$ (the drifts differ by
+    $-\tfrac12 g^2 s$; only the SDE has noise), and ODE Euler ignores ``dw``. Float64 rounding only."""
+    sde = sdegen.VPSDE()
+    score = gaussian_score(sde)
+    dyn = _dyn(sde, score)
+    times = torch.tensor([0.8, 0.6, 0.3], dtype=torch.float64)
+    em, ode = ((cls.tabulated(sde, times) if tabulated else cls()) for cls in (EulerMaruyama, ODEEuler))
+    assert isinstance(em, Euler) and isinstance(ode, Euler)
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t0, t1 = times[1].expand(8), times[2].expand(8)
+    dw = torch.randn(8, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * math.sqrt(0.3)
+    state = 1 if tabulated else None                     # the second step, t = 0.6 -> 0.3
+    a, _ = em.step(dyn, x, t0, t1, state, dw)
+    b, _ = ode.step(dyn, x, t0, t1, state, dw)
+    c, _ = ode.step(dyn, x, t0, t1, state, None)
+    g = sde.diffusion(t0)[:, None]
+    assert torch.allclose(a - b, -0.5 * g ** 2 * score(x, t0) * -0.3 + g * dw, rtol=0, atol=1e-12)
+    assert torch.equal(b, c)
 
 
 def test_declared_orders_and_evals():
