@@ -365,14 +365,15 @@ def test_simple_loss_with_exact_eps():
 
 
 # ---------------------------------------------------------------------- score view and sampling
+@pytest.mark.parametrize("n", [25, 1000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_unchecked_grid_score_equals_score_fn(dtype):
-    """The sampling runs' score view (no per-call checks) gives score_fn's numbers bit for bit at every
-    chain time, in the state's dtype (including the times below T/(2N) that map to step 1)."""
-    ddpm = DDPM.linear(25, 1e-3, 0.2, T=2.0)
+def test_unchecked_grid_score_equals_score_fn(dtype, n):
+    """The sampling runs' score view (no per-call checks, the step by bucketize) gives score_fn's numbers
+    bit for bit at every chain time, in the state's dtype (and at t = 0, which maps to step 1)."""
+    ddpm = DDPM.linear(n, 1e-4, 0.02, T=2.0)
     eps = gaussian_eps(ddpm)
-    x = torch.randn(26, 3, generator=gen(0), dtype=dtype)
-    t = torch.cat([ddpm.step_to_time(torch.arange(1, 26)), torch.tensor([0.0])]).to(dtype)
+    x = torch.randn(n + 1, 3, generator=gen(0), dtype=dtype)
+    t = torch.cat([ddpm.step_to_time(torch.arange(1, n + 1)), torch.tensor([0.0], dtype=torch.float64)]).to(dtype)
     assert torch.equal(ddpm._grid_score(eps, x)(x, t), ddpm.score_fn(eps)(x, t))
 
 
