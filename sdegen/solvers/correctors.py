@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from .._utils import append_dims
-from ..sdes import AffineSDE
+from ..sdes import SDE, AffineSDE
 from .base import AbstractFixedGridSolver, Dynamics
 
 __all__ = ["AbstractCorrector", "LangevinCorrector", "BatchLangevinCorrector", "AnnealedLangevinCorrector",
@@ -65,7 +65,7 @@ class AbstractCorrector:
         ``alpha``: ``(B,)`` or a float."""
         raise NotImplementedError
 
-    def tabulate(self, sde, times: Tensor, alphas, dtype: torch.dtype) -> tuple | None:
+    def tabulate(self, sde: SDE, times: Tensor, alphas: Sequence[float], dtype: torch.dtype) -> tuple | None:
         r"""Per-step ``(eps_i, sqrt(2 eps_i))`` as host floats on the grid ``times`` (``(n+1,)``) when the
         step depends on time only, computed once per run in ``dtype`` (the state's) so that a step
         needs no coefficient kernels; ``None`` (the default) for rules that read the state.
@@ -162,7 +162,7 @@ class LangevinCorrector(AbstractCorrector):
         v = std.square() if self.data_std == 0 else std.square() + (m * self.data_std).square()
         return v.mul(2 * self.snr**2).mul_(alpha)
 
-    def tabulate(self, sde, times: Tensor, alphas, dtype: torch.dtype) -> tuple:
+    def tabulate(self, sde: SDE, times: Tensor, alphas: Sequence[float], dtype: torch.dtype) -> tuple:
         return _tabulate_steps(self.step_size(sde, *_grid_args(times, alphas, dtype)))
 
     def correct(self, dyn: Dynamics, x: Tensor, t: Tensor, alpha: Tensor | float, noise: Tensor) -> Tensor:
@@ -217,7 +217,7 @@ class AnnealedLangevinCorrector(AbstractCorrector):
         _, std = _check_affine_for("annealed_langevin", sde).marginal(t)
         return 2 * alpha * (self.snr * std).square()
 
-    def tabulate(self, sde, times: Tensor, alphas, dtype: torch.dtype) -> tuple:
+    def tabulate(self, sde: SDE, times: Tensor, alphas: Sequence[float], dtype: torch.dtype) -> tuple:
         return _tabulate_steps(self.step_size(sde, *_grid_args(times, alphas, dtype)))
 
     def correct(self, dyn: Dynamics, x: Tensor, t: Tensor, alpha: Tensor | float, noise: Tensor) -> Tensor:
