@@ -22,6 +22,7 @@ __all__ = [
     "check_seed",
     "check_bool",
     "check_floating",
+    "check_shaped_like",
     "sum_except_batch",
     "is_traceable_device",
 ]
@@ -255,6 +256,13 @@ def check_floating(x: Tensor, name: str = "x") -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor (float32/float64), got dtype {x.dtype}")
+
+
+def check_shaped_like(t: Any, x: Tensor, name: str, like: str = "x0") -> None:
+    """Raise ``ValueError`` unless ``t`` is a tensor with ``x``'s shape (``like`` names ``x`` in the message)."""
+    if not isinstance(t, Tensor) or t.shape != x.shape:
+        raise ValueError(f"{name} must be a tensor shaped like {like} {tuple(x.shape)}, got "
+                         f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
 
 
 def sum_except_batch(x: Tensor) -> Tensor:

@@ -34,13 +34,13 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._utils import append_dims, as_time, check_floating, check_positive, check_time_range, is_traceable_device
-from .gaussian import draw_device, standard_normal
+from ._utils import (append_dims, as_time, check_floating, check_positive, check_shaped_like, check_time_range,
+                     is_traceable_device)
 from .sampling import sample
 from .sdes import VPSDE
 from .sdes.base import _check_shape
 from .sdes.discrete import ChainPlan, DiscreteVPSDE
-from .vlb import VLBResult, chain_vlb, chain_vlb_term
+from .vlb import VLBResult, chain_simple_loss, chain_vlb, chain_vlb_term
 
 __all__ = ["DDPM", "VARIANCES"]
 
@@ -283,7 +283,7 @@ class DDPM:
             noise: ``(B, *D)`` standard normal draw $\epsilon$.
         """
         check_floating(x0, "x0")
-        _check_like(noise, x0, "noise")
+        check_shaped_like(noise, x0, "noise")
         ii = self._steps(i, x0, lo=0)
         a = append_dims(self._coef("sqrt_ab", ii, x0), x0.ndim)
         s = append_dims(self._coef("sqrt_1mab", ii, x0), x0.ndim)
@@ -305,7 +305,7 @@ class DDPM:
             ``(mean, var)``: mean ``(B, *D)``, variance ``(B,)`` (broadcast with ``append_dims``).
         """
         check_floating(x0, "x0")
-        _check_like(x_i, x0, "x_i")
+        check_shaped_like(x_i, x0, "x_i")
         ii = self._steps(i, x0)
         c0 = append_dims(self._coef("post_c0", ii, x0), x0.ndim)
         ct = append_dims(self._coef("post_ct", ii, x0), x0.ndim)
@@ -536,31 +536,13 @@ class DDPM:
 
         return eps_model
 
-    # ------------------------------------------------------------------ training objective
+    # ------------------------------------------------------------------ training objective and bound
     def loss(self, eps_model: EpsModel, x0: Tensor, *, generator: torch.Generator | None = None,
              reduction: str = "mean", model_kwargs: dict | None = None) -> Tensor:
-        r"""The simple objective $L_\text{simple} = \mathbb E_{i, \epsilon}\|\epsilon - \epsilon_\theta(x_i, i)\|^2$ (Ho et al. 2020, eq. 14).
+        r"""The simple objective $L_\text{simple}$ (Ho et al. 2020, eq. 14): [`chain_simple_loss`][sdegen.vlb.chain_simple_loss] of this chain."""
+        return chain_simple_loss(self, eps_model, x0, generator=generator, reduction=reduction,
+                                 model_kwargs=model_kwargs)
 
-        Draws $i \sim \mathcal U\{1..N\}$ per sample (``torch.randint``), then $\epsilon$ (``torch.randn``),
-        in that order. The squared error is averaged over the data dimensions.
-
-        Args:
-            eps_model: ``eps_model(x, i)``.
-            x0: ``(B, *D)`` data.
-            reduction: ``"mean"`` (a scalar) or ``"none"`` (``(B,)``).
-        """
-        check_floating(x0, "x0")
-        if reduction not in ("mean", "none"):
-            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-        B = x0.shape[0]
-        ii = torch.randint(1, self.n_steps + 1, (B,), generator=generator, device=draw_device(generator, x0))
-        ii = ii.to(x0.device)
-        noise = standard_normal(x0, generator)
-        eps_hat = self._eps(eps_model, self.q_sample(x0, ii, noise), ii, model_kwargs)
-        per = (noise - eps_hat).square().reshape(B, -1).mean(1)
-        return per.mean() if reduction == "mean" else per
-
-    # ------------------------------------------------------------------ variational bound
     def eps_weight(self, i) -> Tensor:
         r"""$\lambda_i = \beta_i^2 / (2\sigma_i^2\alpha_i(1-\bar\alpha_i))$, the weight of $\|\epsilon - \hat\epsilon\|^2$ in $L_{i-1}$ (Ho et al. 2020, eq. 12); float64, steps ``2..N``."""
         ii = _as_steps(i, 2, self.n_steps, "i")
@@ -614,10 +596,4 @@ def _as_steps(i, lo: int, hi: int, name: str, device=None) -> Tensor:
         if lo_v < lo or hi_v > hi:
             raise ValueError(f"{name} must lie in {lo}..{hi}, got values in {lo_v}..{hi_v}")
     return ii
-
-
-def _check_like(t: Tensor, x: Tensor, name: str) -> None:
-    if not isinstance(t, Tensor) or t.shape != x.shape:
-        raise ValueError(f"{name} must be a tensor shaped like x0 {tuple(x.shape)}, got "
-                         f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
 

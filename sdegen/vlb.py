@@ -23,7 +23,7 @@ from .gaussian import (discretized_gaussian_log_likelihood, draw_device, gaussia
                        standard_normal)
 from .sdes import AffineSDE
 
-__all__ = ["VLBResult", "ContinuousVLBResult", "chain_vlb", "chain_vlb_term", "continuous_vlb", "DECODERS", "FORMS"]
+__all__ = ["VLBResult", "ContinuousVLBResult", "chain_vlb", "chain_vlb_term", "chain_simple_loss", "continuous_vlb", "DECODERS", "FORMS"]
 
 #: Decoders $p_\theta(x_0 \mid x_1)$ accepted by [`chain_vlb`][sdegen.vlb.chain_vlb] (``DDPM.vlb``).
 DECODERS = ("gaussian", "discretized")
@@ -304,4 +304,34 @@ def continuous_vlb(sde: AffineSDE, score_fn: Callable[..., Tensor], x0: Tensor, 
     total = prior + diffusion + dec
     return ContinuousVLBResult(prior=prior, diffusion=diffusion, decoder=dec, total=total,
                                bits_per_dim=total / (D * _LOG2))
+
+
+def chain_simple_loss(ddpm, eps_model: Callable[..., Tensor], x0: Tensor, *, generator: torch.Generator | None = None,
+                      reduction: str = "mean", model_kwargs: dict | None = None) -> Tensor:
+    r"""The simple objective $L_\text{simple} = \mathbb E_{i, \epsilon}\|\epsilon - \epsilon_\theta(x_i, i)\|^2$ of a DDPM chain (Ho et al. 2020, eq. 14).
+
+    The bound's $L_{i-1}$ terms with their weights ``DDPM.eps_weight`` set to one. Draws $i \sim \mathcal U\{1..N\}$ per sample (``torch.randint``), then $\epsilon$
+    (``torch.randn``), in that order. The squared error is averaged over the data dimensions.
+
+    Args:
+        ddpm: the [`DDPM`][sdegen.ddpm.DDPM] chain.
+        eps_model: ``eps_model(x, i)`` with integer steps ``i``.
+        x0: ``(B, *D)`` data.
+        generator: source of the step and noise draws.
+        reduction: ``"mean"`` (a scalar) or ``"none"`` (``(B,)``).
+        model_kwargs: keyword arguments passed to every model call.
+
+    Returns:
+        The loss, a scalar or ``(B,)``.
+    """
+    check_floating(x0, "x0")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    B = x0.shape[0]
+    ii = torch.randint(1, ddpm.n_steps + 1, (B,), generator=generator, device=draw_device(generator, x0))
+    ii = ii.to(x0.device)
+    noise = standard_normal(x0, generator)
+    eps_hat = ddpm._eps(eps_model, ddpm.q_sample(x0, ii, noise), ii, model_kwargs)
+    per = (noise - eps_hat).square().reshape(B, -1).mean(1)
+    return per.mean() if reduction == "mean" else per
 
