@@ -314,7 +314,7 @@ def chain_simple_loss(ddpm, eps_model: Callable[..., Tensor], x0: Tensor, *, gen
     (``torch.randn``), in that order. The squared error is averaged over the data dimensions.
 
     Args:
-        ddpm: the [`DDPM`][sdegen.ddpm.DDPM] chain.
+        ddpm (DDPM): the [`DDPM`][sdegen.ddpm.DDPM] chain.
         eps_model: ``eps_model(x, i)`` with integer steps ``i``.
         x0: ``(B, *D)`` data.
         generator: source of the step and noise draws.
