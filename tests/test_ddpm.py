@@ -665,3 +665,20 @@ def test_eps_model_with_another_dtype_is_refused(call):
         calls[call]()
     # The same model in float64 keeps float64.
     assert ddpm.sample(eps64, (3, 2), generator=gen(0), dtype=torch.float64).dtype == torch.float64
+
+
+def test_ddim_eta_zero_draws_nothing_but_the_start():
+    # DDIM with eta = 0 is deterministic: after the prior draw x_T, the chain must leave the random
+    # stream untouched (the loop draws no increments for a solver whose noise coefficients are all 0),
+    # while eta > 0 draws one increment per step.
+    ddpm = sdegen.DDPM.linear(50)
+    model = lambda x, i: 0.1 * x  # noqa: E731
+    torch.manual_seed(0)
+    torch.randn(4, 2)
+    after_prior = torch.rand(1)
+    torch.manual_seed(0)
+    ddpm.ddim_sample(model, (4, 2), steps=10, eta=0.0)
+    assert torch.equal(torch.rand(1), after_prior)
+    torch.manual_seed(0)
+    ddpm.ddim_sample(model, (4, 2), steps=10, eta=0.5)
+    assert not torch.equal(torch.rand(1), after_prior)

@@ -297,8 +297,16 @@ class ChainStep(AbstractFixedGridSolver):
     eps_from_x0: bool = False
     variance: str = "posterior"
     order: ClassVar[float] = 1.0
-    stochastic: ClassVar[bool] = True
     evals_per_step: ClassVar[int] = 1
+
+    @property
+    def stochastic(self) -> bool:  # type: ignore[override]
+        """False when no step adds noise (DDIM with eta = 0): the loop then draws no Brownian increments.
+        A step adds noise when it is ``noisy`` and, for a fixed variance, its coefficient ``c`` is not 0."""
+        noisy = self.table[:, 8].ne(0)
+        if not self.variance.startswith("learned"):
+            noisy &= self.table[:, 4].ne(0)
+        return bool(noisy.any())
 
     @classmethod
     def from_plan(cls, sde: AbstractChainSDE, plan: ChainPlan, eta: float, times: Tensor) -> "ChainStep":
@@ -362,8 +370,13 @@ class Ancestral(AbstractFixedGridSolver):
 
     table: Tensor = field(repr=False)
     order: ClassVar[float] = 1.0
-    stochastic: ClassVar[bool] = True
     evals_per_step: ClassVar[int] = 1
+
+    @property
+    def stochastic(self) -> bool:  # type: ignore[override]
+        """False when every step's noise coefficient is zero (DDIM with eta = 0): the loop then draws
+        nothing, so a deterministic chain leaves the generator (or the global RNG) untouched."""
+        return bool(self.table[:, 2].ne(0).any())
 
     def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
         return 0, _as_rows(*self.table.unbind(1))
