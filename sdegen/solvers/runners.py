@@ -72,18 +72,12 @@ def _build_ancestral(ctx, opts: dict) -> Ancestral:
 
 
 def _ddpm_alphas_cumprod(vp: VPSDE, n: int) -> Tensor:
-    r"""$\bar\alpha_i$ of ``vp.discretize(n)``; until `sdegen.ddpm` exists, the same chain computed here:
-    $\beta_i = (\beta_\min + \tfrac{i-1}{N-1}(\beta_\max - \beta_\min))\,T/N$ (Song et al. 2021, App. B)."""
+    r"""$\bar\alpha_i$ of ``vp.discretize(n)``, with the step-count error phrased for the ancestral method."""
     try:
         return vp.discretize(n).alphas_cumprod
     except ValueError as err:
         raise ValueError(f"method 'ancestral' on a VPSDE runs the DDPM chain vp.discretize(steps), which needs "
                          f"steps > beta_max * T = {vp.beta_max * vp.T:g}; got steps={n} ({err})") from None
-    except ImportError:
-        i = torch.arange(1, n + 1, dtype=torch.float64)
-        frac = (i - 1) / max(n - 1, 1)
-        betas = (vp.beta_min + frac * (vp.beta_max - vp.beta_min)) * (vp.T / n)
-        return torch.cumprod(1 - betas, 0)
 
 
 def _adaptive_ode_runner(module: str, fn_name: str, returns_trajectory: bool):
