@@ -35,16 +35,17 @@ from torch import Tensor
 
 from ._utils import check_floating, check_positive
 from .sdes import SDE, AffineSDE
-from .solvers.backends import scipy_integrate, torchdiffeq_integrate
 from .solvers.base import CountingScore, Dynamics, progress_bar
-from .solvers.rk45 import rk45_integrate
+from .solvers.ode_integrators import ODE_INTEGRATORS
 
 __all__ = ["LikelihoodResult", "log_likelihood", "encode", "decode", "bits_per_dim", "dequantize",
            "DIVERGENCES", "PROBE_DISTS", "ODE_METHODS"]
 
 DIVERGENCES = ("exact", "hutchinson")
 PROBE_DISTS = ("rademacher", "gaussian")
-ODE_METHODS = ("rk45", "torchdiffeq", "scipy")
+#: The ``method=`` names: every adaptive ODE integrator of `sdegen.solvers.ode_integrators.ODE_INTEGRATORS`
+#: (the same integrators are ``sample`` methods). The checks read the table itself.
+ODE_METHODS = tuple(ODE_INTEGRATORS)
 
 # Largest number of entries of one batched vector-Jacobian product (basis vectors x batch x dim)
 # before the exact divergence splits its basis vectors into several passes.
@@ -215,16 +216,23 @@ def _hutchinson_divergence(out: Tensor, xr: Tensor, probes: Tensor, counter: lis
 
 
 # ---------------------------------------------------------------------------------------------- integration
+def _check_method(method, per_sample: bool) -> str:
+    """``method`` names an integrator of the table; ``per_sample=True`` needs a native one."""
+    _check_choice(method, "method", tuple(ODE_INTEGRATORS))
+    if per_sample and not ODE_INTEGRATORS[method].native:
+        native = tuple(name for name, integ in ODE_INTEGRATORS.items() if integ.native)
+        raise ValueError(f"per_sample=True needs a native integrator, method one of {', '.join(map(repr, native))}; "
+                         f"got method={method!r}")
+    return method
+
+
 def _solve(fn, y0: Tensor, t0: float, t1: float, method: str, rtol: float, atol: float, per_sample: bool,
            progress: bool, options: dict) -> tuple[Tensor, dict]:
-    if method == "rk45":
-        y1, stats, _ = rk45_integrate(fn, y0, t0, t1, rtol=rtol, atol=atol, per_sample=per_sample,
-                                      progress=progress, **options)
-        return y1, stats
     if per_sample:
-        raise ValueError(f"per_sample=True needs method='rk45', got method={method!r}")
-    backend = torchdiffeq_integrate if method == "torchdiffeq" else scipy_integrate
-    return backend(fn, y0, t0, t1, rtol=rtol, atol=atol, **options)
+        options = {**options, "per_sample": True}   # native integrators only (`_check_method`)
+    y1, stats, _ = ODE_INTEGRATORS[method].integrate(fn, y0, t0, t1, rtol=rtol, atol=atol, progress=progress,
+                                                     **options)
+    return y1, stats
 
 
 def _merge_stats(total: dict, stats: dict) -> None:
@@ -284,14 +292,16 @@ def log_likelihood(
         rtol (float): relative ODE solver tolerance (on the augmented state).
         atol (float): absolute ODE solver tolerance (on the augmented state).
         eps: truncation time $\epsilon \in (0, T)$.
-        method: ``"rk45"`` (native), ``"torchdiffeq"`` or ``"scipy"``.
+        method: an adaptive ODE integrator of
+            [`ODE_INTEGRATORS`][sdegen.solvers.ode_integrators.ODE_INTEGRATORS] (`ODE_METHODS`):
+            ``"rk45"`` (native), ``"torchdiffeq"`` or ``"scipy"``.
         prior: ``"sde"`` or a callable ``log p_T(x_T) -> (B,)``.
         batch_size: integrate in chunks of this many samples (memory); ``None``: one chunk.
             Probes are drawn for the whole batch first, so chunking does not change them.
         progress: tqdm bars (over chunks, and the solver's own).
         generator: source of the Hutchinson probes.
-        per_sample: per-sample step sizes in the native solver (each sample's error is then
-            controlled on its own, independent of the rest of the batch).
+        per_sample: per-sample step sizes, in a native integrator (``rk45``): each sample's error is then
+            controlled on its own, independent of the rest of the batch.
         model_kwargs: extra keyword arguments for every ``score_fn`` call.
         **solver_options (Any): passed to the integrator (e.g. ``max_steps=``, ``first_step=`` for rk45,
             ``solver=`` for the backends).
@@ -312,7 +322,7 @@ def log_likelihood(
     eps = _check_eps(sde, eps, x.dtype)
     _check_choice(divergence, "divergence", DIVERGENCES)
     _check_choice(probe_dist, "probe_dist", PROBE_DISTS)
-    _check_choice(method, "method", ODE_METHODS)
+    _check_method(method, per_sample)
     if not isinstance(probes, int) or isinstance(probes, bool) or probes < 1:
         raise ValueError(f"probes must be a positive int, got {probes!r}")
     check_positive(rtol, "rtol")
@@ -370,7 +380,7 @@ def _flow(sde: SDE, score_fn, x: Tensor, t0: float, t1: float, rtol, atol, metho
           model_kwargs, solver_options) -> Tensor:
     score = CountingScore(score_fn, model_kwargs)
     dyn = Dynamics(sde, score)
-    _check_choice(method, "method", ODE_METHODS)
+    _check_method(method, per_sample)
     check_positive(rtol, "rtol")
     check_positive(atol, "atol")
     with torch.no_grad():

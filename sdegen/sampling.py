@@ -31,6 +31,7 @@ from .sdes import SDE, AffineSDE, VPSDE
 from .grids import get_grid, sampling_start, user_grid
 from ._sample_inputs import _BoundNoise, _check_eps, _check_start, _noised_start, _per_sample_noise, _start_state
 from .solvers.runners import _adaptive_ode_runner, _backend, _build_ancestral, _run_torchsde
+from .solvers.ode_integrators import ODE_INTEGRATORS, ODEIntegrator
 from .solvers.base import AbstractFixedGridSolver, CountingScore, Dynamics, NonFiniteError, SampleResult, \
     integrate_fixed_grid
 from .solvers.correctors import (AnnealedLangevinCorrector, BatchLangevinCorrector, LangevinCorrector,
@@ -261,9 +262,17 @@ def _choice(value, table: Mapping, name: str):
     return table[value]
 
 
-_TOL = {"rtol": 1e-5, "atol": 1e-5}
 #: The ``grid`` option of the generic fixed-grid methods (see [`sdegen.grids`][sdegen.grids]).
 _GRID = {"grid": "uniform"}
+
+
+def _ode_integrator_rows(integrators: Mapping[str, ODEIntegrator]) -> dict[str, MethodSpec]:
+    """A probability-flow ``sample`` row for every adaptive ODE integrator (`sdegen.solvers.ode_integrators`):
+    its options and defaults are the integrator's own (``solver``, ``rtol``, ``atol``), its further keyword
+    options those of its function."""
+    return {name: MethodSpec(_adaptive_ode_runner(integ), options=integ.options(), fixed_grid=False,
+                             default_steps=None, backend=integ.load, doc=integ.doc)
+            for name, integ in integrators.items()}
 
 
 class MethodTable(dict):
@@ -296,18 +305,7 @@ METHODS: MethodTable = MethodTable({
                             doc="probability-flow ODE, explicit Euler (order 1)"),
     "ode_heun": MethodSpec(build=_rule(ODEHeun), solver=ODEHeun, grid_option=True, options=_GRID,
                            doc="probability-flow ODE, Heun (order 2, 2 evaluations per step)"),
-    "rk45": MethodSpec(_adaptive_ode_runner("sdegen.solvers.rk45", "rk45_integrate", True), options=_TOL,
-                       fixed_grid=False, default_steps=None,
-                       backend=_backend("sdegen.solvers.rk45", "rk45_integrate"),
-                       doc="probability-flow ODE, adaptive Dormand-Prince RK45 in torch"),
-    "torchdiffeq": MethodSpec(_adaptive_ode_runner("sdegen.solvers.backends", "torchdiffeq_integrate", False),
-                              options={"solver": "dopri5", **_TOL}, fixed_grid=False, default_steps=None,
-                              backend=_backend("sdegen.solvers.backends", "torchdiffeq_integrate"),
-                              doc="probability-flow ODE through torchdiffeq.odeint"),
-    "scipy": MethodSpec(_adaptive_ode_runner("sdegen.solvers.backends", "scipy_integrate", False),
-                        options={"solver": "RK45", **_TOL}, fixed_grid=False, default_steps=None,
-                        backend=_backend("sdegen.solvers.backends", "scipy_integrate"),
-                        doc="probability-flow ODE through scipy.integrate.solve_ivp (host copies)"),
+    **_ode_integrator_rows(ODE_INTEGRATORS),
     "torchsde": MethodSpec(_run_torchsde, options={"solver": "euler"}, reverse_sde=True,
                            backend=_backend("sdegen.solvers.backends", "torchsde_integrate"),
                            doc="reverse SDE through torchsde.sdeint"),

@@ -80,16 +80,13 @@ def _ddpm_alphas_cumprod(vp: VPSDE, n: int) -> Tensor:
                          f"steps > beta_max * T = {vp.beta_max * vp.T:g}; got steps={n} ({err})") from None
 
 
-def _adaptive_ode_runner(module: str, fn_name: str, returns_trajectory: bool):
-    """Runner for probability-flow ODE integrators ``fn(ode_drift, y0, t0, t1, **opts)`` (imported lazily)."""
+def _adaptive_ode_runner(integrator):
+    """Runner for an adaptive probability-flow ODE integrator, an entry of
+    `sdegen.solvers.ode_integrators.ODE_INTEGRATORS` (``integrator.integrate(ode_drift, y0, t0, t1, **opts)``)."""
 
     def run(ctx, **opts):
-        fn = _backend(module, fn_name)()
-        if returns_trajectory:
-            y, stats, traj = fn(ctx.dyn.ode_drift, ctx.x, ctx.t_start, ctx.eps, progress=ctx.progress,
-                                record_every=ctx.record_every, **opts)
-        else:
-            (y, stats), traj = fn(ctx.dyn.ode_drift, ctx.x, ctx.t_start, ctx.eps, **opts), None
+        y, stats, traj = integrator.integrate(ctx.dyn.ode_drift, ctx.x, ctx.t_start, ctx.eps, progress=ctx.progress,
+                                              record_every=ctx.record_every, **opts)
         return y, traj, _times_from(stats, traj, ctx), dict(stats)
 
     return run
