@@ -109,6 +109,7 @@ def demo_methods(sde, cfg: DemoConfig) -> dict[str, Callable]:
     - *RK45*: the probability-flow ODE $dx/dt = f - \tfrac12 g^2 s_\theta$, adaptive Dormand–Prince.
     """
     from .sampling import sample
+    from .solvers.base import CountingScore
 
     def via_sample(method: str, **options):
         def run(score_fn, shape, generator):
@@ -119,15 +120,10 @@ def demo_methods(sde, cfg: DemoConfig) -> dict[str, Callable]:
     ddpm = sde.discretize(cfg.ancestral_steps)
 
     def ddim(score_fn, shape, generator):
-        calls = [0]
-
-        def counted(x, t):
-            calls[0] += 1
-            return score_fn(x, t)
-
+        counted = CountingScore(score_fn)   # the samplers' own counter, with its checks of each score output
         x = ddpm.ddim_sample(ddpm.eps_model_from_score(counted), shape, steps=cfg.ddim_steps, eta=0.0,
                              generator=generator, device=generator.device, dtype=torch.float32)
-        return x, calls[0]
+        return x, counted.nfe
 
     return {
         "DDPM ancestral": via_sample("ancestral", steps=cfg.ancestral_steps),

@@ -120,3 +120,21 @@ def test_train_accepts_the_edm_parameterization(tmp_path):
     assert model.parameterization == "edm"
     assert model.sigma_data == pytest.approx(float(data.float().std()), rel=0.05)   # the data's own scale
     assert cli.main(["train", "--out", str(tmp_path / "x"), "--steps", "2", "--sigma-data", "0.5", "--quiet"]) == 1
+
+
+def test_ddim_row_counts_through_the_one_counter_and_keeps_the_numbers():
+    # The demo's DDIM counts its score calls with CountingScore: one call per DDIM step, the samples
+    # bit for bit those of the chain run on the raw score, and the counter's output checks apply.
+    from sdegen.demo import demo_methods
+
+    sde, cfg = sdegen.VPSDE(), DemoConfig.fast()
+    score = sdegen.named_mixture("8gaussians", dtype=torch.float32).score_fn(sde)
+    ddim = demo_methods(sde, cfg)["DDIM"]
+    x, nfe = ddim(score, (16, 2), torch.Generator().manual_seed(0))
+    chain = sde.discretize(cfg.ancestral_steps)
+    y = chain.ddim_sample(chain.eps_model_from_score(score), (16, 2), steps=cfg.ddim_steps, eta=0.0,
+                          generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    assert nfe == cfg.ddim_steps
+    assert torch.equal(x, y)
+    with pytest.raises(TypeError, match="x's dtype and device"):
+        ddim(lambda x, t: score(x, t).double(), (16, 2), torch.Generator().manual_seed(0))

@@ -3,8 +3,9 @@ r"""Adapters to external integrators: torchdiffeq, scipy's ``solve_ivp`` and tor
 Each adapter takes the same right-hand side the native solvers use, ``fn(y, t)`` with ``y`` of shape
 ``(B, *D)`` and ``t`` a ``(B,)`` tensor in forward time, and returns ``(y1, stats)`` with the state
 at ``t1`` on ``y0``'s device and dtype. ``stats["nfe_solver"]`` is the number of right-hand-side
-calls the backend made (counted by a wrapper). The optional packages are imported inside the
-functions, so `sdegen` imports without them.
+calls the backend made, counted by [`CountingScore`][sdegen.solvers.base.CountingScore], whose checks
+(output shaped like ``y``, with its dtype and device; ``y`` and ``t`` not edited in place) then hold
+here too. The optional packages are imported inside the functions, so `sdegen` imports without them.
 
 - [`torchdiffeq_integrate`][sdegen.solvers.backends.torchdiffeq_integrate]: ``torchdiffeq.odeint`` (Chen et al. 2018) on the tensor as is.
 - [`scipy_integrate`][sdegen.solvers.backends.scipy_integrate]: ``scipy.integrate.solve_ivp`` on a flattened float64 NumPy copy, as the
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .._utils import check_floating, check_positive
-from .base import NonFiniteError, StepSizeError, check_finite_state
+from .base import CountingScore, NonFiniteError, StepSizeError, check_finite_state
 from .rk45 import initial_step_size
 
 __all__ = ["torchdiffeq_integrate", "scipy_integrate", "torchsde_integrate", "backend_options",
@@ -186,11 +187,10 @@ def torchdiffeq_integrate(fn: Callable[[Tensor, Tensor], Tensor], y0: Tensor, t0
     from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
     t0, t1 = _check_call("torchdiffeq", solver, sorted(SOLVERS), y0, t0, t1, opts, rtol=rtol, atol=atol)
-    calls = [0]
+    counted = CountingScore(fn)     # the one counter, with its shape, dtype/device and in-place checks
 
     def func(t: Tensor, y: Tensor) -> Tensor:
-        calls[0] += 1
-        return _finite(fn(y, _time_vec(t, y)), t, "torchdiffeq", calls[0])
+        return _finite(counted(y, _time_vec(t, y)), t, "torchdiffeq", counted.nfe)
 
     if t0 == t1:
         return y0, {"nfe_solver": 0, "solver": solver}
@@ -209,7 +209,7 @@ def torchdiffeq_integrate(fn: Callable[[Tensor, Tensor], Tensor], y0: Tensor, t0
             options["first_step"] = float(h0)
         options.setdefault("step_t", torch.tensor([t1], device=y0.device, dtype=y0.dtype))
     ys = torchdiffeq.odeint(func, y0, ts, rtol=rtol, atol=atol, method=solver, options=options or None)
-    return ys[-1], {"nfe_solver": calls[0], "solver": solver}
+    return ys[-1], {"nfe_solver": counted.nfe, "solver": solver}
 
 
 def scipy_integrate(fn: Callable[[Tensor, Tensor], Tensor], y0: Tensor, t0: float, t1: float, *,
@@ -243,19 +243,18 @@ def scipy_integrate(fn: Callable[[Tensor, Tensor], Tensor], y0: Tensor, t0: floa
 
     t0, t1 = _check_call("scipy", solver, SCIPY_SOLVERS, y0, t0, t1, opts, rtol=rtol, atol=atol)
     shape, device, dtype = y0.shape, y0.device, y0.dtype
-    calls = [0]
+    counted = CountingScore(fn)     # the one counter, with its shape, dtype/device and in-place checks
 
     def fun(t: float, y: np.ndarray) -> np.ndarray:
-        calls[0] += 1
         yt = torch.from_numpy(y).to(device=device, dtype=dtype).reshape(shape)
-        out = _finite(fn(yt, _time_vec(float(t), yt)), t, "scipy", calls[0])
+        out = _finite(counted(yt, _time_vec(float(t), yt)), t, "scipy", counted.nfe)
         return out.detach().to("cpu", torch.float64).reshape(-1).numpy()
 
     if t0 == t1:
         return y0, {"nfe_solver": 0, "solver": solver}
     y_np = y0.detach().to("cpu", torch.float64).reshape(-1).numpy()
     sol = solve_ivp(fun, (t0, t1), y_np, method=solver, rtol=rtol, atol=atol, **opts)
-    stats = {"nfe_solver": calls[0], "solver": solver, "nfev": int(sol.nfev), "njev": int(sol.njev),
+    stats = {"nfe_solver": counted.nfe, "solver": solver, "nfev": int(sol.nfev), "njev": int(sol.njev),
              "nlu": int(sol.nlu), "accepted": len(sol.t) - 1, "status": int(sol.status), "message": sol.message}
     if not sol.success:
         x_last = torch.from_numpy(sol.y[:, -1].copy()).to(device=device, dtype=dtype).reshape(shape)
@@ -279,13 +278,13 @@ class _NegatedTimeSDE(torch.nn.Module):
 
     def __init__(self, drift, diffusion, sign: float, shape):
         super().__init__()
-        self._drift, self._diffusion, self._sign, self._shape = drift, diffusion, sign, shape
-        self.drift_calls = 0
+        # The drift (the score inside it) is counted by the one counter, with its checks.
+        self._drift = CountingScore(drift)
+        self._diffusion, self._sign, self._shape = diffusion, sign, shape
 
     def f(self, s: Tensor, y: Tensor) -> Tensor:
-        self.drift_calls += 1
         yt = y.reshape(self._shape)
-        out = _finite(self._drift(yt, _time_vec(self._sign * s, yt)), self._sign * s, "torchsde", self.drift_calls)
+        out = _finite(self._drift(yt, _time_vec(self._sign * s, yt)), self._sign * s, "torchsde", self._drift.nfe)
         return (self._sign * out).reshape(y.shape)
 
     def g(self, s: Tensor, y: Tensor) -> Tensor:
@@ -348,4 +347,4 @@ def torchsde_integrate(drift: Callable[[Tensor, Tensor], Tensor], diffusion: Cal
     # last of the `steps` steps land on (and be clipped to) s1.
     ys = torchsde.sdeint(sde, y_flat, ts, bm=bm, method=solver, dt=ds * (1 + 1e-9), adaptive=False, **opts)
     y1 = ys[-1].reshape(y0.shape)
-    return y1, {"nfe_solver": sde.drift_calls, "solver": solver, "steps": steps, "entropy": entropy}
+    return y1, {"nfe_solver": sde._drift.nfe, "solver": solver, "steps": steps, "entropy": entropy}

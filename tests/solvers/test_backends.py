@@ -167,3 +167,42 @@ def test_backends_on_cuda():
     a, b = (torchsde_integrate(rev.drift, rev.diffusion, x_T, 1.0, EPS, steps=10,
                                generator=torch.Generator(dev).manual_seed(1))[0] for _ in range(2))
     assert a.device.type == "cuda" and torch.equal(a, b)
+
+
+def _drift_of(sde):
+    return lambda y, t: -0.5 * sde.diffusion(t)[:, None] ** 2 * y
+
+
+@pytest.mark.parametrize("backend", ["torchdiffeq", "scipy", "torchsde"])
+def test_backends_count_and_check_through_counting_score(backend):
+    # The adapters count right-hand-side calls with CountingScore, so its checks hold for them: a
+    # right-hand side in another dtype than the state, or one that edits y in place, is refused.
+    sde = sdegen.VPSDE()
+    y0 = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+
+    def run(fn):
+        if backend == "torchsde":
+            return torchsde_integrate(fn, sde.diffusion, y0, 1.0, EPS, steps=5,
+                                      generator=torch.Generator().manual_seed(0))
+        integrate = torchdiffeq_integrate if backend == "torchdiffeq" else scipy_integrate
+        return integrate(fn, y0, 1.0, EPS, rtol=1e-3, atol=1e-3)
+
+    calls = [0]
+    drift = _drift_of(sde)
+
+    def counted_here(y, t):
+        calls[0] += 1
+        return drift(y, t)
+
+    _, stats = run(counted_here)
+    assert stats["nfe_solver"] == calls[0] > 0
+    with pytest.raises(TypeError, match="x's dtype and device"):
+        run(lambda y, t: drift(y, t).double())
+
+    def in_place(y, t):
+        out = drift(y, t)
+        y.mul_(1.0)
+        return out
+
+    with pytest.raises(RuntimeError, match="in place"):
+        run(in_place)
