@@ -81,11 +81,11 @@ class _Replacement(AbstractFixedGridSolver):
         return self.inner.init_state(dyn, x, t0)
 
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
-        x, state = self.inner.step(dyn, x, t0, t1, state, dw)
+        x, err, state = self.inner.step(dyn, x, t0, t1, state, dw)
         z = self.z_fixed if dw is None else dw / append_dims((t0 - t1).abs().sqrt(), dw.ndim)
         m, s = dyn.affine.marginal(t1)
         noisy = append_dims(m, x.ndim) * self.known + append_dims(s, x.ndim) * z
-        return torch.where(self.mask, noisy, x), state
+        return torch.where(self.mask, noisy, x), err, state
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,7 +134,7 @@ class _SMC(AbstractFixedGridSolver):
         log_w = log_w + (-0.5 * resid.square().flatten(1).sum(1) / var).reshape(log_w.shape)
         log_w = log_w - log_w.max(dim=1, keepdim=True).values
         x_new, log_w, did = _maybe_resample(x_new, log_w, self.ess_threshold, self.generator)
-        return x_new, (k + 1, tab, log_w, n_resampled + did)
+        return x_new, None, (k + 1, tab, log_w, n_resampled + did)
 
 
 def _systematic(log_w: Tensor, n_out: int, generator: torch.Generator | None) -> Tensor:

@@ -84,11 +84,16 @@ class AffineSDE(SDE):
 
     def ode_coefs(self, t: Tensor) -> tuple[Tensor, Tensor]:
         r"""$(a(t), -\tfrac12 g(t)^2)$: the probability-flow velocity of an affine SDE is
-        $v(x, t) = a(t)\,x - \tfrac12 g(t)^2\,\nabla_x\log p_t(x)$. ``(B,) -> ((B,), (B,))``.
+        $v(x, t) = a(t)\,x - \tfrac12 g(t)^2\,\nabla_x\log p_t(x)$. ``(B,) -> ((B,), (B,))``, two tensors.
 
-        Solvers call this once per score evaluation, so subclasses override it when both
-        coefficients share work (VP: both are $-\tfrac12\beta(t)$, returned as the same tensor)."""
+        Subclasses override it when both coefficients share work (one evaluation of the schedule)."""
         return self.drift_coef(t), -0.5 * self.diffusion(t).square()
+
+    def drift_with_score(self, x: Tensor, t: Tensor, score: Tensor, k: float) -> Tensor:
+        r"""$a(t)\,x + k\,h(t)\,s$ with $(a, h)$ = [`ode_coefs`][sdegen.sdes.affine.AffineSDE.ode_coefs]: $f - \tfrac k2 g^2 s$
+        in 2-3 fused tensor operations (see [`SDE.drift_with_score`][sdegen.sdes.base.SDE.drift_with_score])."""
+        a, h = self.ode_coefs(t)
+        return torch.addcmul(x * append_dims(a, x.ndim), append_dims(h * k if k != 1.0 else h, x.ndim), score)
 
     def drift(self, x: Tensor, t: Tensor) -> Tensor:
         r"""$f(x, t) = a(t)\,x$. ``x``: ``(B, *D)``, ``t``: ``(B,)``."""

@@ -95,6 +95,15 @@ class SDE(abc.ABC):
         d = x[0].numel() if x.shape[0] > 0 else 0
         return -0.5 * sum_except_batch(x.square()) / s**2 - d * (math.log(s) + 0.5 * math.log(2 * math.pi))
 
+    def drift_with_score(self, x: Tensor, t: Tensor, score: Tensor, k: float) -> Tensor:
+        r"""$f(x, t) - \tfrac k2\, g(t)^2\, s$ for a given score ``s``: the probability-flow velocity
+        ($k = 1$) or the reverse-SDE drift ($k = 2$). ``x``, ``score``: ``(B, *D)``, ``t``: ``(B,)``.
+
+        Affine SDEs override it with the 2-3 fused tensor operations their coefficients allow (the
+        per-evaluation overhead of a solver at small batch)."""
+        g2 = append_dims(self.diffusion(t).square(), x.ndim)
+        return self.drift(x, t) - (0.5 * k) * g2 * score
+
     # ------------------------------------------------------------------ helpers
     def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> "ReverseSDE":
         r"""The reverse-time SDE (or, with ``probability_flow=True``, the probability-flow ODE)."""
@@ -111,12 +120,19 @@ class SDE(abc.ABC):
 
 
 class ReverseSDE:
-    r"""The reverse-time SDE of ``sde`` for a score function (final class).
+    r"""The reverse-time SDE of ``sde`` for a score function: the one term every solver consumes (final class).
 
     $$dx = [f(x,t) - c\, g(t)^2 s_\theta(x,t)]\,dt + \mathbb 1[\text{SDE}]\, g(t)\, d\bar w,$$
 
     with $c = 1$ for the reverse SDE (Song et al. 2021, eq. 6) and $c = \tfrac12$ for the
-    probability-flow ODE (eq. 13), which has no noise. Integrate it with ``dt < 0``.
+    probability-flow ODE (eq. 13), which has no noise. Integrate it with ``dt < 0``: samplers step
+    forward time from ``T`` down to ``eps`` with the signed $\Delta t = t_1 - t_0$ and Brownian
+    increments of variance $|\Delta t|$, so reverse time needs no direction arithmetic in any solver.
+
+    Solvers read [`drift`][sdegen.sdes.base.ReverseSDE.drift] and [`diffusion`][sdegen.sdes.base.ReverseSDE.diffusion]
+    (the term), or, where one step uses both, [`reverse_drift`][sdegen.sdes.base.ReverseSDE.reverse_drift] and
+    [`ode_drift`][sdegen.sdes.base.ReverseSDE.ode_drift]; [`ode`][sdegen.sdes.base.ReverseSDE.ode] and
+    [`sde_term`][sdegen.sdes.base.ReverseSDE.sde_term] give the same dynamics as the other term.
 
     Args:
         sde: the forward SDE.
@@ -124,14 +140,18 @@ class ReverseSDE:
         probability_flow: return the ODE instead of the SDE.
     """
 
+    __slots__ = ("sde", "score_fn", "probability_flow")
+
     def __init__(self, sde: SDE, score_fn: ScoreFn, probability_flow: bool = False):
         if not isinstance(sde, SDE):
             raise TypeError(f"sde must be an sdegen.SDE, got {type(sde).__name__}")
         if not callable(score_fn):
             raise TypeError(f"score_fn must be callable, got {type(score_fn).__name__}")
+        if not isinstance(probability_flow, bool):
+            raise TypeError(f"probability_flow must be a bool, got {probability_flow!r}")
         self.sde = sde
         self.score_fn = score_fn
-        self.probability_flow = bool(probability_flow)
+        self.probability_flow = probability_flow
 
     @property
     def T(self) -> float:
@@ -141,10 +161,40 @@ class ReverseSDE:
     def _c(self) -> float:
         return 0.5 if self.probability_flow else 1.0
 
-    def drift(self, x: Tensor, t: Tensor) -> Tensor:
-        r"""$f(x,t) - c\,g(t)^2 s_\theta(x,t)$. ``x``: ``(B, *D)``, ``t``: ``(B,)``."""
-        g2 = append_dims(self.sde.diffusion(t).square(), x.ndim)
-        return self.sde.drift(x, t) - self._c * g2 * self.score_fn(x, t)
+    @property
+    def ode(self) -> "ReverseSDE":
+        """The probability-flow ODE of the same SDE and score (a term with zero noise)."""
+        return self if self.probability_flow else ReverseSDE(self.sde, self.score_fn, probability_flow=True)
+
+    @property
+    def sde_term(self) -> "ReverseSDE":
+        """The reverse-time SDE of the same SDE and score."""
+        return ReverseSDE(self.sde, self.score_fn) if self.probability_flow else self
+
+    @property
+    def affine(self):
+        """The SDE as an [`AffineSDE`][sdegen.AffineSDE] (``TypeError`` naming the requirement otherwise)."""
+        from .affine import AffineSDE
+
+        if not isinstance(self.sde, AffineSDE):
+            raise TypeError(f"this solver needs an AffineSDE (a Gaussian kernel), got {type(self.sde).__name__}")
+        return self.sde
+
+    def score(self, x: Tensor, t: Tensor) -> Tensor:
+        r"""$s_\theta(x, t)$. ``x``: ``(B, *D)``, ``t``: ``(B,)``."""
+        return self.score_fn(x, t)
+
+    def drift(self, x: Tensor, t: Tensor, score: Tensor | None = None) -> Tensor:
+        r"""$f(x,t) - c\,g(t)^2 s_\theta(x,t)$. ``x``: ``(B, *D)``, ``t``: ``(B,)``; ``score``: a precomputed $s_\theta(x, t)$."""
+        return self.sde.drift_with_score(x, t, self.score_fn(x, t) if score is None else score, 2.0 * self._c)
+
+    def reverse_drift(self, x: Tensor, t: Tensor, score: Tensor | None = None) -> Tensor:
+        r"""$f - g^2 s_\theta$ (the reverse SDE's drift), whichever term this is."""
+        return self.sde.drift_with_score(x, t, self.score_fn(x, t) if score is None else score, 2.0)
+
+    def ode_drift(self, x: Tensor, t: Tensor, score: Tensor | None = None) -> Tensor:
+        r"""$f - \tfrac12 g^2 s_\theta$ (the probability-flow velocity), whichever term this is."""
+        return self.sde.drift_with_score(x, t, self.score_fn(x, t) if score is None else score, 1.0)
 
     def diffusion(self, t: Tensor) -> Tensor:
         """$g(t)$ for the SDE, zeros for the probability-flow ODE. ``(B,)``."""
@@ -161,6 +211,9 @@ class ReverseSDE:
         f_rev = f - self._c * append_dims(G.square(), x.ndim) * self.score_fn(x, t)
         G_rev = torch.zeros_like(G) if self.probability_flow else G
         return f_rev, G_rev
+
+    def __repr__(self) -> str:
+        return f"ReverseSDE({self.sde!r}, probability_flow={self.probability_flow})"
 
 
 class CustomSDE(SDE):

@@ -56,7 +56,7 @@ class VESDE(AffineSDE):
         return self.sigma_schedule(t) * math.sqrt(2 * self._log_ratio / self.T)
 
     def ode_coefs(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        r"""$a = 0$, $-\tfrac12 g^2 = -\sigma(t)^2 \log(\sigma_\max/\sigma_\min)/T$ (see [`AffineSDE.ode_coefs`][sdegen.sdes.discrete.DiscreteVPSDE.ode_coefs])."""
+        r"""$a = 0$, $-\tfrac12 g^2 = -\sigma(t)^2 \log(\sigma_\max/\sigma_\min)/T$ (see [`AffineSDE.ode_coefs`][sdegen.sdes.affine.AffineSDE.ode_coefs])."""
         h = torch.exp(t * (2 * self._log_ratio / self.T)) * (-self.sigma_min ** 2 * self._log_ratio / self.T)
         return torch.zeros_like(t), h
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._utils import check_positive
+from .._utils import append_dims, check_positive
 from .affine import AffineSDE
 
 __all__ = ["VPSDE", "SubVPSDE"]
@@ -69,11 +69,19 @@ class VPSDE(_LinearBeta):
     def diffusion(self, t: Tensor) -> Tensor:
         return self.beta(t).sqrt()
 
-    def ode_coefs(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        r"""$a = -\tfrac12 g^2 = -\tfrac12\beta(t)$: one tensor for both (see [`AffineSDE.ode_coefs`][sdegen.sdes.discrete.DiscreteVPSDE.ode_coefs])."""
+    def _half_beta(self, t: Tensor) -> Tensor:
+        r"""$-\tfrac12\beta(t)$, which is both $a(t)$ and $-\tfrac12 g(t)^2$ for the VP SDE."""
         k = (self.beta_max - self.beta_min) / self.T
-        c = (t * (-0.5 * k)).add_(-0.5 * self.beta_min)
-        return c, c
+        return (t * (-0.5 * k)).add_(-0.5 * self.beta_min)
+
+    def ode_coefs(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        r"""$a = -\tfrac12 g^2 = -\tfrac12\beta(t)$ (two tensors, one schedule evaluation)."""
+        c = self._half_beta(t)
+        return c, c.clone()
+
+    def drift_with_score(self, x: Tensor, t: Tensor, score: Tensor, k: float) -> Tensor:
+        r"""$-\tfrac12\beta(t)\,(x + k\,s)$: $a = -\tfrac12 g^2$ lets the drift fuse into two operations."""
+        return torch.add(x, score, alpha=k) * append_dims(self._half_beta(t), x.ndim)
 
     def marginal(self, t) -> tuple[Tensor, Tensor]:
         r"""$m = e^{-B/2}$, $s = \sqrt{1 - e^{-B}}$ (computed as ``sqrt(-expm1(-B))``)."""

@@ -104,7 +104,7 @@ class EulerAncestral(AbstractFixedGridSolver):
         return 0
 
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
-        return linear_update(self.table[state], x, dyn.score(x, t0), dw), state + 1
+        return linear_update(self.table[state], x, dyn.score(x, t0), dw), None, state + 1
 
 
 @dataclass(frozen=True)
@@ -184,10 +184,10 @@ class DPM2(AbstractFixedGridSolver):
         first, second = self.table[i]
         score = dyn.score(x, t0)
         if first is None:
-            return linear_update(second, x, score, dw), (i + 1, t_mid)
+            return linear_update(second, x, score, dw), None, (i + 1, t_mid)
         _, a, b = first
         xm = torch.add(x * a, score, alpha=b)
-        return linear_update(second, x, dyn.score(xm, t_mid[i]), dw), (i + 1, t_mid)
+        return linear_update(second, x, dyn.score(xm, t_mid[i]), dw), None, (i + 1, t_mid)
 
 
 def build_euler_ancestral(ctx, opts: dict) -> EulerAncestral:

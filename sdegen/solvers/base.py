@@ -17,9 +17,10 @@ import torch
 from torch import Tensor
 
 from .._utils import append_dims
-from ..sdes import SDE, AffineSDE
+from ..sdes import ReverseSDE
 from .brownian import BrownianPath
 from .controllers import FixedGrid
+from .marginal_rows import GridCoefficients
 
 __all__ = [
     "SampleResult",
@@ -130,6 +131,12 @@ class CountingScore:
         self.model_kwargs = dict(model_kwargs or {})
         self.nfe = 0
 
+    def call_method(self, name: str, x: Tensor, t: Tensor):
+        """``score_fn.<name>(x, t, **model_kwargs)``, counted as one evaluation: a model's richer output
+        (e.g. a chain model's ``chain_predict``) in place of its score, by the same counter."""
+        self.nfe += 1
+        return getattr(self.score_fn, name)(x, t, **self.model_kwargs)
+
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         self.nfe += 1
         x_version = x._version
@@ -150,48 +157,10 @@ class CountingScore:
         return out
 
 
-@dataclass(frozen=True)
-class Dynamics:
-    r"""The SDE and the (counted) score, with the drifts solvers need.
-
-    ``reverse_drift``: $f - g^2 s$ (reverse SDE); ``ode_drift``: $f - \tfrac12 g^2 s$ (probability flow).
-    """
-
-    sde: SDE
-    score_fn: Callable[[Tensor, Tensor], Tensor]
-
-    def score(self, x: Tensor, t: Tensor) -> Tensor:
-        return self.score_fn(x, t)
-
-    def reverse_drift(self, x: Tensor, t: Tensor, score: Tensor | None = None) -> Tensor:
-        return self._drift(x, t, score, 2.0)
-
-    def ode_drift(self, x: Tensor, t: Tensor, score: Tensor | None = None) -> Tensor:
-        return self._drift(x, t, score, 1.0)
-
-    def _drift(self, x: Tensor, t: Tensor, score: Tensor | None, k: float) -> Tensor:
-        r"""$f - \tfrac k2 g^2 s$: $k = 1$ the probability flow, $k = 2$ the reverse SDE."""
-        if score is None:
-            score = self.score_fn(x, t)
-        sde = self.sde
-        if isinstance(sde, AffineSDE):
-            # a x + k h s with (a, h) = sde.ode_coefs(t): 2-3 tensor ops instead of ~12, which is most
-            # of an adaptive solver's per-evaluation overhead at small batch.
-            a, h = sde.ode_coefs(t)
-            if a is h:
-                return torch.add(x, score, alpha=k) * append_dims(a, x.ndim)
-            return torch.addcmul(x * append_dims(a, x.ndim), append_dims(h * k if k != 1.0 else h, x.ndim), score)
-        g2 = append_dims(sde.diffusion(t).square(), x.ndim)
-        return sde.drift(x, t) - (0.5 * k) * g2 * score
-
-    def diffusion(self, t: Tensor) -> Tensor:
-        return self.sde.diffusion(t)
-
-    @property
-    def affine(self) -> AffineSDE:
-        if not isinstance(self.sde, AffineSDE):
-            raise TypeError(f"this solver needs an AffineSDE (a Gaussian kernel), got {type(self.sde).__name__}")
-        return self.sde
+#: The term every solver consumes is [`sdegen.ReverseSDE`][sdegen.sdes.base.ReverseSDE] (the reverse-time
+#: SDE, or with ``probability_flow=True`` its probability-flow ODE); ``Dynamics`` is its former
+#: name inside the solvers, kept as an alias.
+Dynamics = ReverseSDE
 
 
 class AbstractFixedGridSolver(abc.ABC):
@@ -211,15 +180,28 @@ class AbstractFixedGridSolver(abc.ABC):
         """Initial solver state (multistep history). Default: ``None``."""
         return None
 
+    def prepare(self, coefs: GridCoefficients) -> "AbstractFixedGridSolver":
+        """This solver ready for the grid of ``coefs`` (a [`GridCoefficients`][sdegen.solvers.marginal_rows.GridCoefficients]).
+
+        The loop calls it once per run, before the first step: a solver with per-step weights builds
+        them here from the grid's columns (float64, on the host), so every run on an affine SDE takes
+        one code path however the solver was constructed. Default: the solver itself."""
+        return self
+
     def nfe(self, steps: int) -> int:
         """Score evaluations this solver makes over ``steps`` grid steps (the contract test checks the
         counted NFE against it for every method). Default: ``steps * evals_per_step``."""
         return steps * self.evals_per_step
 
     @abc.abstractmethod
-    def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None) -> tuple[Tensor, Any]:
-        """Advance ``x`` from ``t0`` to ``t1 < t0`` (each ``(B,)``). ``dw``: Brownian increment with
-        variance ``|t1 - t0|`` per entry (``None`` for deterministic solvers). Returns ``(x, state)``."""
+    def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any,
+             dw: Tensor | None) -> tuple[Tensor, Tensor | None, Any]:
+        """Advance ``x`` from ``t0`` to ``t1 < t0`` (each ``(B,)``) on the term ``dyn``.
+
+        ``dw``: Brownian increment with variance ``|t1 - t0|`` per entry (``None`` for deterministic
+        solvers). Returns ``(x, error, state)``: ``error`` is the step's local error estimate for a
+        step-size controller (an embedded pair's difference, ``(B, *D)``) or ``None`` for a rule without
+        one; a fixed grid ignores it."""
 
 
 def progress_bar(progress: bool, total: float, desc: str, *, time_bar: bool = False):
@@ -278,6 +260,7 @@ def integrate_fixed_grid(
     """
     grid = FixedGrid(times, x)
     n, B, t_list, tvecs = grid.n, x.shape[0], grid.t_list, grid.vecs
+    solver = solver.prepare(GridCoefficients(dyn.sde, grid.times_cpu))
     if brownian is None:
         brownian = BrownianPath(t_list, x, generator=generator, noise=noise)
     elif brownian.steps() not in (None, n):
@@ -293,7 +276,7 @@ def integrate_fixed_grid(
     last_good, last_checked = x, 0
     dw_of = brownian.dw if solver.stochastic else None
     for i in range(n):
-        x, state = solver.step(dyn, x, tvecs[i], tvecs[i + 1], state, dw_of(i) if dw_of is not None else None)
+        x, _, state = solver.step(dyn, x, tvecs[i], tvecs[i + 1], state, dw_of(i) if dw_of is not None else None)
         pending.append(torch.isfinite(x).all())
         if (i + 1) % check_every == 0 or i == n - 1:
             ok = torch.stack(pending)

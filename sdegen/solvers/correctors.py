@@ -283,5 +283,5 @@ class PredictorCorrector(AbstractFixedGridSolver):
             for _ in range(self.corrector_steps):
                 x = self.corrector.correct(dyn, x, t0, alpha, self.draw(k))
                 k += 1
-        x, pstate = self.predictor.step(dyn, x, t0, t1, pstate, dw)
-        return x, (pstate, k, i + 1)
+        x, _, pstate = self.predictor.step(dyn, x, t0, t1, pstate, dw)
+        return x, None, (pstate, k, i + 1)

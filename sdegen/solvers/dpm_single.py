@@ -286,7 +286,7 @@ class DPMSolverSinglestep(AbstractFixedGridSolver):
             for cj, uj in zip(fin, (*us, dw)):
                 if cj != 0.0:
                     x_new.add_(uj, alpha=cj)
-        return x_new, (i + 1, tv, k_draw)
+        return x_new, None, (i + 1, tv, k_draw)
 
 
 def build_dpm_singlestep(ctx, opts: dict) -> DPMSolverSinglestep:

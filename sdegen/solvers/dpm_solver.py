@@ -186,7 +186,7 @@ class DPMSolver(AbstractFixedGridSolver):
         x_new = x * lin
         for wj, (_, yj) in zip(w, reversed(hist)):
             x_new.add_(yj, alpha=out * wj)
-        return x_new, {"i": i + 1, "hist": hist}
+        return x_new, None, {"i": i + 1, "hist": hist}
 
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
         if self.table is not None:
@@ -221,7 +221,7 @@ class DPMSolver(AbstractFixedGridSolver):
         if d2 is not None:
             acc = acc + append_dims(c[2], x.ndim) * d2
         x_new = append_dims(lin, x.ndim) * x + append_dims(out, x.ndim) * acc
-        return x_new, {"i": i + 1, "hist": hist}
+        return x_new, None, {"i": i + 1, "hist": hist}
 
 
 def build_dpm_solver(ctx, opts: dict) -> DPMSolver:

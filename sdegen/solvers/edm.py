@@ -135,8 +135,8 @@ class HeunKarras(AbstractFixedGridSolver):
             score0 = dyn.score(x, t0)
             x_euler = torch.add(x * r, score0, alpha=e)
             if self.final_euler and last:
-                return x_euler, state + 1
-            return torch.add(x * r, score0, alpha=c0).add_(dyn.score(x_euler, t1), alpha=c1), state + 1
+                return x_euler, None, state + 1
+            return torch.add(x * r, score0, alpha=c0).add_(dyn.score(x_euler, t1), alpha=c1), None, state + 1
         sde = dyn.affine
         m0, s0 = sde.marginal(t0)
         m1, s1 = sde.marginal(t1)
@@ -159,9 +159,9 @@ class HeunKarras(AbstractFixedGridSolver):
         d = _scaled_derivative(dyn, xs * append_dims(m_hat, x.ndim), t_hat, s_hat)
         xs_euler = xs + h * d
         if self.final_euler and last:
-            return xs_euler * append_dims(m1, x.ndim), state + 1
+            return xs_euler * append_dims(m1, x.ndim), None, state + 1
         d1 = _scaled_derivative(dyn, xs_euler * append_dims(m1, x.ndim), t1, s1)
-        return (xs + 0.5 * h * (d + d1)) * append_dims(m1, x.ndim), state + 1
+        return (xs + 0.5 * h * (d + d1)) * append_dims(m1, x.ndim), None, state + 1
 
 
 def build_heun_karras(ctx, opts: dict) -> HeunKarras:

@@ -1,11 +1,17 @@
-r"""Per-step marginal coefficients of an affine SDE on a grid, as float64 host numbers.
+r"""Per-grid-point coefficients of an SDE on a time grid, computed once per run: the one place solvers read them.
+
+[`GridCoefficients`][sdegen.solvers.marginal_rows.GridCoefficients] holds, for every time $t_k$ of a grid,
+the marginal $m(t_k), s(t_k)$, the log-SNR $\lambda_k = \log(m/s)$, the drift coefficient $a(t_k)$ and
+$g(t_k)^2$ (and per step the kernel $r, q$ between neighbours), as float64 host numbers. Affine SDEs
+get every column, each computed by one vectorised call the first time it is read; any other SDE gets
+the times and $g^2$, and its solvers evaluate the drift on the fly. The fixed-grid loop builds one per
+call and hands it to [`AbstractFixedGridSolver.prepare`][sdegen.solvers.base.AbstractFixedGridSolver.prepare],
+so a solver's per-step weights are Python floats (no per-step device sync, no per-step marginal call).
 
 The stochastic samplers of [`sdegen.solvers.sde_dpm`][sdegen.solvers.sde_dpm],
 [`sdegen.solvers.ancestral_k`][sdegen.solvers.ancestral_k] and [`sdegen.solvers.restart`][sdegen.solvers.restart]
 are written in the scaled picture $\hat x = x/m$, $\sigma = s/m$, $\lambda = \log(m/s) = -\log\sigma$ of
-any [`AffineSDE`][sdegen.AffineSDE] (Karras et al. 2022, §4; Lu et al. 2022b, eq. 8). Their per-step
-coefficients are computed here once per run, in float64 on the host, so a step is a few fused
-kernels with Python-float weights (no per-step device sync, no per-step marginal call).
+any [`AffineSDE`][sdegen.AffineSDE] (Karras et al. 2022, §4; Lu et al. 2022b, eq. 8).
 """
 
 from __future__ import annotations
@@ -15,26 +21,102 @@ import math
 import torch
 from torch import Tensor
 
-from ..sdes import AffineSDE
+from ..sdes import SDE, AffineSDE
 
-__all__ = ["marginal_rows", "grid_marginals", "sigma_to_time", "lambda_of"]
+__all__ = ["GridCoefficients", "marginal_rows", "grid_marginals", "sigma_to_time", "lambda_of"]
+
+
+
+class GridCoefficients:
+    r"""An SDE's coefficients on the grid $t_0 > t_1 > \dots > t_n$ (or any 1-D grid), float64 on the host.
+
+    Columns are lists of Python floats, computed lazily, each by ONE vectorised call of the SDE the
+    first time it is read, then cached: ``m``, ``s`` ($x_t \mid x_0 \sim \mathcal N(m x_0, s^2 I)$),
+    ``lam`` ($\lambda = \log(m/s)$, $+\infty$ where $s = 0$), ``a`` ($f = a(t)x$), ``h`` ($-\tfrac12 g^2$,
+    so the probability-flow velocity is $a x + h s$), ``g`` and ``g2`` ($g$, $g^2$); per step $k$ (from $t_k$ to
+    $t_{k+1}$): ``dt`` ($t_{k+1} - t_k$, signed), ``r``, ``q`` (the kernel
+    $x_{t_k} \mid x_{t_{k+1}} \sim \mathcal N(r x, q^2 I)$ for a decreasing grid). ``m``, ``s``, ``lam``,
+    ``a``, ``h``, ``r`` and ``q`` need an [`AffineSDE`][sdegen.AffineSDE] (``TypeError`` naming it otherwise).
+
+    Args:
+        sde: the SDE.
+        times: 1-D grid (tensor or sequence; converted to float64 on the host once).
+    """
+
+    __slots__ = ("sde", "times", "t", "n", "_cache")
+
+    def __init__(self, sde: SDE, times: Tensor | list[float]):
+        self.sde = sde
+        self.times = torch.as_tensor(times, dtype=torch.float64).detach().to("cpu").reshape(-1)
+        self.t = self.times.tolist()
+        self.n = len(self.t) - 1
+        self._cache: dict = {}
+
+    @property
+    def affine(self) -> bool:
+        """Whether every column is available (the SDE is affine)."""
+        return isinstance(self.sde, AffineSDE)
+
+    def _affine_sde(self, what: str) -> AffineSDE:
+        if not isinstance(self.sde, AffineSDE):
+            raise TypeError(f"{what} needs an AffineSDE (a Gaussian kernel), got {type(self.sde).__name__}")
+        return self.sde
+
+    def _get(self, key: str):
+        hit = self._cache.get(key)
+        if hit is None:
+            self._fill(key)
+            hit = self._cache[key]
+        return hit
+
+    def _fill(self, key: str) -> None:
+        t = self.times
+        if key in ("m", "s"):
+            m, s = self._affine_sde("the marginal m, s").marginal(t)
+            self._cache["m"], self._cache["s"] = m.tolist(), s.tolist()
+        elif key == "lam":
+            self._cache["lam"] = [lambda_of(mk, sk) for mk, sk in zip(self.m, self.s)]
+        elif key in ("a", "h"):
+            a, h = self._affine_sde("the drift coefficient a").ode_coefs(t)
+            self._cache["a"], self._cache["h"] = a.tolist(), h.tolist()
+        elif key == "g":
+            self._cache["g"] = self.sde.diffusion(t).tolist()
+        elif key == "g2":
+            self._cache["g2"] = [g * g for g in self.g]
+        elif key == "dt":
+            self._cache["dt"] = (t[1:] - t[:-1]).tolist()
+        elif key in ("r", "q"):
+            r, q = self._affine_sde("the transition kernel r, q").transition(t[1:], t[:-1])
+            self._cache["r"], self._cache["q"] = r.tolist(), q.tolist()
+        else:  # pragma: no cover - internal keys only
+            raise KeyError(key)
+
+    m = property(lambda self: self._get("m"), doc="$m(t_k)$, ``n + 1`` floats.")
+    s = property(lambda self: self._get("s"), doc="$s(t_k)$, ``n + 1`` floats.")
+    lam = property(lambda self: self._get("lam"), doc=r"$\lambda(t_k) = \log(m/s)$, ``n + 1`` floats.")
+    a = property(lambda self: self._get("a"), doc="$a(t_k)$, ``n + 1`` floats.")
+    h = property(lambda self: self._get("h"), doc=r"$-\tfrac12 g(t_k)^2$, ``n + 1`` floats.")
+    g = property(lambda self: self._get("g"), doc="$g(t_k)$, ``n + 1`` floats.")
+    g2 = property(lambda self: self._get("g2"), doc="$g(t_k)^2$, ``n + 1`` floats.")
+    dt = property(lambda self: self._get("dt"), doc="$t_{k+1} - t_k$, ``n`` floats.")
+    r = property(lambda self: self._get("r"), doc=r"$m(t_k)/m(t_{k+1})$, ``n`` floats.")
+    q = property(lambda self: self._get("q"), doc=r"$\sqrt{s(t_k)^2 - r^2 s(t_{k+1})^2}$, ``n`` floats.")
+
+    def tensor(self, key: str) -> Tensor:
+        """A column as a float64 CPU tensor (for vectorised table construction)."""
+        return torch.tensor(self._get(key), dtype=torch.float64)
 
 
 def marginal_rows(sde: AffineSDE, times: Tensor) -> list[tuple[float, float]]:
-    r"""``[(m(t_k), s(t_k)), ...]`` for every time of ``times`` (float64 host floats)."""
-    # dtype given: a list of Python floats would otherwise become a float32 tensor (1e-7 errors).
-    t = torch.as_tensor(times, dtype=torch.float64).detach().to("cpu").reshape(-1)
-    m, s = sde.marginal(t)
-    return list(zip(m.tolist(), s.tolist()))
+    r"""``[(m(t_k), s(t_k)), ...]`` for every time of ``times`` (float64 host floats; see `GridCoefficients`)."""
+    c = GridCoefficients(sde, times)
+    return list(zip(c.m, c.s))
 
 
 def grid_marginals(sde: AffineSDE, times: Tensor) -> tuple[list[float], list[float]]:
-    r"""``(m, s)``: the lists $m(t_k)$ and $s(t_k)$ over ``times`` (float64 host floats, one marginal call).
-
-    The one place the tabulated solvers (DEIS, UniPC, PNDM, LMS, AB in log-SNR) read the grid's marginal."""
-    t = torch.as_tensor(times, dtype=torch.float64).detach().to("cpu").reshape(-1)
-    m, s = sde.marginal(t)
-    return m.tolist(), s.tolist()
+    r"""``(m, s)``: the lists $m(t_k)$ and $s(t_k)$ over ``times`` (float64 host floats; see `GridCoefficients`)."""
+    c = GridCoefficients(sde, times)
+    return c.m, c.s
 
 
 def lambda_of(m: float, s: float) -> float:

@@ -81,7 +81,7 @@ class ScoreHistoryMultistep(AbstractFixedGridSolver):
         i, hist = state
         lin, w = self.table[i]
         hist = (hist + (self.stored(x, dyn.score(x, t0), i),))[-self.history:]
-        return combine_history(x, lin, w, hist), (i + 1, hist)
+        return combine_history(x, lin, w, hist), None, (i + 1, hist)
 
 
 def lagrange_rows(m: list[float], nodes: list[float], order: int, weight) -> tuple:
@@ -157,12 +157,12 @@ class PNDM(ScoreHistoryMultistep):
             e1 = dyn.score(torch.add(x * rh, e0, alpha=ch), tm) * neg_sh
             e2 = dyn.score(torch.add(x * rh, e1, alpha=ch), tm) * neg_sh
             e3 = dyn.score(torch.add(x * r, e2, alpha=c), t1) * neg_s1
-            return torch.add(x * r, (e0 + 2 * e1 + 2 * e2 + e3) / 6, alpha=c), (i + 1, hist)
+            return torch.add(x * r, (e0 + 2 * e1 + 2 * e2 + e3) / 6, alpha=c), None, (i + 1, hist)
         if i == 0 and self.warmup == "heun":
             e0 = score * neg_s
             e1 = dyn.score(torch.add(x * r, e0, alpha=c), t1) * neg_s1
-            return torch.add(x * r, e0 + e1, alpha=0.5 * c), (i + 1, hist)
-        return combine_history(x, r, w, hist), (i + 1, hist)
+            return torch.add(x * r, e0 + e1, alpha=0.5 * c), None, (i + 1, hist)
+        return combine_history(x, r, w, hist), None, (i + 1, hist)
 
 
 def _basis(w: list[float], j: int) -> list[float]:

@@ -16,13 +16,9 @@ from torch import Tensor
 from .._utils import append_dims
 from ..sdes import AffineSDE
 from .base import Dynamics
-from .sde_steps import Euler, TableRule, _as_rows
+from .marginal_rows import GridCoefficients
+from .sde_steps import Euler, TableRule
 
-
-def _velocity_coefs(sde: AffineSDE, t: Tensor) -> tuple[Tensor, Tensor]:
-    r"""$(a(t), -\tfrac12 g(t)^2)$ as two distinct tensors ([`AffineSDE.ode_coefs`][sdegen.adapters.DiscreteVPSDE.ode_coefs] may share one)."""
-    a, h = sde.ode_coefs(t)
-    return a, (h.clone() if h is a else h)
 
 __all__ = ["ODEEuler", "ODEHeun"]
 
@@ -35,14 +31,7 @@ class ODEEuler(Euler):
     $x_1 = (1 + a\Delta t)x_0 - \tfrac12 g^2\Delta t\, s$."""
 
     stochastic: ClassVar[bool] = False
-
-    @staticmethod
-    def term_coefs(sde: AffineSDE, t: Tensor) -> tuple[Tensor, Tensor, None]:
-        return (*_velocity_coefs(sde, t), None)
-
-    @staticmethod
-    def term(dyn: Dynamics, x: Tensor, t: Tensor) -> tuple[Tensor, None]:
-        return dyn.ode_drift(x, t), None
+    flow: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
@@ -64,10 +53,13 @@ class ODEHeun(TableRule):
     def tabulated(cls, sde: AffineSDE, times: Tensor) -> "ODEHeun":
         r"""Affine SDE, with $v(x, t) = a(t)x + h(t)s$, $h = -\tfrac12 g^2$, and $(\Delta t, a_0, h_0, a_1, h_1)$
         precomputed in float64 for every step."""
-        t = times.detach().to("cpu", torch.float64)
-        a0, h0 = _velocity_coefs(sde, t[:-1])
-        a1, h1 = _velocity_coefs(sde, t[1:])
-        return cls(_as_rows(t[1:] - t[:-1], a0, h0, a1, h1))
+        return cls().prepare(GridCoefficients(sde, times))
+
+    def prepare(self, coefs: GridCoefficients) -> "ODEHeun":
+        if self.table is not None or not coefs.affine:
+            return self  # a non-affine SDE: the velocity is evaluated on the fly
+        a, h, dt = coefs.a, coefs.h, coefs.dt
+        return type(self)(tuple((dt[i], a[i], h[i], a[i + 1], h[i + 1]) for i in range(coefs.n)))
 
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
         if self.table is not None:
@@ -75,8 +67,8 @@ class ODEHeun(TableRule):
             v0 = torch.add(x * a0, dyn.score(x, t0), alpha=h0)
             x_pred = torch.add(x, v0, alpha=dt)
             v1 = torch.add(x_pred * a1, dyn.score(x_pred, t1), alpha=h1)
-            return x.add(v0.add_(v1), alpha=0.5 * dt), state + 1
+            return x.add(v0.add_(v1), alpha=0.5 * dt), None, state + 1
         dt = append_dims(t1 - t0, x.ndim)
         v0 = dyn.ode_drift(x, t0)
         v1 = dyn.ode_drift(x + v0 * dt, t1)
-        return x + 0.5 * (v0 + v1) * dt, state
+        return x + 0.5 * (v0 + v1) * dt, None, state

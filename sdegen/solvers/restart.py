@@ -125,12 +125,12 @@ class Restart(AbstractFixedGridSolver):
         i, k = state
         row = self.table[i]
         if row[0] == "up":
-            return torch.add(x * row[1], self.draw(k), alpha=row[2]), (i + 1, k + 1)
+            return torch.add(x * row[1], self.draw(k), alpha=row[2]), None, (i + 1, k + 1)
         _, a, b_e, b0, b1 = row
         score0 = dyn.score(x, t0)
         xe = torch.add(x * a, score0, alpha=b_e)
         score1 = dyn.score(xe, t1)
-        return torch.add(x * a, score0, alpha=b0).add_(score1, alpha=b1), (i + 1, k)
+        return torch.add(x * a, score0, alpha=b0).add_(score1, alpha=b1), None, (i + 1, k)
 
 
 def default_interval(sde: AffineSDE, main: Tensor) -> tuple[float, float]:

@@ -194,7 +194,7 @@ class SASolver(AbstractFixedGridSolver):
         hist = (d, *hist)[:5]                                            # newest first
         if corr is not None:
             x = _update(corr, x_prev, hist, dw_prev)
-        return _update(pred, x, hist, dw), (i + 1, hist, x, dw)
+        return _update(pred, x, hist, dw), None, (i + 1, hist, x, dw)
 
 
 def _update(coefs: tuple, x: Tensor, hist: tuple, dw: Tensor | None) -> Tensor:

@@ -170,7 +170,7 @@ class SDEDPMSolverPP(AbstractFixedGridSolver):
             x_new.add_(dj, alpha=wj)
         if dw is not None and c != 0.0:
             x_new.add_(dw, alpha=c)
-        return x_new, (i + 1, hist)
+        return x_new, None, (i + 1, hist)
 
 
 def build_sde_dpm_solver(ctx, opts: dict) -> SDEDPMSolverPP:

@@ -12,6 +12,7 @@ for one step $t_1 \to t_0$ of the forward kernel, $r = m_0/m_1 = \sqrt{\alpha_i}
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -22,6 +23,7 @@ from .._utils import append_dims
 from ..sdes import AffineSDE
 from ..sdes.discrete import AbstractChainModel, AbstractChainSDE, ChainPlan
 from .base import AbstractFixedGridSolver, CountingScore, Dynamics
+from .marginal_rows import GridCoefficients
 
 __all__ = ["Euler", "EulerMaruyama", "TableRule", "ReverseDiffusion", "Ancestral", "ChainStep", "ancestral_table", "ddpm_ancestral_table",
            "chain_table",
@@ -61,44 +63,47 @@ class TableRule(AbstractFixedGridSolver):
 
 @dataclass(frozen=True)
 class Euler(TableRule):
-    r"""One explicit Euler step applied to a term $(v, \sigma)$: $x_1 = x_0 + v(x_0, t_0)\,\Delta t + \sigma(t_0)\,\Delta w$.
+    r"""One explicit Euler step of a term $(v, \sigma)$: $x_1 = x_0 + v(x_0, t_0)\,\Delta t + \sigma(t_0)\,\Delta w$.
 
-    The term is the subclass's: the reverse-time SDE, $v = f - g^2 s$ and $\sigma = g$
-    ([`EulerMaruyama`][sdegen.solvers.sde_steps.EulerMaruyama]), or its probability flow,
-    $v = f - \tfrac12 g^2 s$ and $\sigma = 0$ ([`ODEEuler`][sdegen.solvers.ode_steps.ODEEuler]).
-    For an affine SDE, $f = a(t)x$, the step is $x_1 = (1 + a\Delta t)\,x_0 + h\Delta t\, s + \sigma\,\Delta w$
-    with $h = -g^2$ or $-\tfrac12 g^2$, and `tabulated` precomputes those multipliers in float64.
-    Order 1; one score evaluation per step ($\Delta t = t_1 - t_0 < 0$).
+    The term is a [`ReverseSDE`][sdegen.ReverseSDE]: the reverse-time SDE, $v = f - g^2 s$ and
+    $\sigma = g$ ([`EulerMaruyama`][sdegen.solvers.sde_steps.EulerMaruyama]), or its probability
+    flow, $v = f - \tfrac12 g^2 s$ and $\sigma = 0$ ([`ODEEuler`][sdegen.solvers.ode_steps.ODEEuler]);
+    ``flow`` says which of the two the step integrates. The step reads the term's ``drift`` and
+    ``diffusion`` and nothing else, so the two methods share every line.
+
+    For an affine SDE, $f = a(t)x$ and $v = a x + k h s$ with $(a, h)$ = ``sde.ode_coefs(t)``
+    ($h = -\tfrac12 g^2$; $k = 2$ for the SDE, 1 for the flow), and `tabulated` precomputes the rows
+    $(1 + a\Delta t,\ k h\Delta t,\ \sigma)$ in float64. Order 1; one score evaluation per step
+    ($\Delta t = t_1 - t_0 < 0$).
     """
 
     order: ClassVar[float] = 1.0
     evals_per_step: ClassVar[int] = 1
-
-    @staticmethod
-    def term_coefs(sde: AffineSDE, t: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        r"""$(a(t), h(t), \sigma(t))$ of the term for an affine SDE ($\sigma$ ``None`` without noise)."""
-        raise NotImplementedError
-
-    @staticmethod
-    def term(dyn: Dynamics, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
-        r"""$(v(x, t), \sigma(t))$ of the term for any SDE ($\sigma$ ``None`` without noise)."""
-        raise NotImplementedError
+    #: Integrate the probability-flow ODE (``True``) or the reverse-time SDE (``False``).
+    flow: ClassVar[bool] = False
 
     @classmethod
     def tabulated(cls, sde: AffineSDE, times: Tensor) -> "Euler":
-        r"""The same rule for an affine SDE with rows $(1 + a\Delta t,\ h\Delta t,\ \sigma)$ precomputed in float64
+        r"""The same rule for an affine SDE with rows $(1 + a\Delta t,\ k h\Delta t,\ \sigma)$ precomputed in float64
         (fewer kernels per step)."""
-        t = times.detach().to("cpu", torch.float64)
-        t0, dt = t[:-1], t[1:] - t[:-1]
-        a, h, sigma = cls.term_coefs(sde, t0)
-        return cls(_as_rows(1 + a * dt, h * dt, torch.zeros_like(dt) if sigma is None else sigma))
+        return cls().prepare(GridCoefficients(sde, times))
+
+    def prepare(self, coefs: GridCoefficients) -> "Euler":
+        if self.table is not None or not coefs.affine:
+            return self  # a non-affine SDE: the drift is evaluated on the fly
+        a, h, dt = coefs.a, coefs.h, coefs.dt
+        k = 1.0 if self.flow else 2.0
+        sigma = [0.0] * coefs.n if self.flow else coefs.g
+        return type(self)(tuple((1 + a[i] * dt[i], k * h[i] * dt[i], sigma[i]) for i in range(coefs.n)))
 
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
         if self.table is not None:
-            return linear_update(self.table[state], x, dyn.score(x, t0), dw if self.stochastic else None), state + 1
-        v, sigma = self.term(dyn, x, t0)
-        out = x + v * append_dims(t1 - t0, x.ndim)
-        return (out if sigma is None else out + append_dims(sigma, x.ndim) * dw), state
+            return linear_update(self.table[state], x, dyn.score(x, t0), dw if self.stochastic else None), None, state + 1
+        term = dyn.ode if self.flow else dyn.sde_term
+        out = x + term.drift(x, t0) * append_dims(t1 - t0, x.ndim)
+        if term.probability_flow:
+            return out, None, state
+        return out + append_dims(term.diffusion(t0), x.ndim) * dw, None, state
 
 
 @dataclass(frozen=True)
@@ -115,15 +120,7 @@ class EulerMaruyama(Euler):
     """
 
     stochastic: ClassVar[bool] = True
-
-    @staticmethod
-    def term_coefs(sde: AffineSDE, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        g = sde.diffusion(t)
-        return sde.drift_coef(t), -g.square(), g
-
-    @staticmethod
-    def term(dyn: Dynamics, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        return dyn.reverse_drift(x, t), dyn.diffusion(t)
+    flow: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)
@@ -148,17 +145,21 @@ class ReverseDiffusion(TableRule):
     def tabulated(cls, sde: AffineSDE, times: Tensor) -> "ReverseDiffusion":
         r"""The same rule for an affine SDE with the kernel's $(r, q)$ precomputed in float64:
         $x_1 = (2 - r)\,x_0 + q^2 s + (q/\sqrt{|\Delta t|})\,\Delta w$."""
-        t = times.detach().to("cpu", torch.float64)
-        r, q = sde.transition(t[1:], t[:-1])
-        return cls(_as_rows(2 - r, q.square(), q / (t[:-1] - t[1:]).sqrt()))
+        return cls().prepare(GridCoefficients(sde, times))
+
+    def prepare(self, coefs: GridCoefficients) -> "ReverseDiffusion":
+        if self.table is not None or not coefs.affine:
+            return self  # a non-affine SDE: its own discretize_step on the fly
+        r, q, dt = coefs.r, coefs.q, coefs.dt
+        return type(self)(tuple((2 - r[i], q[i] * q[i], q[i] / math.sqrt(-dt[i])) for i in range(coefs.n)))
 
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
         if self.table is not None:
-            return linear_update(self.table[state], x, dyn.score(x, t0), dw), state + 1
+            return linear_update(self.table[state], x, dyn.score(x, t0), dw), None, state + 1
         f, G = dyn.sde.discretize_step(x, t0, t0 - t1)
         G = append_dims(G, x.ndim)
         z = _unit_noise(dw, t0, t1)
-        return x - f + G.square() * dyn.score(x, t0) + G * z, state
+        return x - f + G.square() * dyn.score(x, t0) + G * z, None, state
 
 
 def _step_coefficients(r: Tensor, q2: Tensor, var: Tensor, times: Tensor) -> Tensor:
@@ -264,8 +265,7 @@ def _chain_predict(dyn: Dynamics, x: Tensor, t: Tensor):
     as one evaluation, with the sampler's ``model_kwargs``), else ``None``."""
     counted = dyn.score_fn
     if isinstance(counted, CountingScore) and isinstance(counted.score_fn, AbstractChainModel):
-        counted.nfe += 1
-        return counted.score_fn.chain_predict(x, t, **counted.model_kwargs)
+        return counted.call_method("chain_predict", x, t)
     return None
 
 
@@ -337,15 +337,15 @@ class ChainStep(AbstractFixedGridSolver):
                 eps = torch.add(x, x0, alpha=-m_i).div_(s_i)
         out = torch.add(x0 * m_j, eps, alpha=direction)
         if dw is None or noisy == 0.0:
-            return out, (k + 1, rows)
+            return out, None, (k + 1, rows)
         if self.variance == "learned":
             # diffusers' "learned": the extra channels are the variance itself (std = sqrt of them).
-            return out.addcmul_(var_out.sqrt(), dw, value=inv_sqrt_dt), (k + 1, rows)
+            return out.addcmul_(var_out.sqrt(), dw, value=inv_sqrt_dt), None, (k + 1, rows)
         if self.variance == "learned_range":
             frac = (var_out + 1) * 0.5
             std = torch.exp(0.5 * (frac * log_beta + (1 - frac) * log_post))
-            return out.addcmul_(std, dw, value=inv_sqrt_dt), (k + 1, rows)
-        return (out.add_(dw, alpha=c) if c != 0.0 else out), (k + 1, rows)
+            return out.addcmul_(std, dw, value=inv_sqrt_dt), None, (k + 1, rows)
+        return (out.add_(dw, alpha=c) if c != 0.0 else out), None, (k + 1, rows)
 
 
 @dataclass(frozen=True, eq=False)
@@ -383,4 +383,4 @@ class Ancestral(AbstractFixedGridSolver):
 
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
         k, rows = state
-        return linear_update(rows[k], x, dyn.score(x, t0), dw), (k + 1, rows)
+        return linear_update(rows[k], x, dyn.score(x, t0), dw), None, (k + 1, rows)

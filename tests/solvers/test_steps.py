@@ -164,8 +164,8 @@ def test_reverse_diffusion_equals_em_without_kernel():
     x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     t0, t1 = torch.full((8,), 0.6, dtype=torch.float64), torch.full((8,), 0.5, dtype=torch.float64)
     dw = torch.randn(8, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * math.sqrt(0.1)
-    a, _ = EulerMaruyama().step(dyn, x, t0, t1, None, dw)
-    b, _ = ReverseDiffusion().step(dyn, x, t0, t1, None, dw)
+    a, _, _ = EulerMaruyama().step(dyn, x, t0, t1, None, dw)
+    b, _, _ = ReverseDiffusion().step(dyn, x, t0, t1, None, dw)
     expected = x + (-x ** 3 - 1.6 ** 2 * -x) * -0.1 + 1.6 * dw
     assert torch.allclose(a, expected, atol=1e-12) and torch.allclose(b, expected, atol=1e-12)
 
@@ -185,9 +185,9 @@ def test_em_and_ode_euler_are_one_euler_on_two_terms(tabulated):
     t0, t1 = times[1].expand(8), times[2].expand(8)
     dw = torch.randn(8, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * math.sqrt(0.3)
     state = 1 if tabulated else None                     # the second step, t = 0.6 -> 0.3
-    a, _ = em.step(dyn, x, t0, t1, state, dw)
-    b, _ = ode.step(dyn, x, t0, t1, state, dw)
-    c, _ = ode.step(dyn, x, t0, t1, state, None)
+    a, _, _ = em.step(dyn, x, t0, t1, state, dw)
+    b, _, _ = ode.step(dyn, x, t0, t1, state, dw)
+    c, _, _ = ode.step(dyn, x, t0, t1, state, None)
     g = sde.diffusion(t0)[:, None]
     assert torch.allclose(a - b, -0.5 * g ** 2 * score(x, t0) * -0.3 + g * dw, rtol=0, atol=1e-12)
     assert torch.equal(b, c)
@@ -277,8 +277,8 @@ def test_tabulated_rule_equals_generic(sde, cls):
     for k in range(5):
         t0, t1 = times[k].expand(16), times[k + 1].expand(16)
         dw = torch.randn(16, 2, generator=g, dtype=torch.float64) * float(times[k] - times[k + 1]).__abs__() ** 0.5
-        a, state = fast.step(dyn, x, t0, t1, state, dw if cls.stochastic else None)
-        b, _ = slow.step(dyn, x, t0, t1, None, dw if cls.stochastic else None)
+        a, _, state = fast.step(dyn, x, t0, t1, state, dw if cls.stochastic else None)
+        b, _, _ = slow.step(dyn, x, t0, t1, None, dw if cls.stochastic else None)
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-10), (k, (a - b).abs().max())
         x = a
 
@@ -297,6 +297,6 @@ def test_pc_tabulated_alpha_equals_per_step_alpha():
         x, state, dyn = x0, None, _dyn(sde)
         state = pc.init_state(dyn, x, times[0].expand(8))
         for k in range(4):
-            x, state = pc.step(dyn, x, times[k].expand(8), times[k + 1].expand(8), state, None)
+            x, _, state = pc.step(dyn, x, times[k].expand(8), times[k + 1].expand(8), state, None)
         outs.append(x)
     assert torch.allclose(outs[0], outs[1], rtol=1e-12, atol=1e-12)
