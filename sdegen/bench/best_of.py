@@ -8,12 +8,14 @@ and re-measured on a held-out one, and on the Gaussian variance problem $\mathca
 
 from __future__ import annotations
 
+import functools
 import pathlib
 
 import torch
 
 import sdegen
 
+from ._methods import loop_methods, steps_for_nfe
 from ._problems import EPS, F64, _reference, _sde
 
 
@@ -26,8 +28,10 @@ GRID_SWEEP = {"uniform": ("uniform", {}), "quadratic": ("quadratic", {}), "log_s
 def _sweep_methods() -> dict:
     r"""Deterministic sdegen configurations of the best-of comparison: label -> (method, options, NFE -> steps).
 
-    Each runs on every grid of `GRID_SWEEP` (``dpm_fast`` on its own grid), the freedom the peers get
-    from their spacing and order options (`sdegen.bench.peers.sweep_configs`)."""
+    Each runs on every grid of `GRID_SWEEP` (a method without a ``grid`` option, such as ``dpm_fast``, on
+    its own grid), the freedom the peers get from their spacing and order options
+    (`sdegen.bench.peers.sweep_configs`). Besides the hand-picked variants, every other deterministic
+    probability-flow row of ``sdegen.METHODS`` competes at its default options."""
     m = {"ode_euler": ("ode_euler", {}, lambda n: n), "ode_heun": ("ode_heun", {}, lambda n: n // 2),
          "heun_karras": ("heun_karras", {}, lambda n: (n + 1) // 2)}
     for o in (1, 2, 3):
@@ -52,7 +56,16 @@ def _sweep_methods() -> dict:
     for label, (method, opts, to_steps) in list(m.items()):
         if method in ("unipc", "deis", "dpm_solver_singlestep"):
             m[f"{label}, final full order"] = (method, {**opts, "lower_order_final": False}, to_steps)
+    covered = {method for method, *_ in m.values()}
+    for method in loop_methods():
+        if method not in covered and not sdegen.METHODS[method].reverse_sde and method not in _NOT_DETERMINISTIC:
+            m[method] = (method, {}, functools.partial(steps_for_nfe, method))
     return m
+
+
+# Probability-flow rows (reverse_sde False) that still draw noise: Restart re-noises between its ODE
+# segments, so its end point is no deterministic map of x_T to compare with the flow's.
+_NOT_DETERMINISTIC = frozenset({"restart"})
 
 
 def _sweep(sde, sf, x_T, nfes, error) -> list[dict]:
@@ -65,7 +78,7 @@ def _sweep(sde, sf, x_T, nfes, error) -> list[dict]:
 
     rows = []
     for label, (method, opts, to_steps) in _sweep_methods().items():
-        grids = {"own": None} if method == "dpm_fast" else GRID_SWEEP
+        grids = GRID_SWEEP if "grid" in sdegen.METHODS[method].options else {"own": None}
         for glabel, spec in grids.items():
             for nfe in nfes:
                 steps = to_steps(nfe)

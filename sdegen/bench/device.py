@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 
 from ..oracle import named_mixture
-from ..sampling import sample
+from ..sampling import METHODS, sample
 from ..sdes import VPSDE
+from ._methods import adaptive_methods, steps_for_nfe
 
-_METHODS = {
+# Settings chosen by hand; `_method_options` gives every other row of METHODS its default.
+_CHOSEN = {
     "euler_maruyama": dict(steps=100),
     "reverse_diffusion": dict(steps=100),
     "ancestral": dict(steps=100),
@@ -31,6 +33,21 @@ _METHODS = {
     "torchdiffeq": dict(rtol=1e-4, atol=1e-4),
     "adaptive_sde": dict(rtol=1e-2, atol=1e-2),
 }
+
+
+def _method_options() -> dict[str, dict]:
+    """Every row of METHODS with its settings: `_CHOSEN`, else about 100 evaluations (fixed-step methods,
+    steps measured per method) or rtol = atol = 1e-4 (adaptive ODE) / 1e-2 (adaptive SDE)."""
+    out = {}
+    for method, spec in METHODS.items():
+        if method in _CHOSEN:
+            out[method] = _CHOSEN[method]
+        elif spec.fixed_grid:
+            out[method] = dict(steps=steps_for_nfe(method, 100))
+        else:
+            tol = 1e-2 if method in adaptive_methods(reverse_sde=True) else 1e-4
+            out[method] = dict(rtol=tol, atol=tol)
+    return out
 
 
 class _MLPScore(torch.nn.Module):
@@ -72,7 +89,7 @@ def run(out_dir: Path, quick: bool = False) -> dict:
                     score(x, t)
                 _sync(device)
                 bare = (time.perf_counter() - t0) / 50
-                for method, opts in _METHODS.items():
+                for method, opts in _method_options().items():
                     gen = torch.Generator(device=device).manual_seed(0)
                     sample(sde, score, (B, 2), method=method, generator=gen, device=device, **opts)  # warm-up
                     _sync(device)

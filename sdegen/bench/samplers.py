@@ -30,6 +30,7 @@ import torch
 
 from .. import SubVPSDE, VESDE, VPSDE, named_mixture
 from ..sampling import METHODS, sample
+from ._methods import adaptive_methods, loop_methods, steps_for_nfe
 from ._metrics import sliced_wasserstein
 
 __all__ = ["run", "ScoreMLP"]
@@ -91,7 +92,9 @@ def _trivial_op_us(n: int = 5000) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
-FIXED = ["euler_maruyama", "reverse_diffusion", "ancestral", "pc", "ode_euler", "ode_heun"]
+#: Every method the one fixed-grid loop runs (rows of `METHODS` with a builder): the loop's overhead is
+#: measured on each. ``torchsde`` takes steps too but is a backend: `backends` times it against EM.
+FIXED = loop_methods()
 
 
 def overhead(batch: int, steps: int, repeats: int, methods=FIXED) -> dict:
@@ -153,6 +156,8 @@ def backends(batch: int, steps: int, repeats: int, tol: float) -> dict:
     return res
 
 
+#: Hand-picked step counts (tolerances for adaptive methods) of the accuracy sweep; every other row of
+#: `METHODS` gets the defaults of `accuracy_knobs`.
 ACCURACY = {
     "euler_maruyama": [25, 50, 100, 200, 400],
     "reverse_diffusion": [25, 50, 100, 200, 400],
@@ -163,6 +168,26 @@ ACCURACY = {
     "rk45": [1e-2, 1e-3, 1e-4, 1e-5],
 }
 _ACC_OPTS = {"pc": {"corrector": "annealed_langevin", "snr": 0.1}}
+#: The NFE the derived step counts aim at, and the tolerances of adaptive ODE and SDE methods.
+_ACC_NFE = (25, 50, 100, 200, 400)
+_ACC_TOL_ODE = [1e-2, 1e-3, 1e-4, 1e-5]
+# An adaptive SDE solver's error falls as tol^(1/2) or slower: below 1e-2 its step counts explode.
+_ACC_TOL_SDE = [1e-1, 3e-2, 1e-2]
+
+
+def accuracy_knobs() -> dict[str, list]:
+    """Step counts or tolerances for every row of `METHODS`: `ACCURACY` where chosen by hand, else steps
+    spending about 25-400 evaluations (measured per method, `sdegen.bench._methods.steps_for_nfe`) or
+    the adaptive tolerances."""
+    knobs = {}
+    for method, spec in METHODS.items():
+        if method in ACCURACY:
+            knobs[method] = ACCURACY[method]
+        elif spec.fixed_grid:
+            knobs[method] = sorted({steps_for_nfe(method, n) for n in _ACC_NFE})
+        else:
+            knobs[method] = _ACC_TOL_SDE if method in adaptive_methods(reverse_sde=True) else _ACC_TOL_ODE
+    return knobs
 
 
 def accuracy(n: int, quick: bool) -> dict:
@@ -174,7 +199,7 @@ def accuracy(n: int, quick: bool) -> dict:
     sdes = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE(sigma_max=10.0)}
     for name, sde in sdes.items():
         per = {}
-        for method, grid in ACCURACY.items():
+        for method, grid in accuracy_knobs().items():
             grid = grid[::2] if quick else grid
             rows = []
             for k in grid:
@@ -182,8 +207,12 @@ def accuracy(n: int, quick: bool) -> dict:
                     continue  # the DDPM chain needs every beta_i < 1
                 kw = {"rtol": k, "atol": k} if not METHODS[method].fixed_grid else {"steps": k}
                 t0 = time.perf_counter()
-                r = sample(sde, gm.score_fn(sde), (n, 2), method=method, generator=torch.Generator().manual_seed(3),
-                           **kw, **_ACC_OPTS.get(method, {}))
+                try:
+                    r = sample(sde, gm.score_fn(sde), (n, 2), method=method,
+                               generator=torch.Generator().manual_seed(3), **kw, **_ACC_OPTS.get(method, {}))
+                except Exception as e:  # noqa: BLE001 - one failing method must not sink the sweep; reported
+                    rows.append({"param": k, "error": repr(e)})
+                    continue
                 wall = time.perf_counter() - t0
                 rows.append({"param": k, "nfe": r.nfe, "time_s": wall, "sw2": sliced_wasserstein(r.samples, ref)})
             per[method] = rows
@@ -205,15 +234,18 @@ def _plot(result: dict, path: pathlib.Path) -> None:
     for j, name in enumerate(sdes):
         for row, key, label in [(0, "nfe", "NFE"), (1, "time_s", "wall time (s)")]:
             ax = axes[row, j]
-            for method, rows in acc["sdes"][name].items():
+            for i, (method, rows) in enumerate(acc["sdes"][name].items()):
+                rows = [r for r in rows if "error" not in r]
                 if rows:
-                    ax.loglog([r[key] for r in rows], [r["sw2"] for r in rows], "o-", label=method, ms=3)
+                    # more methods than a colour cycle: 20 colours, then dashed lines
+                    ax.loglog([r[key] for r in rows], [r["sw2"] for r in rows], "o-" if i < 20 else "o--",
+                              color=plt.cm.tab20(i % 20), label=method, ms=3)
             ax.axhline(acc["noise_floor"], color="k", ls=":", label="noise floor")
             ax.set_xlabel(label)
             ax.set_ylabel("sliced W2 to exact")
             ax.set_title(f"{name}, {acc['mixture']}, n={acc['n']}")
             log_ticks(ax)  # no overlapping minor-tick labels on short log ranges
-    axes[0, 0].legend(fontsize=7)
+    axes[0, 0].legend(fontsize=6, ncol=2)
     bars = [("overhead_4096", "ratio", 1.05, "sampler / bare score time (batch 4096)"),
             ("overhead_16", "overhead_us_per_step", 30, "overhead per step at batch 16 (us)")]
     for row, (part, key, target, ylabel) in enumerate(bars):
@@ -221,7 +253,7 @@ def _plot(result: dict, path: pathlib.Path) -> None:
         ax.bar(list(ov), [v[key] for v in ov.values()])
         ax.axhline(target, color="r", ls="--", label=f"target {target}")
         ax.set_ylabel(ylabel)
-        ax.tick_params(axis="x", rotation=45)
+        ax.tick_params(axis="x", rotation=90, labelsize=7)
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

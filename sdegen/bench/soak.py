@@ -65,6 +65,10 @@ def _iteration(model, data, it: int, batch: int, steps: int) -> dict:
     gen = torch.Generator().manual_seed(it)
     leaks = {"requires_grad": 0, "weakref_alive": 0}
     results = []
+    # Deliberately one method per code path, not every row of sdegen.METHODS: the soak looks for memory
+    # growth and graph leaks, which live in the paths (the fixed-grid loop with a stochastic and a
+    # deterministic step, the corrector, the adaptive integrator, per-sample seeds, the likelihood), and
+    # it runs for a long time; every row is timed and checked by `sdegen bench samplers`.
     for method, kw in (("euler_maruyama", {"steps": steps}), ("ode_heun", {"steps": steps}),
                        ("pc", {"steps": steps}), ("rk45", {"rtol": 1e-3, "atol": 1e-3})):
         results.append(sdegen.sample(sde, model, (batch, 2), method=method, generator=gen, **kw).samples)

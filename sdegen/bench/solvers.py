@@ -23,6 +23,7 @@ Writes ``solvers.json``, ``summary.md``, ``best.md`` and ``bench_solvers_*.png``
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import shutil
@@ -32,6 +33,7 @@ import torch
 
 import sdegen
 
+from ._methods import adaptive_methods, fixed_step_methods, native_methods, steps_for_nfe
 from ._metrics import energy_distance, sliced_wasserstein
 from ._problems import EPS, F64, _reference, _sde
 from .best_of import _best_plot, _gaussian_sweep, _peer_version, _traj_sweep, best_lines, best_table, verdict
@@ -74,17 +76,23 @@ def _methods(quick: bool) -> dict:
         "dpm_solver_singlestep-3": ("dpm_solver_singlestep", {}, lambda n: n, _ODE),
         "dpm_fast": ("dpm_fast", {}, lambda n: n, _ODE),
     }
+    # Every other row of sdegen.METHODS that takes steps, at its default options, so a new method is
+    # benchmarked without an entry here: steps for an NFE measured from the method itself.
+    covered = {method for method, *_ in m.values()}
+    for method in fixed_step_methods():
+        if method not in covered:
+            m[method] = (method, {}, functools.partial(steps_for_nfe, method),
+                         _SDE if sdegen.METHODS[method].reverse_sde else _ODE)
     return m
 
 
 def _tol_methods(quick: bool) -> dict:
+    """Every adaptive row of sdegen.METHODS (label = method) with its tolerances: the ODE integrators on
+    one list, the adaptive SDE solvers on a coarser one (their error falls as tol^(1/2) or slower)."""
     tols = [1e-2, 1e-3] if quick else [1e-1, 1e-2, 1e-3, 1e-4]
-    return {
-        "rk45": ("rk45", tols, _ODE),
-        "torchdiffeq": ("torchdiffeq", tols, _ODE),
-        "scipy": ("scipy", tols, _ODE),
-        "adaptive_sde": ("adaptive_sde", [0.1, 0.03, 1e-2] if not quick else [0.1], _SDE),
-    }
+    sde_tols = [0.1] if quick else [0.1, 0.03, 1e-2]
+    return {**{m: (m, tols, _ODE) for m in adaptive_methods(reverse_sde=False)},
+            **{m: (m, sde_tols, _SDE) for m in adaptive_methods(reverse_sde=True)}}
 
 
 def _run_one(sde, sf, x_T, method, opts, steps, seed):
@@ -183,7 +191,7 @@ def _variance_table(nfes):
             res = sdegen.sample(sde, sf, None, x_T=x_T, method=method, steps=to_steps(nfe), **opts)
             a = res.samples[1] - res.samples[0]
             table.setdefault(label, []).append({"nfe": res.nfe, "var_err": float(a.square().mean() / target - 1)})
-    for label in ("rk45", "torchdiffeq"):
+    for label in adaptive_methods(reverse_sde=False):
         for tol in (1e-2, 1e-3):
             try:
                 res = sdegen.sample(sde, sf, None, x_T=x_T, method=label, rtol=tol, atol=tol)
@@ -193,6 +201,25 @@ def _variance_table(nfes):
             table.setdefault(label, []).append({"nfe": res.nfe, "tol": tol,
                                                 "var_err": float(a.square().mean() / target - 1)})
     return table
+
+
+# Options of the overhead runs chosen by hand; `_overhead_options` gives every other row its default.
+_OVERHEAD_OPTIONS = {"pndm": {"warmup": "heun"}, "ancestral": {"steps": 40},
+                     "pc": {"denoise": False, "corrector": "annealed_langevin"}}
+
+
+def _overhead_options(method: str) -> dict:
+    """``method``'s options in the overhead table: `_OVERHEAD_OPTIONS`, else no final denoising step for
+    reverse-SDE methods (it is not the solver's cost) and rtol = atol = 1e-3 (ODE) or 0.05 (SDE) for
+    adaptive ones (``steps=None``)."""
+    if method in _OVERHEAD_OPTIONS:
+        return _OVERHEAD_OPTIONS[method]
+    spec = sdegen.METHODS[method]
+    opts = {"denoise": False} if spec.reverse_sde else {}
+    if not spec.fixed_grid:
+        tol = 0.05 if spec.reverse_sde else 1e-3
+        opts.update(rtol=tol, atol=tol, steps=None)
+    return opts
 
 
 def _overhead(batch: int, nfe_steps: int = 20, repeats: int = 7) -> dict:
@@ -217,16 +244,9 @@ def _overhead(batch: int, nfe_steps: int = 20, repeats: int = 7) -> dict:
     sde = sdegen.VPSDE()
     x_T = sde.prior_sample((batch, 2), generator=torch.Generator().manual_seed(0))
     out = {}
-    # Every native solver: fixed-grid ones at `nfe_steps` steps, adaptive ones at a tolerance.
-    cases = {"ode_euler": {}, "ode_heun": {}, "heun_karras": {}, "dpm_solver": {},
-             "unipc": {}, "deis": {}, "pndm": {"warmup": "heun"}, "ipndm": {}, "lms": {},
-             "euler_maruyama": {"denoise": False}, "reverse_diffusion": {"denoise": False},
-             "ancestral": {"steps": 40}, "pc": {"denoise": False, "corrector": "annealed_langevin"},
-             "sde_dpm_solver": {"denoise": False}, "euler_ancestral": {"denoise": False}, "dpm2": {},
-             "dpm2_ancestral": {"denoise": False}, "restart": {}, "sa_solver": {"denoise": False},
-             "dpm_solver_singlestep": {}, "dpm_fast": {},
-             "rk45": {"rtol": 1e-3, "atol": 1e-3, "steps": None},
-             "adaptive_sde": {"rtol": 0.05, "atol": 0.05, "steps": None, "denoise": False}}
+    # Every native solver (sdegen.METHODS rows in torch, not the library adapters): fixed-grid ones at
+    # `nfe_steps` steps, adaptive ones at a tolerance, reverse-SDE ones without the final denoising step.
+    cases = {m: _overhead_options(m) for m in native_methods()}
     with torch.no_grad():
         for method, opts in cases.items():
             opts = dict(opts)
@@ -303,13 +323,10 @@ def _plots(result, out_dir: pathlib.Path) -> list[pathlib.Path]:
     return paths
 
 
-# benchmark label -> the method timed in the overhead table
-_OVERHEAD_OF = {"ode_euler": "ode_euler", "ode_heun": "ode_heun", "heun_karras": "heun_karras", "rk45": "rk45",
-                "adaptive_sde": "adaptive_sde", "ddpm_ancestral": "ancestral",
-                "ode_heun (quadratic)": "ode_heun", "ode_euler (quadratic)": "ode_euler",
-                "dpm_solver-2": "dpm_solver", "dpm_solver-3": "dpm_solver", "euler_maruyama": "euler_maruyama",
-                "dpm_solver-2 midpoint": "dpm_solver", "unipc-2": "unipc", "unipc-3": "unipc", "deis-3": "deis",
-                "plms (pndm, heun start)": "pndm", "ipndm": "ipndm", "lms-4": "lms"}
+def _overhead_of(label: str) -> str:
+    """The method a benchmark label runs (timed in the overhead table); ``""`` for a peer's label."""
+    rows = {**_methods(False), **_tol_methods(False)}
+    return rows[label][0] if label in rows else ""
 
 
 def _row_line(r, floor, overhead) -> str:
@@ -317,7 +334,7 @@ def _row_line(r, floor, overhead) -> str:
         return f"| {r['method']} | failed: {r['error'][:60]} | | | | |"
     te = f"{r['traj_err']:.2e}" if "traj_err" in r else "-"
     knob = f" (tol {r['knob']['tol']:g})" if "tol" in r.get("knob", {}) else ""
-    ov = overhead.get(_OVERHEAD_OF.get(r["method"], ""))
+    ov = overhead.get(_overhead_of(r["method"]))
     ov = f"{ov['overhead']:.2f}" if ov else "-"
     return (f"| {r['method']}{knob} | {r['nfe']} | {r['sw']:.4f} | {r['sw'] / floor:.2f} | {te} | {ov} |")
 
