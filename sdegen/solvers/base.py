@@ -133,14 +133,17 @@ class CountingScore:
 
     def call_method(self, name: str, x: Tensor, t: Tensor):
         """``score_fn.<name>(x, t, **model_kwargs)``, counted as one evaluation: a model's richer output
-        (e.g. a chain model's ``chain_predict``) in place of its score, by the same counter."""
+        (e.g. a chain model's ``chain_predict``) in place of its score, by the same counter and with the
+        same in-place check on ``x`` and ``t`` (its output is the method's own, so no shape check)."""
         self.nfe += 1
-        return getattr(self.score_fn, name)(x, t, **self.model_kwargs)
+        versions = x._version, t._version
+        out = getattr(self.score_fn, name)(x, t, **self.model_kwargs)
+        self._check_inputs_unchanged(x, t, versions)
+        return out
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         self.nfe += 1
-        x_version = x._version
-        t_version = t._version
+        versions = x._version, t._version
         out = self.score_fn(x, t, **self.model_kwargs)
         if not isinstance(out, Tensor) or out.shape != x.shape:
             raise ValueError(f"score_fn must return a tensor shaped like x {tuple(x.shape)}, "
@@ -149,12 +152,17 @@ class CountingScore:
             raise TypeError(f"score_fn must return a tensor with x's dtype and device ({x.dtype} on {x.device}), "
                             f"got {out.dtype} on {out.device}; cast inside the score function "
                             "(e.g. return s.to(x.dtype)) or sample in the model's dtype")
-        if x._version != x_version or t._version != t_version:
-            name = "x" if x._version != x_version else "t"
+        self._check_inputs_unchanged(x, t, versions)
+        return out
+
+    @staticmethod
+    def _check_inputs_unchanged(x: Tensor, t: Tensor, versions: tuple[int, int]) -> None:
+        """``RuntimeError`` if the call modified ``x`` or ``t`` in place (autograd version counters)."""
+        if (x._version, t._version) != versions:
+            name = "x" if x._version != versions[0] else "t"
             raise RuntimeError(f"score_fn modified its input {name} in place ({name}'s version counter changed during "
                                f"the call); the solver reuses {name} after the call, so the samples would change "
                                f"silently. Work on a copy ({name} = {name}.clone()) or use out-of-place operations")
-        return out
 
 
 #: The term every solver consumes is [`sdegen.ReverseSDE`][sdegen.sdes.base.ReverseSDE] (the reverse-time
@@ -167,7 +175,11 @@ class AbstractFixedGridSolver(abc.ABC):
     """A step rule on a given time grid. Subclasses are frozen dataclasses holding options only.
 
     Class attributes:
-        order: strong order for SDE solvers (additive noise), order for ODE solvers.
+        order: the convergence order the tests read and measure: the global order for ODE solvers
+            (``tests/solvers/test_method_table.py`` fits it for every ODE row); for SDE solvers the weak
+            order on exact Gaussian moments (``tests/solvers/test_stochastic_samplers.py``), which for
+            Euler–Maruyama equals its strong order 1 under additive noise (measured on one refined
+            Brownian path, ``tests/solvers/test_integrator.py``).
         stochastic: whether ``step`` consumes ``dw``.
         evals_per_step: score evaluations per step (for the expected-NFE contract test).
     """
