@@ -25,15 +25,11 @@ an inpainting predictor, a row of the contract test and of the benchmarks.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
-import torch
-from torch import Tensor
-
 from .._utils import check_int
-from .marginal_rows import grid_marginals
-from .multistep import ScoreHistoryMultistep, lagrange_rows
+from .marginal_rows import GridCoefficients
+from .multistep import ScoreHistoryMultistep, affine_grid, lagrange_rows
 
 __all__ = ["ABLogSNR", "build_ab_logsnr", "AB_LOGSNR_OPTIONS"]
 
@@ -46,7 +42,8 @@ class ABLogSNR(ScoreHistoryMultistep):
 
     Args:
         ab_order: $p$, 2 or 3 (the first steps use the orders their history allows).
-        table: per-step ``(m_{i+1}/m_i, weights)`` from `tabulated` (required to step).
+        table: per-step ``(m_{i+1}/m_i, weights)`` for the grid the solver runs on (built by ``prepare``; leave
+            ``None``).
     """
 
     ab_order: int = 2
@@ -60,11 +57,10 @@ class ABLogSNR(ScoreHistoryMultistep):
         """Global order: 2 (the Euler start limits $p = 3$ to 2, see the module docstring)."""
         return 2.0
 
-    def tabulated(self, sde, times: Tensor) -> "ABLogSNR":
-        """This solver with its per-step weights for the grid ``times`` (float64, host, once)."""
-        t = times.detach().to("cpu", torch.float64)
-        m, s = grid_marginals(sde, t)
-        lam = [math.log(mi / si) for mi, si in zip(m, s)]
+    def prepare(self, coefs: GridCoefficients) -> "ABLogSNR":
+        """This solver with its per-step weights for the grid of ``coefs`` (float64, host, once per run)."""
+        affine_grid(self, coefs, log_snr=True)
+        m, s, lam = coefs.m, coefs.s, coefs.lam
         return dataclasses.replace(self, table=lagrange_rows(
             m, lam, self.ab_order, lambda i, j, b: m[i + 1] * b * s[i - j] / m[i - j] * s[i - j]))
 
@@ -74,8 +70,9 @@ class ABLogSNR(ScoreHistoryMultistep):
 
 
 def build_ab_logsnr(ctx, opts: dict) -> ABLogSNR:
-    """``sdegen.sample`` builder (``ctx.times`` is already the ``grid`` option's grid): the tabulated solver."""
-    return ABLogSNR(ab_order=opts["order"]).tabulated(ctx.dyn.affine, ctx.times)
+    """``sdegen.sample`` builder (``ctx.times`` is already the ``grid`` option's grid): the solver, whose weights
+    the fixed-grid loop prepares for the grid."""
+    return ABLogSNR(ab_order=opts["order"])
 
 
 #: ``sdegen.sample(method="ab_logsnr")`` options: the solver's own defaults, and the grid uniform in log-SNR.

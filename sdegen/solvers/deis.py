@@ -27,12 +27,9 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-import torch
-from torch import Tensor
-
 from .._utils import check_bool, check_int
-from .marginal_rows import grid_marginals
-from .multistep import ScoreHistoryMultistep, _basis, _grid
+from .marginal_rows import GridCoefficients
+from .multistep import ScoreHistoryMultistep, _basis, _grid, affine_grid, check_n_steps
 
 __all__ = ["DEIS"]
 
@@ -69,7 +66,7 @@ class DEIS(ScoreHistoryMultistep):
         order: 1, 2 or 3.
         n_steps: number of grid steps $N$ (for ``lower_order_final``).
         lower_order_final: order $\min(p, N - i)$ on step $i$ (default on).
-        table: per-step coefficients from `tabulated` (required to step).
+        table: per-step coefficients for the grid the solver runs on (built by ``prepare``; leave ``None``).
     """
 
     order: int = 2  # type: ignore[misc]
@@ -83,12 +80,12 @@ class DEIS(ScoreHistoryMultistep):
         if self.n_steps is not None and (not isinstance(self.n_steps, int) or self.n_steps < 1):
             raise ValueError(f"n_steps must be a positive int or None, got {self.n_steps!r}")
 
-    def tabulated(self, sde, times: Tensor) -> "DEIS":
+    def prepare(self, coefs: GridCoefficients) -> "DEIS":
         r"""This solver with row $i$ = ``(m_{i+1}/m_i, [-s_{i-j} m_{i+1} C_{ij}]_j)`` computed in float64 (the
         weights act on the stored scores, $\hat\epsilon_j = -s_j\nabla\log p$)."""
-        t = times.detach().to("cpu", torch.float64)
-        m, s = grid_marginals(sde, t)
-        n = len(m) - 1
+        affine_grid(self, coefs, log_snr=True)
+        n = check_n_steps(self, coefs)
+        m, s = coefs.m, coefs.s
         logsig = [math.log(si / mi) for mi, si in zip(m, s)]
         rows = []
         for i in range(n):
@@ -100,7 +97,7 @@ class DEIS(ScoreHistoryMultistep):
             sig_i = s[i] / m[i]
             # weights on the stored scores: eps_hat_j = -s_j * score_j folded in
             rows.append((m[i + 1] / m[i], [-s[i - j] * m[i + 1] * sig_i * c for j, c in enumerate(C)]))
-        return dataclasses.replace(self, n_steps=n if self.n_steps is None else self.n_steps, table=tuple(rows))
+        return dataclasses.replace(self, n_steps=n, table=tuple(rows))
 
     @property
     def history(self) -> int:
@@ -108,12 +105,10 @@ class DEIS(ScoreHistoryMultistep):
 
 
 def build_deis(ctx, opts: dict) -> DEIS:
-    r"""``sdegen.sample`` builder: sets ``ctx.times`` to the ``grid`` option and returns the tabulated solver."""
-    from ..sdes import AffineSDE
-
+    r"""``sdegen.sample`` builder: sets ``ctx.times`` to the ``grid`` option and returns the solver (the loop
+    prepares its rows)."""
     _grid(ctx, opts)
-    solver = DEIS(order=opts["order"], n_steps=ctx.times.numel() - 1, lower_order_final=opts["lower_order_final"])
-    return solver.tabulated(ctx.sde, ctx.times) if isinstance(ctx.sde, AffineSDE) else solver
+    return DEIS(order=opts["order"], n_steps=ctx.times.numel() - 1, lower_order_final=opts["lower_order_final"])
 
 
 #: ``sdegen.sample(method="deis")`` options and defaults.

@@ -32,13 +32,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from .._utils import append_dims, check_bool, check_int
-from .base import AbstractFixedGridSolver, Dynamics
+from .._utils import check_bool, check_int
+from .marginal_rows import GridCoefficients
+from .multistep import ScoreHistoryMultistep, affine_grid, check_n_steps
 
 __all__ = ["DPMSolver", "PREDICTIONS", "SOLVER_TYPES"]
 
@@ -50,39 +50,8 @@ PREDICTIONS = ("data", "noise")
 SOLVER_TYPES = ("exact", "midpoint")
 
 
-def _phi(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    r"""$\varphi_{1,2,3}(h)$ of the data-prediction form. The cancellation in $\varphi_3 \approx h^3/6$
-    costs at most an ulp of $h$ in absolute terms, below the precision of the state."""
-    em1 = torch.expm1(-h)
-    return -em1, h + em1, 0.5 * h * h - h - em1
-
-
-def _psi(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    r"""$\psi_{1,2,3}(h)$ of the noise-prediction form."""
-    ep1 = torch.expm1(h)
-    return ep1, ep1 - h, ep1 - h - 0.5 * h * h
-
-
-def _derivatives(hist: list[tuple[Tensor, Tensor]], order: int, ndim: int) -> tuple[Tensor | None, Tensor | None]:
-    r"""First and second $\lambda$-derivatives at the newest point of the interpolant through the
-    newest ``order`` history entries (Newton divided differences; ``None`` when not used)."""
-    if order < 2:
-        return None, None
-    (lam0, y0), (lam1, y1) = hist[-1], hist[-2]
-    h0 = append_dims(lam0 - lam1, ndim)
-    d10 = (y0 - y1) / h0
-    if order < 3:
-        return d10, None
-    lam2, y2 = hist[-3]
-    h1 = append_dims(lam1 - lam2, ndim)
-    d11 = (y1 - y2) / h1
-    d2 = (d10 - d11) / (h0 + h1)
-    # p(l) = y0 + d10 (l - l0) + d2 (l - l0)(l - l1): p'(l0) = d10 + d2 h0, p'' = 2 d2.
-    return d10 + d2 * h0, 2 * d2
-
-
 @dataclass(frozen=True)
-class DPMSolver(AbstractFixedGridSolver):
+class DPMSolver(ScoreHistoryMultistep):
     r"""Multistep DPM-Solver++ (``prediction="data"``) or DPM-Solver (``"noise"``) of order 1, 2 or 3.
 
     Step $t_i \to t_{i+1}$ with $h = \lambda_{i+1} - \lambda_i$ and data predictions
@@ -106,10 +75,17 @@ class DPMSolver(AbstractFixedGridSolver):
     near the data are the largest in $\lambda$ and a multistep extrapolation over them is least stable
     (Lu et al. 2022b, §3.3). One score evaluation per step; global order ``order``.
 
+    Every coefficient depends only on the grid and the step index, so ``prepare`` (called once per run
+    by the fixed-grid loop) computes them in float64 on the host: the divided differences of the
+    predictions on their $\lambda$'s fold into one weight per stored prediction, and a step is
+    $\ell\,x_i + \sum_j w_{ij} y_{i-j}$ with $y$ the prediction (``_weights``). It needs an
+    [`AffineSDE`][sdegen.AffineSDE] with $s(t) > 0$ on the grid.
+
     Args:
         order: 1, 2 or 3 (default 3, as ``sample(method="dpm_solver")``).
         prediction: ``"noise"`` (DPM-Solver, default) or ``"data"`` (DPM-Solver++).
-        n_steps: number of grid steps $N$, needed for ``lower_order_final``.
+        n_steps: number of grid steps $N$ for ``lower_order_final`` (``None``: the grid's; when given it must
+            be the grid's).
         lower_order_final: lower the order on the last steps (default off).
         solver_type: ``"exact"`` (default) or ``"midpoint"``, the order-2 coefficient (see above).
     """
@@ -119,12 +95,11 @@ class DPMSolver(AbstractFixedGridSolver):
     n_steps: int | None = None
     lower_order_final: bool = False
     solver_type: str = "exact"
-    #: Optional per-step ``(m0, s0, m1, s1)`` as float64 host floats for the grid this solver runs on
-    #: (see [`tabulated`][sdegen.solvers.dpm_solver.DPMSolver.tabulated]): the same update with scalar coefficients, a few kernels per step.
+    #: Per-step ``(lin, weights)`` for the grid this solver runs on (built by ``prepare``; leave ``None``).
     table: tuple | None = field(default=None, repr=False)
-
-    stochastic: ClassVar[bool] = False
-    evals_per_step: ClassVar[int] = 1
+    #: Per grid point the factors of the prediction: ``(s^2, 1/m)`` (data, $y = (x + s^2 S)/m$) or
+    #: ``(None, -s)`` (noise, $y = -s S$), built by ``prepare``.
+    table_y: tuple | None = field(default=None, repr=False)
 
     def __post_init__(self):
         check_int(self.order, "order")      # True and 2.0 are not orders: a TypeError
@@ -137,91 +112,62 @@ class DPMSolver(AbstractFixedGridSolver):
         if self.solver_type not in SOLVER_TYPES:
             raise ValueError(f"solver_type must be one of {', '.join(SOLVER_TYPES)}, got {self.solver_type!r}")
 
-    def tabulated(self, sde, times: Tensor) -> "DPMSolver":
-        """This solver with the grid's marginal coefficients computed once in float64 on the host."""
-        t = times.detach().to("cpu", torch.float64)
-        m, s = sde.marginal(t)
-        rows = tuple((float(m[i]), float(s[i]), float(m[i + 1]), float(s[i + 1])) for i in range(t.numel() - 1))
-        return dataclasses.replace(self, table=rows)
+    @property
+    def history(self) -> int:
+        return self.order
 
-    def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
-        return {"i": 0, "hist": []}
+    def prepare(self, coefs: GridCoefficients) -> "DPMSolver":
+        r"""This solver with every step's weights for the grid of ``coefs`` (float64, on the host, once per run).
 
-    def _step_table(self, dyn: Dynamics, x: Tensor, t0: Tensor, state: Any):
-        i = state["i"]
-        m0, s0, m1, s1 = self.table[i]
-        lam0, lam1 = math.log(m0 / s0), math.log(m1 / s1)
-        score = dyn.score(x, t0)
-        y = torch.add(x, score, alpha=s0 * s0).mul_(1.0 / m0) if self.prediction == "data" else score * (-s0)
-        hist = (state["hist"] + [(lam0, y)])[-self.order:]
-        k = min(self.order, len(hist))
-        if self.lower_order_final and self.n_steps is not None:
-            k = max(1, min(k, self.n_steps - i))
-        h = lam1 - lam0
+        Row $i$: $\ell = s_{i+1}/s_i$ (data) or $m_{i+1}/m_i$ (noise) and the weights $o\,w_j$ of the stored
+        predictions $y_{i-j}$, newest first, $o = m_{i+1}$ (data) or $-s_{i+1}$ (noise); see ``_weights``."""
+        affine_grid(self, coefs, log_snr=True)
+        n = check_n_steps(self, coefs)
+        m, s, lam = coefs.m, coefs.s, coefs.lam
+        data = self.prediction == "data"
+        rows = []
+        for i in range(n):
+            k = min(self.order, i + 1)      # the history holds the last min(order, i + 1) predictions
+            if self.lower_order_final:
+                k = max(1, min(k, n - i))
+            lin, out = (s[i + 1] / s[i], m[i + 1]) if data else (m[i + 1] / m[i], -s[i + 1])
+            w = self._weights(lam, i, k)
+            rows.append((lin, [out * wj for wj in w]))
+        ys = tuple((si * si, 1.0 / mi) if data else (None, -si) for mi, si in zip(m, s))
+        return dataclasses.replace(self, n_steps=n, table=tuple(rows), table_y=ys)
+
+    def _weights(self, lam: list[float], i: int, k: int) -> list[float]:
+        r"""The weights of $y_i, y_{i-1}, \dots$ in the bracket of the order-$k$ step $i$ (before the factor $o$).
+
+        With $h = \lambda_{i+1} - \lambda_i$, $(c_0, c_1, c_2) = (\varphi_1, \varphi_2, \varphi_3)(h)$ (data) or
+        $(\psi_1, \psi_2, \psi_3)(h)$ (noise) and the Newton divided differences on the predictions'
+        $\lambda$'s, $D_{10} = (y_i - y_{i-1})/h_0$, $D_{21} = (y_{i-1} - y_{i-2})/r_1$, $d_2 = (D_{10} - D_{21})/(h_0 + r_1)$
+        ($h_0 = \lambda_i - \lambda_{i-1}$, $r_1 = \lambda_{i-1} - \lambda_{i-2}$), the bracket is
+        $c_0 y_i$ ($k = 1$), $c_0 y_i + c_1 D_{10}$ ($k = 2$), $c_0 y_i + c_1(D_{10} + h_0 d_2) + 2 c_2 d_2$ ($k = 3$:
+        the quadratic's $p'(\lambda_i)$ and $p''$), linear in the $y$'s."""
+        h = lam[i + 1] - lam[i]
         if self.prediction == "data":
             em1 = math.expm1(-h)
             c = (-em1, h + em1, 0.5 * h * h - h - em1)
-            lin, out = s1 / s0, m1
         else:
             ep1 = math.expm1(h)
             c = (ep1, ep1 - h, ep1 - h - 0.5 * h * h)
-            lin, out = m1 / m0, -s1
         if k == 2 and self.solver_type == "midpoint":
             c = (c[0], 0.5 * h * c[0], c[2])
-        # The update is linear in x and the stored y's with host-float weights: fold the divided
-        # differences into one weight per y (k + 1 kernels instead of ~15). With D10 = (y0 - y1)/h0,
-        # D21 = (y1 - y2)/r1 and d2 = (D10 - D21)/(h0 + r1):
-        #   k = 2: acc = c0 y0 + c1 D10;   k = 3: acc = c0 y0 + c1 (D10 + h0 d2) + 2 c2 d2.
-        w = [c[0]]
-        if k >= 2:
-            h0 = hist[-1][0] - hist[-2][0]
-            g = c[1]
-            if k >= 3:
-                r1 = hist[-2][0] - hist[-3][0]
-                e = (c[1] * h0 + 2 * c[2]) / (h0 + r1)
-                g = c[1] + e
-                w = [c[0] + g / h0, -g / h0 - e / r1, e / r1]
-            else:
-                w = [c[0] + g / h0, -g / h0]
-        x_new = x * lin
-        for wj, (_, yj) in zip(w, reversed(hist)):
-            x_new.add_(yj, alpha=out * wj)
-        return x_new, None, {"i": i + 1, "hist": hist}
+        if k == 1:
+            return [c[0]]
+        h0 = lam[i] - lam[i - 1]
+        if k == 2:
+            return [c[0] + c[1] / h0, -c[1] / h0]
+        r1 = lam[i - 1] - lam[i - 2]
+        e = (c[1] * h0 + 2 * c[2]) / (h0 + r1)
+        g = c[1] + e
+        return [c[0] + g / h0, -g / h0 - e / r1, e / r1]
 
-    def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
-        if self.table is not None:
-            return self._step_table(dyn, x, t0, state)
-        sde = dyn.affine
-        m0, s0 = sde.marginal(t0)
-        m1, s1 = sde.marginal(t1)
-        lam0, lam1 = (m0 / s0).log(), (m1 / s1).log()
-        score = dyn.score(x, t0)
-        if self.prediction == "data":
-            y = (x + append_dims(s0.square(), x.ndim) * score) / append_dims(m0, x.ndim)   # Tweedie x0
-        else:
-            y = -append_dims(s0, x.ndim) * score                                          # eps_hat
-        hist = (state["hist"] + [(lam0, y)])[-self.order:]
-        i = state["i"]
-        k = min(self.order, len(hist))
-        if self.lower_order_final and self.n_steps is not None:
-            k = max(1, min(k, self.n_steps - i))
-        d1, d2 = _derivatives(hist, k, x.ndim)
-        h = lam1 - lam0
-        if self.prediction == "data":
-            c = _phi(h)
-            lin, out = s1 / s0, m1
-        else:
-            c = _psi(h)
-            lin, out = m1 / m0, -s1
-        if k == 2 and self.solver_type == "midpoint":
-            c = (c[0], 0.5 * h * c[0], c[2])
-        acc = append_dims(c[0], x.ndim) * y
-        if d1 is not None:
-            acc = acc + append_dims(c[1], x.ndim) * d1
-        if d2 is not None:
-            acc = acc + append_dims(c[2], x.ndim) * d2
-        x_new = append_dims(lin, x.ndim) * x + append_dims(out, x.ndim) * acc
-        return x_new, None, {"i": i + 1, "hist": hist}
+    def stored(self, x: Tensor, score: Tensor, i: int) -> Tensor:
+        r"""The prediction $y_i$: Tweedie's $\hat x_0 = (x + s_i^2 S)/m_i$ (data) or $\hat\epsilon = -s_i S$ (noise)."""
+        a, b = self.table_y[i]
+        return torch.add(x, score, alpha=a).mul_(b) if a is not None else score * b
 
 
 def build_dpm_solver(ctx, opts: dict) -> DPMSolver:
@@ -237,18 +183,13 @@ def build_dpm_solver(ctx, opts: dict) -> DPMSolver:
         ctx.times = get_grid(grid, ctx.sde, ctx.steps, ctx.eps, **({"rho": opts["rho"]} if grid == "karras" else {}))
     else:  # a user grid sets the number of steps and the final time itself
         ctx.times = get_grid(grid, ctx.sde, None, None)
-    # A user grid (a tensor) sets the number of steps itself.
-    solver = DPMSolver(order=opts["order"], prediction=opts["prediction"], n_steps=ctx.times.numel() - 1,
-                       lower_order_final=check_bool(opts["lower_order_final"], "lower_order_final"),
-                       solver_type=opts["solver_type"])
-    # Affine SDEs: per-step coefficients once, on the host, in float64 (others get the step's
-    # own error naming the AffineSDE requirement).
-    from ..sdes import AffineSDE
-
-    return solver.tabulated(ctx.sde, ctx.times) if isinstance(ctx.sde, AffineSDE) else solver
+    # A user grid (a tensor) sets the number of steps itself. The loop prepares the weights for the grid.
+    return DPMSolver(order=opts["order"], prediction=opts["prediction"], n_steps=ctx.times.numel() - 1,
+                     lower_order_final=check_bool(opts["lower_order_final"], "lower_order_final"),
+                     solver_type=opts["solver_type"])
 
 
 #: ``sdegen.sample(method="dpm_solver")`` options and defaults.
 #: The solver options' defaults are the class fields' (one source); grid and rho are the builder's.
-DPM_SOLVER_OPTIONS = {**{f.name: f.default for f in fields(DPMSolver) if f.name not in ("n_steps", "table")},
+DPM_SOLVER_OPTIONS = {**{f.name: f.default for f in fields(DPMSolver) if f.name not in ("n_steps", "table", "table_y")},
                       "grid": "karras", "rho": 7.0}

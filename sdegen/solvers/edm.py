@@ -25,19 +25,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .._utils import append_dims, check_bool, check_number
-from ..sdes import AffineSDE
+from .._utils import check_bool, check_number
 from .base import AbstractFixedGridSolver, Dynamics
+from .marginal_rows import GridCoefficients, sigma_to_time
+from .multistep import affine_grid, check_n_steps
 
 __all__ = ["HeunKarras"]
-
-
-def _scaled_derivative(dyn: Dynamics, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
-    r"""$d\hat x/d\sigma = (\hat x - D)/\sigma$ at the unscaled state ``x`` (one score evaluation).
-
-    With Tweedie's $D = (x + s^2\nabla\log p_t)/m$ and $\sigma = s/m$ this is exactly
-    $-s(t)\,\nabla\log p_t(x)$ (= $\hat\epsilon$): no division by a small $\sigma$, no second marginal call."""
-    return -append_dims(s, x.ndim) * dyn.score(x, t)
 
 
 @dataclass(frozen=True)
@@ -56,12 +49,24 @@ class HeunKarras(AbstractFixedGridSolver):
     On the last of ``n_steps`` steps the correction is skipped when ``final_euler`` (EDM's last step
     into $\sigma = 0$ is Euler, and Euler into $\sigma = 0$ is exactly the Tweedie denoiser).
 
+    By Tweedie, $d = (\hat x - D)/\sigma = -s\,\nabla\log p_t$ (no division by a small $\sigma$), so in the
+    unscaled state with $S = \nabla\log p$, $h = \sigma_{i+1} - \hat\sigma$ and $\hat t, \hat m, \hat s$ the
+    time and marginal of $\hat\sigma$ ($= t_i, m_i, s_i$ without churn) a step is
+
+    $$\hat x_u = \frac{\hat m}{m_i}x_i + \hat m\sqrt{\hat\sigma^2 - \sigma_i^2}\,S_\text{noise}\,z,\quad
+      x_\text{Euler} = \frac{m_{i+1}}{\hat m}\hat x_u - m_{i+1} h \hat s\,S_0,\quad
+      x_{i+1} = \frac{m_{i+1}}{\hat m}\hat x_u - \tfrac12 m_{i+1} h\,(\hat s S_0 + s_{i+1} S_1),$$
+
+    $S_0 = S(\hat x_u, \hat t)$, $S_1 = S(x_\text{Euler}, t_{i+1})$: every coefficient depends on the grid
+    only, and ``prepare`` (called once per run by the fixed-grid loop) computes them in float64 on the
+    host for an [`AffineSDE`][sdegen.AffineSDE] (``TypeError`` for any other SDE).
+
     Order 2 (deterministic, ``s_churn = 0``); with churn it is a stochastic sampler of weak order 1.
     Score evaluations: 2 per step (1 on a final Euler step).
 
     Args:
-        n_steps: number of grid steps $N$ (for $\gamma$ and to recognise the last step); ``None``
-            disables ``final_euler`` and requires ``s_churn == 0``.
+        n_steps: number of grid steps $N$ (for $\gamma$ and to recognise the last step; when given it must be
+            the grid's); ``None`` disables ``final_euler`` and requires ``s_churn == 0``.
         s_churn (float): EDM's churn amount $S_\text{churn}$ (0: deterministic).
         s_tmin (float): churn only where $\sigma \ge S_\text{tmin}$ ($\sigma$ units).
         s_tmax (float): churn only where $\sigma \le S_\text{tmax}$ ($\sigma$ units).
@@ -76,8 +81,8 @@ class HeunKarras(AbstractFixedGridSolver):
     s_tmax: float = math.inf
     s_noise: float = 1.0
     final_euler: bool = True
-    #: Optional per-step ``(r, e, c0, c1)`` host floats for the grid this solver runs on (see
-    #: [`tabulated`][sdegen.solvers.edm.HeunKarras.tabulated]; deterministic steps only): the same step with scalar coefficients.
+    #: Per-step ``(r, e, c0, c1, euler_only, churn)`` host floats for the grid this solver runs on (built by
+    #: ``prepare``; leave ``None``): ``churn`` is ``None`` or ``(a, b, t_hat)`` of a churned step (see above).
     table: tuple | None = field(default=None, repr=False)
 
     order: ClassVar[float] = 2.0
@@ -95,26 +100,44 @@ class HeunKarras(AbstractFixedGridSolver):
             raise ValueError("s_churn > 0 needs n_steps (the number of grid steps)")
 
     def tabulated(self, sde, times: Tensor) -> "HeunKarras":
-        r"""This solver with each step's coefficients computed once in float64 on the host.
+        """This solver with each step's coefficients for the grid ``times`` (float64, on the host, once): what
+        the fixed-grid loop does itself, ``self.prepare(GridCoefficients(sde, times))``."""
+        return self.prepare(GridCoefficients(sde, times))
 
-        Without churn a step is linear in $x$ and the two scores. With $r = m_1/m_0$ and
-        $h = \sigma_1 - \sigma_0$, since $d = -s\,\nabla\log p$ (see ``_scaled_derivative``):
-
-        $$x_\text{Euler} = r\,x - m_1 h s_0\,S_0,\qquad
-          x_1 = r\,x - \tfrac12 m_1 h\,(s_0 S_0 + s_1 S_1),$$
-
-        $S_0 = \nabla\log p_{t_0}(x)$, $S_1 = \nabla\log p_{t_1}(x_\text{Euler})$: three kernels per
-        stage instead of two marginal evaluations and a dozen tensor ops. Returns ``self`` unchanged
-        when churn is on (its noise level moves with the step)."""
+    def prepare(self, coefs: GridCoefficients) -> "HeunKarras":
+        r"""This solver with row $i$ = $(r, e, c_0, c_1)$ = $(m_{i+1}/\hat m,\ -m_{i+1}h\hat s,\ -\tfrac12 m_{i+1}h\hat s,
+        \ -\tfrac12 m_{i+1}h s_{i+1})$, whether the step is a final Euler step, and for a churned step
+        $(\hat m/m_i,\ \hat m\sqrt{\hat\sigma^2 - \sigma_i^2}\,S_\text{noise}/\sqrt{|\Delta t|},\ \hat t)$ (the
+        multipliers of $x_i$ and of the loop's Brownian increment $\Delta w = \sqrt{|\Delta t|}\,z$)."""
+        affine_grid(self, coefs)
+        if self.n_steps is not None:
+            check_n_steps(self, coefs)
+        m, s, n = coefs.m, coefs.s, coefs.n
+        sig = [si / mi for mi, si in zip(m, s)]
+        t_hat, m_hat, s_hat, sig_hat = list(coefs.t), list(m), list(s), list(sig)
+        churned = [False] * (n + 1)
         if self.s_churn > 0:
-            return self
-        t = times.detach().to("cpu", torch.float64)
-        m, s = sde.marginal(t)
-        m0, s0, m1, s1 = m[:-1], s[:-1], m[1:], s[1:]
-        h = s1 / m1 - s0 / m0
-        rows = tuple(zip((m1 / m0).tolist(), (-m1 * h * s0).tolist(), (-0.5 * m1 * h * s0).tolist(),
-                         (-0.5 * m1 * h * s1).tolist()))
-        return dataclasses.replace(self, table=rows)
+            gamma = min(self.s_churn / self.n_steps, math.sqrt(2.0) - 1.0)
+            sde = coefs.sde
+            sig_max = float(sde.sigma(torch.tensor([sde.T], dtype=torch.float64)))
+            steps = [i for i in range(n) if self.s_tmin <= sig[i] <= self.s_tmax]
+            if steps:
+                # Raising the noise above sigma(T) has no time to map to: clamp at T.
+                up = [min(sig[i] * (1 + gamma), sig_max) for i in steps]
+                moved = GridCoefficients(sde, sigma_to_time(sde, up))
+                for j, i in enumerate(steps):
+                    t_hat[i], m_hat[i], s_hat[i], sig_hat[i], churned[i] = moved.t[j], moved.m[j], moved.s[j], up[j], True
+        rows = []
+        for i in range(n):
+            m1, s1 = m[i + 1], s[i + 1]
+            h = sig[i + 1] - sig_hat[i]
+            churn = None
+            if churned[i]:
+                add = math.sqrt(max(sig_hat[i] ** 2 - sig[i] ** 2, 0.0)) * self.s_noise
+                churn = (m_hat[i] / m[i], m_hat[i] * add / math.sqrt(abs(coefs.dt[i])), t_hat[i])
+            last = self.final_euler and self.n_steps is not None and i + 1 >= self.n_steps
+            rows.append((m1 / m_hat[i], -m1 * h * s_hat[i], -0.5 * m1 * h * s_hat[i], -0.5 * m1 * h * s1, last, churn))
+        return dataclasses.replace(self, table=tuple(rows))
 
     @property
     def stochastic(self) -> bool:  # type: ignore[override]
@@ -126,42 +149,19 @@ class HeunKarras(AbstractFixedGridSolver):
         return 2 * steps - (1 if self.final_euler and self.n_steps is not None and steps >= self.n_steps else 0)
 
     def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
-        return 0  # the step index, to apply final_euler on the last step
+        return 0  # the step index: the row of the table
 
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
-        last = self.n_steps is not None and state + 1 >= self.n_steps
-        if self.table is not None:
-            r, e, c0, c1 = self.table[state]
-            score0 = dyn.score(x, t0)
-            x_euler = torch.add(x * r, score0, alpha=e)
-            if self.final_euler and last:
-                return x_euler, None, state + 1
-            return torch.add(x * r, score0, alpha=c0).add_(dyn.score(x_euler, t1), alpha=c1), None, state + 1
-        sde = dyn.affine
-        m0, s0 = sde.marginal(t0)
-        m1, s1 = sde.marginal(t1)
-        sig0, sig1 = s0 / m0, s1 / m1
-        xs = x / append_dims(m0, x.ndim)                                   # \hat x = x / m
-        t_hat, m_hat, s_hat, sig_hat = t0, m0, s0, sig0
-        if self.s_churn > 0:
-            gamma = min(self.s_churn / self.n_steps, math.sqrt(2.0) - 1.0)
-            in_range = (sig0 >= self.s_tmin) & (sig0 <= self.s_tmax)
-            sig_max = sde.sigma(torch.full_like(t0, sde.T))
-            # Raising the noise above sigma(T) has no time to map to: clamp at T.
-            sig_hat = torch.where(in_range, torch.minimum(sig0 * (1 + gamma), sig_max), sig0)
-            t_hat = torch.where(in_range, sde.t_from_sigma(sig_hat).to(t0.dtype), t0)
-            m_hat, s_hat = sde.marginal(t_hat)
-            # dw has variance |t1 - t0|: rescale it to the unit-variance draw z of Alg. 2.
-            z = dw / (t0 - t1).abs().sqrt().reshape(-1, *([1] * (x.ndim - 1)))
-            add = (sig_hat.square() - sig0.square()).clamp_min(0).sqrt() * self.s_noise
-            xs = xs + append_dims(add, x.ndim) * z
-        h = append_dims(sig1 - sig_hat, x.ndim)
-        d = _scaled_derivative(dyn, xs * append_dims(m_hat, x.ndim), t_hat, s_hat)
-        xs_euler = xs + h * d
-        if self.final_euler and last:
-            return xs_euler * append_dims(m1, x.ndim), None, state + 1
-        d1 = _scaled_derivative(dyn, xs_euler * append_dims(m1, x.ndim), t1, s1)
-        return (xs + 0.5 * h * (d + d1)) * append_dims(m1, x.ndim), None, state + 1
+        r, e, c0, c1, euler_only, churn = self.table[state]
+        if churn is not None:
+            a, b, t_hat = churn
+            x = torch.add(x * a, dw, alpha=b)
+            t0 = torch.full_like(t0, t_hat)
+        score0 = dyn.score(x, t0)
+        x_euler = torch.add(x * r, score0, alpha=e)
+        if euler_only:
+            return x_euler, None, state + 1
+        return torch.add(x * r, score0, alpha=c0).add_(dyn.score(x_euler, t1), alpha=c1), None, state + 1
 
 
 def build_heun_karras(ctx, opts: dict) -> HeunKarras:
@@ -176,8 +176,7 @@ def build_heun_karras(ctx, opts: dict) -> HeunKarras:
                         s_tmin=check_number(opts["s_tmin"], "s_tmin", low=0.0), s_tmax=opts["s_tmax"],
                         s_noise=check_number(opts["s_noise"], "s_noise", low=0.0),
                         final_euler=check_bool(opts["final_euler"], "final_euler"))
-    # Not affine: the generic step raises the clear "needs an AffineSDE" error on its first call.
-    return solver.tabulated(ctx.sde, ctx.times) if isinstance(ctx.sde, AffineSDE) else solver
+    return solver  # the loop prepares its coefficients for the grid (TypeError there for a non-affine SDE)
 
 
 #: ``sdegen.sample(method="heun_karras")`` options and defaults.

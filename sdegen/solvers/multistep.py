@@ -27,6 +27,7 @@ Exponential Integrator*, ICLR 2023; K. Crowson, k-diffusion ``sampling.py`` (``s
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -36,7 +37,7 @@ from torch import Tensor
 
 from .._utils import check_int
 from .base import AbstractFixedGridSolver, Dynamics
-from .marginal_rows import grid_marginals
+from .marginal_rows import GridCoefficients
 
 __all__ = ["PNDM", "LMS", "WARMUPS"]
 
@@ -47,19 +48,37 @@ WARMUPS = ("prk", "heun", "ab")
 _AB = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
 
 
-def _require_table(solver, dyn: Dynamics) -> None:
-    if solver.table is None:
-        dyn.affine  # a non-affine SDE: the "needs an AffineSDE" error
-        raise ValueError(f"{type(solver).__name__} steps with per-grid coefficients: "
-                         "build it with solver.tabulated(sde, times)")
+def affine_grid(solver: AbstractFixedGridSolver, coefs: GridCoefficients, *, log_snr: bool = False) -> None:
+    r"""Check that ``solver`` can be prepared on the grid of ``coefs``: an [`AffineSDE`][sdegen.AffineSDE]
+    (``TypeError`` naming it otherwise: the rules below are written in its $m, s$), and with ``log_snr``
+    a finite $\lambda = \log(m/s)$ at every grid time (``ValueError`` where $s = 0$, e.g. a user grid
+    reaching $t = 0$: a step in $\lambda$ into $\lambda = \infty$ has no finite coefficients)."""
+    if not coefs.affine:
+        raise TypeError(f"{type(solver).__name__} needs an AffineSDE (a Gaussian kernel), "
+                        f"got {type(coefs.sde).__name__}")
+    if log_snr and 0.0 in coefs.s:
+        t = coefs.t[coefs.s.index(0.0)]
+        raise ValueError(f"{type(solver).__name__} steps in log-SNR and needs std s(t) > 0 at every grid time; "
+                         f"the grid reaches t={t:.6g} where s(t) = 0 (end the grid at eps > 0)")
+
+
+def check_n_steps(solver: AbstractFixedGridSolver, coefs: GridCoefficients) -> int:
+    """The number of grid steps $N$: the solver's ``n_steps`` when set (it must be the grid's: the last steps
+    it names are those of this grid), else the grid's."""
+    if solver.n_steps is not None and solver.n_steps != coefs.n:
+        raise ValueError(f"{type(solver).__name__} was built with n_steps={solver.n_steps} but runs on a grid "
+                         f"of {coefs.n} steps; n_steps must be the grid's number of steps (or None)")
+    return coefs.n
 
 
 class ScoreHistoryMultistep(AbstractFixedGridSolver):
-    r"""A linear multistep rule on stored evaluations with tabulated rows ``(lin, weights)``:
+    r"""A linear multistep rule on stored evaluations with per-step rows ``(lin, weights)``:
     $x_{i+1} = \text{lin}_i\,x_i + \sum_j w_{ij}\,z_{i-j}$ (weights newest first, host floats, any per-point
     factor folded in), $z_j$ the score at $t_j$ or what ``stored`` makes of it. The state is ``(i, z)``, the
     last ``history`` values, oldest first. Subclasses are frozen dataclasses with a ``table`` field and a
-    ``history`` length."""
+    ``history`` length; their ``prepare`` builds the rows from the grid's
+    [`GridCoefficients`][sdegen.solvers.marginal_rows.GridCoefficients] (the fixed-grid loop calls it once
+    per run, so every run takes this one step path)."""
 
     stochastic: ClassVar[bool] = False
     evals_per_step: ClassVar[int] = 1
@@ -69,8 +88,16 @@ class ScoreHistoryMultistep(AbstractFixedGridSolver):
         """How many past scores a step may use."""
         raise NotImplementedError
 
+    @abc.abstractmethod
+    def prepare(self, coefs: GridCoefficients) -> "ScoreHistoryMultistep":
+        """This solver with its rows for the grid of ``coefs`` (``TypeError`` for a non-affine SDE)."""
+
+    def tabulated(self, sde, times: Tensor) -> "ScoreHistoryMultistep":
+        """This solver with its per-step rows for the grid ``times`` (float64, on the host, once): what the
+        fixed-grid loop does itself, ``self.prepare(GridCoefficients(sde, times))``."""
+        return self.prepare(GridCoefficients(sde, times))
+
     def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
-        _require_table(self, dyn)
         return 0, ()
 
     def stored(self, x: Tensor, score: Tensor, i: int) -> Tensor:
@@ -109,7 +136,7 @@ class PNDM(ScoreHistoryMultistep):
 
     Args:
         warmup: ``"prk"`` (PNDM, default), ``"heun"`` (PLMS) or ``"ab"`` (iPNDM).
-        table: per-step coefficients from `tabulated` (required to step).
+        table: per-step coefficients for the grid the solver runs on (built by ``prepare``; leave ``None``).
     """
 
     warmup: str = "prk"
@@ -130,14 +157,15 @@ class PNDM(ScoreHistoryMultistep):
         """$N + 9$ (``"prk"``: three RK4 start steps), $N + 1$ (``"heun"``), $N$ (``"ab"``)."""
         return steps + {"prk": 3 * min(steps, 3), "heun": min(steps, 1), "ab": 0}[self.warmup]
 
-    def tabulated(self, sde, times: Tensor) -> "PNDM":
+    def prepare(self, coefs: GridCoefficients) -> "PNDM":
         r"""Per step ``(-s_a, r, c, -s_mid, r_h, c_h, -s_b, w)``: $\phi(x, \epsilon) = r x + c\epsilon$ to $t_b$ and
         to the midpoint $(t_a + t_b)/2$ (PRK), with $r = m_b/m_a$, $c = s_b - m_b s_a/m_a$; and the
         Adams-Bashforth weights $w_j = c\,b_j\,(-s_{a-j})$ on the stored scores (newest first)."""
-        t = times.detach().to("cpu", torch.float64)
-        tm = 0.5 * (t[:-1] + t[1:])
-        m, s = grid_marginals(sde, t)
-        mh, sh = grid_marginals(sde, tm)
+        affine_grid(self, coefs)
+        m, s, t = coefs.m, coefs.s, coefs.times
+        # The midpoints are not grid points: their m, s from one more vectorised marginal call.
+        mid = GridCoefficients(coefs.sde, 0.5 * (t[:-1] + t[1:]))
+        mh, sh = mid.m, mid.s
         rows = []
         for i in range(len(m) - 1):
             c = s[i + 1] - m[i + 1] * s[i] / m[i]
@@ -199,7 +227,7 @@ class LMS(ScoreHistoryMultistep):
     Args:
         lms_order: $p \in \{1, 2, 3, 4\}$ (default 4, as k-diffusion and diffusers; the
             ``order`` option of ``sdegen.sample(method="lms")``).
-        table: per-step coefficients from `tabulated` (required to step).
+        table: per-step coefficients for the grid the solver runs on (built by ``prepare``; leave ``None``).
     """
 
     lms_order: int = 4
@@ -213,10 +241,10 @@ class LMS(ScoreHistoryMultistep):
         """Asymptotic global order $\\min(p, 2)$ (see the class docstring)."""
         return float(min(self.lms_order, 2))
 
-    def tabulated(self, sde, times: Tensor) -> "LMS":
+    def prepare(self, coefs: GridCoefficients) -> "LMS":
         r"""Row $i$: ``(m_{i+1}/m_i, [-s_{i-j} m_{i+1} C_{ij}]_j)`` in float64 (weights on the stored scores)."""
-        t = times.detach().to("cpu", torch.float64)
-        m, s = grid_marginals(sde, t)
+        affine_grid(self, coefs)
+        m, s = coefs.m, coefs.s
         sig = [si / mi for mi, si in zip(m, s)]
         return dataclasses.replace(self, table=lagrange_rows(m, sig, self.lms_order,
                                                              lambda i, j, cj: -s[i - j] * m[i + 1] * cj))
@@ -240,7 +268,7 @@ def _grid(ctx, opts: dict) -> None:
 
 def combine_history(x: Tensor, lin: float, weights, hist: list[Tensor]) -> Tensor:
     r"""$x_{i+1} = \text{lin}\,x_i + \sum_j w_j h_{i-j}$: a linear multistep update on stored evaluations
-    ``hist`` (oldest first; ``weights`` newest first), tabulated host floats; one kernel per term."""
+    ``hist`` (oldest first; ``weights`` newest first), precomputed host floats; one kernel per term."""
     x_new = x * lin
     for wj, hj in zip(weights, reversed(hist)):
         x_new.add_(hj, alpha=wj)
@@ -248,12 +276,9 @@ def combine_history(x: Tensor, lin: float, weights, hist: list[Tensor]) -> Tenso
 
 
 def build_pndm(ctx, opts: dict) -> PNDM:
-    """``sdegen.sample`` builder for ``"pndm"``: the grid, then the tabulated solver."""
-    from ..sdes import AffineSDE
-
+    """``sdegen.sample`` builder for ``"pndm"``: the grid, then the solver (the loop prepares its rows)."""
     _grid(ctx, opts)
-    solver = PNDM(warmup=opts["warmup"])
-    return solver.tabulated(ctx.sde, ctx.times) if isinstance(ctx.sde, AffineSDE) else solver
+    return PNDM(warmup=opts["warmup"])
 
 
 def build_ipndm(ctx, opts: dict) -> PNDM:
@@ -262,12 +287,9 @@ def build_ipndm(ctx, opts: dict) -> PNDM:
 
 
 def build_lms(ctx, opts: dict) -> LMS:
-    """``sdegen.sample`` builder for ``"lms"``: the grid, then the tabulated solver."""
-    from ..sdes import AffineSDE
-
+    """``sdegen.sample`` builder for ``"lms"``: the grid, then the solver (the loop prepares its rows)."""
     _grid(ctx, opts)
-    solver = LMS(lms_order=opts["order"])
-    return solver.tabulated(ctx.sde, ctx.times) if isinstance(ctx.sde, AffineSDE) else solver
+    return LMS(lms_order=opts["order"])
 
 
 #: ``sdegen.sample(method="pndm")`` options (``warmup="heun"`` is PLMS); ``"ipndm"`` is ``warmup="ab"``.

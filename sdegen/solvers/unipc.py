@@ -19,7 +19,8 @@ starts from it with the prediction $y_b$ already made, so one evaluation per ste
 from $p$ to $p + 1$ (Zhao et al. 2023, Thm. 3.3). The last step has no corrector (no evaluation follows).
 
 Every coefficient depends only on the grid and the step index: they are computed once per grid in
-float64 on the host (`UniPC.tabulated`), and a step is $\ell x + \sum_j w_j y_j$.
+float64 on the host (`UniPC.prepare`, which the fixed-grid loop calls once per run), and a step is
+$\ell x + \sum_j w_j y_j$.
 
 Notation map (UniPC → sdegen): $\alpha_t$ → ``mean_coef`` $m$; $\sigma_t$ → ``std`` $s$;
 $\lambda_t$ → ``0.5 * sde.log_snr(t)``; $x_\theta$ / $\epsilon_\theta$ → ``prediction="data"`` / ``"noise"``.
@@ -38,9 +39,9 @@ import torch
 from torch import Tensor
 
 from .._utils import check_bool, check_int
-from .marginal_rows import grid_marginals
+from .marginal_rows import GridCoefficients
 from .dpm_solver import PREDICTIONS
-from .multistep import ScoreHistoryMultistep, _grid
+from .multistep import ScoreHistoryMultistep, _grid, affine_grid, check_n_steps
 
 __all__ = ["UniPC", "VARIANTS"]
 
@@ -110,7 +111,7 @@ def _stored(m: list[float], s: list[float], prediction: str) -> tuple[tuple[floa
     r"""What a step stores per grid point and the factor that turns it into the prediction $y$.
 
     Data: $z = x + s^2\nabla\log p$ and $y = z/m$ (Tweedie); noise: $z = \nabla\log p$ and $y = -s z$.
-    The factors are folded into the tabulated weights, so a step converts with one kernel (data) or
+    The factors are folded into the precomputed weights, so a step converts with one kernel (data) or
     none (noise). Returns ``(s^2 per point or None, factor per point)``."""
     if prediction == "data":
         return tuple(si * si for si in s), [1.0 / mi for mi in m]
@@ -133,7 +134,7 @@ class UniPC(ScoreHistoryMultistep):
     Equals diffusers' ``UniPCMultistepScheduler`` (``solver_order=order``, ``predict_x0``,
     ``solver_type=variant``, ``lower_order_final``) on the same grid.
 
-    The ``state`` is ``{"i", "hist"}``: the step index and the last ``order + 1`` stored predictions.
+    The ``state`` is ``(i, hist)``: the step index and the last ``order + 1`` stored predictions.
     The corrected state is never formed: it is folded into the next prediction (``_fold_corrector``),
     the same update in one linear combination.
 
@@ -144,7 +145,7 @@ class UniPC(ScoreHistoryMultistep):
         corrector: apply UniC after each evaluation (default on).
         n_steps: number of grid steps $N$ (for ``lower_order_final``).
         lower_order_final: order $\min(p, N - i)$ on step $i$ (default on, as diffusers).
-        table: per-step coefficients from `tabulated` (required to step).
+        table: per-step coefficients for the grid the solver runs on (built by ``prepare``; leave ``None``).
     """
 
     order: int = 2  # type: ignore[misc]  # the UniP order; the global order with UniC is order + 1
@@ -154,7 +155,7 @@ class UniPC(ScoreHistoryMultistep):
     n_steps: int | None = None
     lower_order_final: bool = True
     table: tuple | None = field(default=None, repr=False)
-    #: $s_i^2$ per grid point for the data prediction (``None``: noise prediction), from `tabulated`.
+    #: $s_i^2$ per grid point for the data prediction (``None``: noise prediction), built by ``prepare``.
     table_y: tuple | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -182,16 +183,15 @@ class UniPC(ScoreHistoryMultistep):
             ks.append(k)
         return ks
 
-    def tabulated(self, sde, times: Tensor) -> "UniPC":
-        r"""This solver with every step's weights computed once in float64 on the host.
+    def prepare(self, coefs: GridCoefficients) -> "UniPC":
+        r"""This solver with every step's weights for the grid of ``coefs`` computed once in float64 on the host.
 
         First per step the predictor $x_{i+1} = \ell x^c_i + o\sum_j w^p_j y_{i-j}$ and the corrector
         $x^c_i = \ell_c x^c_{i-1} + o_c(\sum_j w^c_j y_{i-1-j} + w^c_\text{new} y_i)$, with the factors of
         $y = f z$ folded in; then ``_fold_corrector`` merges them into row $i$ = ``(alpha, [W_j])``."""
-        t = times.detach().to("cpu", torch.float64)
-        m, s = grid_marginals(sde, t)
-        n = len(m) - 1
-        lam = [math.log(mi / si) for mi, si in zip(m, s)]
+        affine_grid(self, coefs, log_snr=True)
+        n = check_n_steps(self, coefs)
+        m, s, lam = coefs.m, coefs.s, coefs.lam
         data = self.prediction == "data"
         s2, f = _stored(m, s, self.prediction)
         ks = self._orders(n)
@@ -211,8 +211,7 @@ class UniPC(ScoreHistoryMultistep):
                 wc, wc_new = _weights(lam, a, ks[a], hhc, self.variant, True)
                 corr = (lin_c, [out_c * w * f[a - k] for k, w in enumerate(wc)], out_c * wc_new * f[i])
             rows.append((lin, wp, corr))
-        return dataclasses.replace(self, n_steps=n if self.n_steps is None else self.n_steps,
-                                   table=_fold_corrector(rows), table_y=s2)
+        return dataclasses.replace(self, n_steps=n, table=_fold_corrector(rows), table_y=s2)
 
     @property
     def history(self) -> int:
@@ -249,14 +248,12 @@ def _fold_corrector(rows: list) -> tuple:
 
 
 def build_unipc(ctx, opts: dict) -> UniPC:
-    r"""``sdegen.sample`` builder: sets ``ctx.times`` to the ``grid`` option and returns the tabulated solver."""
-    from ..sdes import AffineSDE
-
+    r"""``sdegen.sample`` builder: sets ``ctx.times`` to the ``grid`` option and returns the solver (the loop
+    prepares its weights)."""
     _grid(ctx, opts)
-    solver = UniPC(order=opts["order"], prediction=opts["prediction"], variant=opts["variant"],
-                   corrector=opts["corrector"], n_steps=ctx.times.numel() - 1,
-                   lower_order_final=opts["lower_order_final"])
-    return solver.tabulated(ctx.sde, ctx.times) if isinstance(ctx.sde, AffineSDE) else solver
+    return UniPC(order=opts["order"], prediction=opts["prediction"], variant=opts["variant"],
+                 corrector=opts["corrector"], n_steps=ctx.times.numel() - 1,
+                 lower_order_final=opts["lower_order_final"])
 
 
 #: ``sdegen.sample(method="unipc")`` options and defaults (diffusers' defaults; the log-SNR grid).
