@@ -3,14 +3,17 @@ r"""Butcher tableaus: explicit embedded Runge–Kutta pairs as data.
 One step of an explicit RK method with $s$ stages and signed step $h$ is
 $k_i = f(y_n + h \sum_{j<i} a_{ij} k_j,\ t_n + c_i h)$, $y_{n+1} = y_n + h \sum_i b_i k_i$, with the error
 estimate $h \sum_i (b_i - \hat b_i) k_i$ from an embedded solution $\hat b$ (Hairer, Nørsett & Wanner,
-"Solving ODEs I", Sec. II.4-II.5). [`rk45_integrate`][sdegen.solvers.rk45.rk45_integrate] runs any tableau here.
+"Solving ODEs I", Sec. II.4-II.5). One core runs every tableau here
+(`sdegen.solvers.explicit_rk`): [`rk45_integrate`][sdegen.solvers.rk45.rk45_integrate] runs `DOPRI5` (or
+any ODE tableau), [`adaptive_sde_integrate`][sdegen.solvers.adaptive_sde.adaptive_sde_integrate] runs
+`EM_HEUN` with additive noise.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ButcherTableau", "DOPRI5"]
+__all__ = ["ButcherTableau", "DOPRI5", "EM_HEUN"]
 
 
 @dataclass(frozen=True)
@@ -72,3 +75,11 @@ DOPRI5 = ButcherTableau(
     error_order=4,
     fsal=True,
 )
+
+#: The Euler–Maruyama / improved-Euler (stochastic Heun) pair of Jolicoeur-Martineau et al. (2021),
+#: Alg. 1: $c = (0, 1)$, $a_{21} = 1$, $b = (\tfrac12, \tfrac12)$ (Heun), embedded $\hat b = (1, 0)$
+#: (Euler), so the error $y_{new} - \hat y$ has weights $b - \hat b = (-\tfrac12, \tfrac12)$. As an
+#: ODE pair the orders are 2(1); on an SDE with additive noise the accepted Heun update has strong
+#: order 1 (declared by `sdegen.solvers.explicit_rk.EulerHeun`).
+EM_HEUN = ButcherTableau(c=(0.0, 1.0), a=((), (1.0,)), b=(0.5, 0.5), b_err=(-0.5, 0.5), order=2, error_order=1,
+                         fsal=False)
