@@ -24,21 +24,28 @@ next, shorter attempt takes its part by the Brownian bridge,
 $\Delta W_{h'} \mid \Delta W_h \sim \mathcal N\big(\tfrac{h'}{h}\Delta W_h,\ \tfrac{h'(h - h')}{h} I\big)$, the
 remainder staying on the stack for the following steps (Rackauckas & Nie 2017, "RSwM1"). The path
 is therefore one Brownian motion whatever the step sequence, and the solver converges strongly.
+
+**Implementation.** The pair is data: the tableau `sdegen.solvers.tableaus.EM_HEUN` ($c = (0, 1)$,
+$a_{21} = 1$, $b = (\tfrac12, \tfrac12)$, $\hat b = (1, 0)$) run by the explicit-RK core with additive
+noise (`sdegen.solvers.explicit_rk.EulerHeun`: with the signed step $\Delta t = -h$ its stage-2 input
+is $x'$, its solution $x''$, its error $x'' - x'$ and its declared norm the mixed max above), and the
+accept/reject loop, the I controller and the bridge stack are the one adaptive loop's
+(`sdegen.solvers.adaptive.integrate_adaptive`), shared with ``rk45``.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .._utils import append_dims, check_positive
-from .base import Dynamics, NonFiniteError, StepSizeError, check_finite_state, progress_bar
-from .brownian import BrownianBridgeStack
+from .._utils import check_positive
+from .adaptive import AdaptiveRun, integrate_adaptive
+from .base import Dynamics, StepSizeError, check_finite_state  # noqa: F401 (StepSizeError: documented here)
 from .controllers import PIController
+from .explicit_rk import EulerHeun
 
 __all__ = ["AdaptiveSDE", "adaptive_sde_integrate"]
 
@@ -132,113 +139,27 @@ def adaptive_sde_integrate(
     if not t_start > t_end > 0:
         raise ValueError(f"need t_start > t_end > 0, got t_start={t_start}, t_end={t_end}")
     check_finite_state(x, "x (the start state)")
-    B, nd = x.shape[0], x.ndim
     kw = dict(device=x.device, dtype=x.dtype)
-    t = torch.full((B,), float(t_start), **kw)
-    h = torch.full((B,), min(opts.h_init, t_start - t_end), **kw)
-    stack = BrownianBridgeStack(x)
-    n_per = x[0].numel()
-    accepted = rejected = advanced = 0
-    times = [float(t_start)]
-    traj = [(float(t_start), x.detach().clone())] if record_every else None
-    bar = progress_bar(progress, t_start - t_end, "adaptive_sde")
-    ctrl = opts.controller()
-    all_idx = torch.arange(B, device=x.device)
-    idx = None  # the running samples; None = all of them (no gathers on the common path)
-    # A sample is done when it reaches t_end; steps that would land within this gap land on t_end.
-    tiny = 1e-12 * max(1.0, abs(t_start))
-    bad_streak = 0
-    for k in range(opts.max_steps):
-        z = noise(k).to(**kw) if noise is not None else torch.randn(x.shape, generator=generator, **kw)
-        sel = (lambda v: v) if idx is None else (lambda v: v[idx])  # noqa: E731
-        xa, ta = sel(x), sel(t)
-        ha, dw = stack.take(all_idx if idx is None else idx, sel(h), sel(z))
-        g0 = append_dims(dyn.diffusion(ta), nd)
-        t1 = torch.where(ta - ha - t_end <= tiny, torch.full_like(ta, t_end), ta - ha)
-        hh = append_dims(ta - t1, nd)
-        x_em = xa - hh * dyn.reverse_drift(xa, ta) + g0 * dw
-        x_tl = xa - hh * dyn.reverse_drift(x_em, t1) + append_dims(dyn.diffusion(t1), nd) * dw
-        x_ie = 0.5 * (x_em + x_tl)
-        scale = torch.maximum(xa.abs(), x_em.abs()).mul(opts.rtol).clamp_min(opts.atol)
-        err2 = ((x_em - x_ie) / scale).square().reshape(xa.shape[0], -1).sum(1)
-        if opts.per_sample:
-            err = (err2 / n_per).sqrt()
-        else:
-            err = (err2.sum() / (n_per * xa.shape[0])).sqrt().expand(xa.shape[0])
-        ok = err <= 1.0
-        # A non-finite proposal is rejected like any other (and shrinks the step by min_factor; a NaN
-        # factor would make NaN times); if it stays non-finite while the step shrinks, the score itself
-        # is NaN/inf there: stop with the sample and time instead of crawling on.
-        finite = torch.isfinite(err)
-        # Next step: the I controller (beta = 0) with the paper's exponent, bounded; after a rejection
-        # it grows by at most `safety` (err = inf or NaN gives min_factor).
-        fac = ctrl.factor(err, None, 0, ok, alpha=opts.exponent)
-        t_new = torch.where(ok, t1, ta)
-        h_new = torch.minimum(ha * fac, t_new - t_end)
-        x_new = torch.where(append_dims(ok, nd), x_ie, xa)
-        if idx is None:
-            x_prev, x, t, h = x, x_new, t_new, h_new
-        else:
-            x_prev = x
-            x, t, h = x.index_copy(0, idx, x_new), t.index_copy(0, idx, t_new), h.index_copy(0, idx, h_new)
-        running = t - t_end > tiny
-        # The single host read of this attempt: every count and flag the control flow needs.
-        fd = t.dtype
-        flags = torch.stack([ok.sum(dtype=fd), finite.sum(dtype=fd), running.sum(dtype=fd),
-                             (h < opts.h_min).logical_and_(running).sum(dtype=fd), t[0]]).tolist()
-        n_ok, n_bad, n_run = int(flags[0]), ok.numel() - int(flags[1]), int(flags[2])
-        if n_bad:
-            bad_streak += 1
-            if bad_streak >= 3:
-                # Error path only. Batched mode spreads one error norm over the batch: the sample is
-                # the first whose own error sum is non-finite.
-                nonfinite = ~finite
-                own = nonfinite & ~torch.isfinite(err2)
-                j = int(torch.nonzero(own if bool(own.any()) else nonfinite)[0])
-                i = j if idx is None else int(idx[j])
-                t_bad = float(ta[j])
-                raise NonFiniteError(f"adaptive_sde: the proposal for sample {i} stayed non-finite for {bad_streak} "
-                                     f"shrinking steps at t={t_bad:.6g} (attempt {k}); the score function likely "
-                                     "returns NaN/inf there", step=k, t=t_bad, x=x_prev, sample=i,
-                                     x_t=t_bad if not opts.per_sample else None)
-        else:
-            bad_streak = 0
-        if n_ok < ok.numel():
-            stack.push(all_idx if idx is None else idx, ~ok, ha, dw)
-        accepted += n_ok
-        rejected += ok.numel() - n_ok
-        if bar is not None:
-            bar.n = float(t_start - t.max())
-            bar.set_postfix(t=f"{float(t.max()):.4f}", h=f"{float(h.max()):.2e}", refresh=False)
-            bar.update(0)
-        if not opts.per_sample and n_ok:
-            times.append(flags[4])
-        advanced += n_ok > 0
-        if traj is not None and n_ok and advanced % record_every == 0:
-            traj.append((float(t.max()), x.detach().clone()))
-        if n_run == 0:
-            break
-        if opts.per_sample and n_run < B:
-            idx = running.nonzero().squeeze(1)
-        if flags[3]:
-            h_run = torch.where(running, h, torch.full_like(h, math.inf))  # error path only
-            bad = int(h_run.argmin())
-            t_bad = float(t[bad])
-            raise StepSizeError(f"adaptive_sde: step size {float(h_run[bad]):.3g} below h_min={opts.h_min} for "
-                                f"sample {bad} at t={t_bad:.6g} (rtol={opts.rtol}, atol={opts.atol}); loosen the "
-                                "tolerances or check the score for blow-ups", t=t_bad,
-                                dt=float(h_run[bad]), x=x, steps=k + 1)
+    h = torch.full((x.shape[0],), min(opts.h_init, t_start - t_end), **kw)
+    if noise is not None:
+        draw = lambda k: noise(k).to(**kw)  # noqa: E731
     else:
-        raise StepSizeError(f"adaptive_sde: max_steps={opts.max_steps} attempts did not reach t={t_end} "
-                            f"(latest sample at t={float(t.max()):.6g})", t=float(t.max()),
-                            dt=float(h.max()), x=x, steps=opts.max_steps)
-    if bar is not None:
-        bar.close()
-    if opts.per_sample:
-        times = [float(t_start), float(t_end)]
-    stats = {"accepted": accepted, "rejected": rejected, "attempts": k + 1,
-             "times": torch.tensor(times, dtype=torch.float64)}
+        draw = lambda k: torch.randn(x.shape, generator=generator, **kw)  # noqa: E731
+    run = AdaptiveRun(controller=opts.controller(), alpha=opts.exponent, max_steps=opts.max_steps, h_min=opts.h_min,
+                      compact=True, nonfinite_streak=3, count_per_sample=False, name="adaptive_sde")
+    step = EulerHeun(rtol=opts.rtol, atol=opts.atol, per_sample=opts.per_sample)
+    x, stats, traj = integrate_adaptive(step, _ReverseTerm(dyn), x, float(t_start), float(t_end), h, run, draw=draw,
+                                        progress=progress, record_every=record_every)
     return x, stats, traj
+
+
+class _ReverseTerm:
+    """The reverse SDE as the core's term: drift $f - g^2 s_\theta$, diffusion $g(t)$."""
+
+    __slots__ = ("drift", "diffusion")
+
+    def __init__(self, dyn: Dynamics):
+        self.drift, self.diffusion = dyn.reverse_drift, dyn.diffusion
 
 
 def run_adaptive_sde(ctx, **opts):

@@ -19,6 +19,11 @@ $h \cdot \mathrm{clip}(\text{safety}\cdot\|e_n\|^{-\alpha}\|e_{n-1}\|^{\beta}, \
 (an I controller for $\beta = 0$; the PI controller of Hairer–Wanner, "Solving ODEs II", eq. IV.2.43c
 otherwise, with $\alpha = 1/q - 0.75\beta$, $q = 5$).
 
+Implementation: the tableau is data (`sdegen.solvers.tableaus.DOPRI5`, or any ``tableau=``) over the
+explicit-RK core (`sdegen.solvers.explicit_rk`; its declared norm is the one above), driven by the one
+adaptive loop (`sdegen.solvers.adaptive.integrate_adaptive`, shared with ``adaptive_sde``); ``fn`` is
+called through [`CountingScore`][sdegen.solvers.base.CountingScore], the one evaluation counter.
+
 Device discipline: the state, stages and (in ``per_sample`` mode) times and step sizes live on
 ``y0``'s device. Each step makes exactly ONE device-to-host transfer: the accept/reject decision
 (batched mode: the error norm; per-sample mode: "is any sample still running / did anything go
@@ -27,6 +32,7 @@ wrong"), which an adaptive loop cannot avoid because the number of further steps
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Callable
@@ -35,8 +41,10 @@ import torch
 from torch import Tensor
 
 from .._utils import append_dims, check_floating, check_positive
-from .base import NonFiniteError, StepSizeError, check_finite_state, progress_bar
+from .adaptive import AdaptiveRun, integrate_adaptive
+from .base import CountingScore, NonFiniteError, check_finite_state
 from .controllers import PIController
+from .explicit_rk import Dopri5, ODETerm, TableauRK, first_bad_sample
 from .tableaus import DOPRI5, ButcherTableau
 
 __all__ = ["ButcherTableau", "DOPRI5", "PIController", "rk45_integrate", "initial_step_size"]
@@ -73,25 +81,6 @@ def initial_step_size(fn: ODEFn, y0: Tensor, t0: Tensor, f0: Tensor, direction: 
     h1 = torch.where(dmax <= 1e-15, torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
                      (0.01 / dmax.clamp_min(1e-300)).pow(1.0 / (order + 1)))
     return torch.minimum(100 * h0, h1).clamp_max(span)
-
-
-def _lincomb(ks: list[Tensor], coefs: tuple[float, ...]) -> Tensor | None:
-    """``sum_j coefs[j] * ks[j]`` with in-place accumulation (``None`` if every coefficient is 0)."""
-    acc = None
-    for cj, kj in zip(coefs, ks):
-        if cj == 0.0:
-            continue
-        if acc is None:
-            acc = kj * cj
-        else:
-            acc.add_(kj, alpha=cj)
-    return acc
-
-
-def _stage_input(y: Tensor, h, ks: list[Tensor], coefs: tuple[float, ...]) -> Tensor:
-    """``y + h * sum_j coefs[j] * ks[j]``; ``h`` a float or a tensor broadcastable against ``y``."""
-    acc = _lincomb(ks, coefs)
-    return y if acc is None else y + h * acc
 
 
 def _check_args(y0, t0, t1, rtol, atol, max_steps, first_step):
@@ -170,8 +159,8 @@ def rk45_integrate(
         safety: controller safety factor (ignored when ``controller`` is given).
         per_sample: per-sample times and step sizes (see Modes).
         progress: show a tqdm bar with the current ``t`` and step size.
-        record_every: record ``(t, y)`` every this many accepted steps (batched mode; in per-sample
-            mode every this many loop iterations, with ``t`` the smallest progress in the batch).
+        record_every: record ``(t, y)`` every this many accepted steps (per-sample mode: every this many
+            attempts that accepted some sample, with ``t`` the least advanced sample's time).
         controller: a [`PIController`][sdegen.solvers.rk45.PIController] (default ``PIController(safety=safety)``).
         tableau: an embedded explicit RK pair (default `DOPRI5`).
 
@@ -186,6 +175,9 @@ def rk45_integrate(
         StepSizeError: the step size underflowed (relative to ``t``) or ``max_steps`` was exceeded;
             carries ``t``, ``dt``, the last accepted state ``x`` and ``steps``.
         NonFiniteError: ``fn`` returned NaN/inf at an accepted state.
+        ValueError: ``fn`` returned a tensor not shaped like ``y`` (also: invalid arguments).
+        TypeError: ``fn`` returned another dtype or device than ``y``'s.
+        RuntimeError: ``fn`` modified ``y`` or ``t`` in place.
     """
     _check_args(y0, t0, t1, rtol, atol, max_steps, first_step)
     t0, t1 = float(t0), float(t1)
@@ -197,368 +189,78 @@ def rk45_integrate(
     if t0 == t1:
         return y0, stats, traj
 
-    calls = [0]
-
-    def f(y: Tensor, t: Tensor) -> Tensor:
-        calls[0] += 1
-        out = fn(y, t)
-        if not isinstance(out, Tensor) or out.shape != y.shape:
-            raise ValueError(f"fn(y, t) must return a tensor shaped like y {tuple(y.shape)}, "
-                             f"got {tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
-        if out.dtype is not y.dtype:
-            raise TypeError(f"fn(y, t) must return y's dtype {y.dtype}, got {out.dtype}")
-        return out
-
-    run = _integrate_per_sample if per_sample else _integrate_batched
-    y1 = run(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl, tableau, progress, record_every, stats, traj)
-    stats["nfe"] = calls[0]
+    # The one counter of the adaptive path; it also checks every output (shape, dtype, device) and that
+    # fn left y and t alone, without a host read. Its wording speaks of a score; fn here is any ODE
+    # right-hand side, so a failed check is reworded (error path only).
+    f = CountingScore(fn)
+    try:
+        y1 = _integrate(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl, tableau, progress, record_every,
+                        per_sample, stats, traj)
+    except (ValueError, TypeError, RuntimeError) as e:
+        if str(e).startswith("score_fn must return a tensor shaped like x"):
+            raise ValueError(f"rk45: fn(y, t) must return a tensor shaped like y ({e})") from None
+        if str(e).startswith("score_fn must return a tensor with x's dtype"):
+            raise TypeError(f"rk45: fn(y, t) must return y's dtype and device ({e})") from None
+        if str(e).startswith("score_fn modified its input"):
+            raise RuntimeError(f"rk45: fn(y, t) modified its input in place ({e})") from None
+        raise
+    finally:
+        stats["nfe"] = f.nfe
     return y1, stats, traj
-
-
-def _progress_bar(progress: bool, t0: float, t1: float):
-    return progress_bar(progress, abs(t1 - t0), "rk45", time_bar=True)
-
-
-def _rk_step(f: ODEFn, tab: ButcherTableau, y: Tensor, k1: Tensor, t: Tensor, h, hb):
-    """One attempted step with fresh tensors for every stage (differentiable end to end).
-
-    ``t``: ``(B,)`` start times; ``h``: the step (float or ``(B,)``) added to ``t`` for the stage
-    times; ``hb``: ``h`` broadcastable against ``y``. Returns ``(y_new, err_sum, k_last)``, the error
-    estimate being ``hb * err_sum``.
-    """
-    ks = [k1]
-    y_new = y
-    for i in range(1, tab.stages):
-        yi = _stage_input(y, hb, ks, tab.a[i])
-        if tab.fsal and i == tab.stages - 1:
-            y_new = yi  # the last row of a equals b: this stage input is the solution
-        ks.append(f(yi, t + tab.c[i] * h))
-    if not tab.fsal:
-        y_new = _stage_input(y, hb, ks, tab.b)
-    err_sum = _lincomb(ks, tab.b_err)
-    return y_new, err_sum if err_sum is not None else torch.zeros_like(y), ks[-1]
-
-
-def _scaled(err_sum: Tensor, y: Tensor, y_new: Tensor, rtol: float, atol: float) -> Tensor:
-    r"""$\text{err\_sum} / (\text{atol} + \text{rtol}\max(|y|, |y_{new}|))$ (a new tensor)."""
-    return err_sum / torch.maximum(y.abs(), y_new.abs()).mul_(rtol).add_(atol)
-
-
-class _ListStepper:
-    """Batched steps with fresh tensors per stage: used when gradients must flow through the solve."""
-
-    def __init__(self, f: ODEFn, tab: ButcherTableau, y0: Tensor, k1: Tensor, rtol: float, atol: float):
-        self.f, self.tab, self.rtol, self.atol = f, tab, rtol, atol
-        self.y, self.k1 = y0, k1
-        self.err: Tensor | None = None
-
-    def attempt(self, t: float, dt: float) -> Tensor:
-        """Try a step of ``dt`` from ``t``; returns the (unscaled by ``|dt|``) error norm, 0-d."""
-        y = self.y
-        tt = torch.full((y.shape[0],), t, device=y.device, dtype=y.dtype)
-        self.y_new, err_sum, self.k_last = _rk_step(self.f, self.tab, y, self.k1, tt, dt, dt)
-        self.err = _scaled(err_sum, y, self.y_new, self.rtol, self.atol).detach()
-        return torch.linalg.vector_norm(self.err)
-
-    def accept(self, t_new: float) -> None:
-        self.y = self.y_new
-        self.k1 = self.k_last if self.tab.fsal else self.f(
-            self.y, torch.full((self.y.shape[0],), t_new, device=self.y.device, dtype=self.y.dtype))
-
-    def k1_finite(self) -> bool:
-        return bool(torch.isfinite(self.k1).all())
-
-    def bad_sample(self) -> int | None:
-        """First sample whose initial derivative or last error estimate is non-finite (error path only)."""
-        return _first_bad_sample(self.k1, self.err)
-
-    def state(self) -> Tensor:
-        return self.y
-
-
-_TABLEAU_CACHE: dict = {}
-
-
-def _tableau_tensors(tab: ButcherTableau, device: torch.device, dtype: torch.dtype):
-    """The tableau as device tensors ``(rows of a, b, b_err, c)``, built once per (tableau, device, dtype):
-    rebuilding them costs a few host-to-device copies per solve, a visible share of a small solve."""
-    key = (tab, device, dtype)
-    hit = _TABLEAU_CACHE.get(key)
-    if hit is None:
-        s = tab.stages
-        A = torch.zeros(s, s, dtype=torch.float64)
-        for i, row in enumerate(tab.a):
-            if row:
-                A[i, :i] = torch.tensor(row, dtype=torch.float64)
-        A = A.to(device=device, dtype=dtype)
-        hit = ([A[i, :i] for i in range(s)], torch.tensor(tab.b, dtype=dtype).to(device),
-               torch.tensor(tab.b_err, dtype=dtype).to(device), torch.tensor(tab.c, dtype=dtype).to(device))
-        if len(_TABLEAU_CACHE) > 64:  # user tableaus on many devices: keep the cache bounded
-            _TABLEAU_CACHE.clear()
-        _TABLEAU_CACHE[key] = hit
-    return hit
-
-
-class _BufferStepper:
-    r"""Batched steps in preallocated buffers: the fast path when no gradient flows through the solve.
-
-    The stage derivatives are the rows of one ``(s, N)`` buffer ``K``, so each stage input
-    $y + h \sum_j a_{ij} k_j$ is ONE ``addmv`` written into a stage buffer, the error sum one ``mv``,
-    and the stage times one fused update: about 23 tensor operations per step besides ``f``, which
-    is what the per-step overhead of a small-batch solve consists of. ``f`` receives views of these
-    buffers; it must not keep references to its arguments after returning (they are overwritten by
-    later stages).
-    """
-
-    def __init__(self, f: ODEFn, tab: ButcherTableau, y0: Tensor, k1: Tensor, rtol: float, atol: float):
-        s, B, N = tab.stages, y0.shape[0], y0.numel()
-        dev, dt_ = y0.device, y0.dtype
-        self.f, self.tab, self.rtol, self.atol, self.shape = f, tab, rtol, atol, y0.shape
-        self.K = y0.new_empty((s, N))
-        self.K[0].copy_(k1.reshape(-1))
-        self.KT = [self.K[:n].T for n in range(s + 1)]
-        self.Ksh = [self.K[i].view(y0.shape) for i in range(s)]
-        # Stage inputs; row 0 (the stage-0 input is y itself) holds y_new for non-FSAL tableaus.
-        self.Y = y0.new_empty((s, N))
-        self.Ysh = [self.Y[i].view(y0.shape) for i in range(s)]
-        self.new = s - 1 if tab.fsal else 0
-        self.y = y0.detach().reshape(-1).clone()
-        self.ay, self.ay_new = self.y.abs(), torch.empty_like(self.y)
-        self.err, self.scale = torch.empty_like(self.y), torch.empty_like(self.y)
-        self.rows, self.b, self.b_err, c = _tableau_tensors(tab, dev, dt_)
-        self.cB = c[:, None].expand(s, B).contiguous()
-        self.tb = torch.empty_like(self.cB)
-        self.trow = [self.tb[i] for i in range(s)]
-
-    def attempt(self, t: float, dt: float) -> Tensor:
-        torch.mul(self.cB, dt, out=self.tb)
-        self.tb.add_(t)
-        for i in range(1, self.tab.stages):
-            torch.addmv(self.y, self.KT[i], self.rows[i], alpha=dt, out=self.Y[i])
-            self.Ksh[i].copy_(self.f(self.Ysh[i], self.trow[i]))
-        if not self.tab.fsal:
-            torch.addmv(self.y, self.KT[-1], self.b, alpha=dt, out=self.Y[0])
-        torch.mv(self.KT[-1], self.b_err, out=self.err)
-        torch.abs(self.Y[self.new], out=self.ay_new)
-        torch.maximum(self.ay, self.ay_new, out=self.scale)
-        self.scale.mul_(self.rtol).add_(self.atol)
-        return torch.linalg.vector_norm(self.err.div_(self.scale))
-
-    def accept(self, t_new: float) -> None:
-        self.y.copy_(self.Y[self.new])
-        self.ay, self.ay_new = self.ay_new, self.ay
-        if self.tab.fsal:
-            self.K[0].copy_(self.K[-1])
-        else:
-            tt = torch.full((self.shape[0],), t_new, device=self.y.device, dtype=self.y.dtype)
-            self.Ksh[0].copy_(self.f(self.y.view(self.shape), tt))
-
-    def k1_finite(self) -> bool:
-        return bool(torch.isfinite(self.K[0]).all())
-
-    def bad_sample(self) -> int | None:
-        """First sample whose initial derivative or last error estimate is non-finite (error path only)."""
-        return _first_bad_sample(self.K[0].view(self.shape), self.err.view(self.shape))
-
-    def state(self) -> Tensor:
-        return self.y.view(self.shape)
-
-
-def _first_bad_sample(*tensors: Tensor | None) -> int | None:
-    """Index of the first sample with a NaN/inf entry in the first tensor that has one (error path only)."""
-    for v in tensors:
-        if v is None:
-            continue
-        bad = ~torch.isfinite(v.reshape(v.shape[0], -1)).all(1)
-        if bool(bad.any()):
-            return int(torch.nonzero(bad)[0])
-    return None
 
 
 def _nonfinite_start(fn_name: str, k1: Tensor, y0: Tensor, t0: float) -> NonFiniteError:
     """The error for a start where the derivative (or the first-step probe) is NaN/inf."""
-    i = _first_bad_sample(k1)
+    i = first_bad_sample(k1)
     where = (f"fn(y0, t0) is NaN/inf for sample {i}" if i is not None
              else "the first-step probe f(y0 + h0 f0, t0 + h0) is NaN/inf")
     return NonFiniteError(f"{fn_name}: {where} at t={t0:.6g} (step 0); the score function likely returns "
                           "NaN/inf there", step=0, t=t0, x=y0, sample=i, x_t=t0)
 
 
-def _integrate_batched(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl, tab, progress, record_every,
-                       stats, traj):
+def _integrate(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl, tab, progress, record_every, per_sample,
+               stats, traj):
     B = y0.shape[0]
     direction = 1.0 if t1 > t0 else -1.0
     span = abs(t1 - t0)
-    q = tab.error_order + 1
-    t = t0
     t_vec = torch.full((B,), t0, device=y0.device, dtype=y0.dtype)
     k1 = f(y0, t_vec)
     if first_step is None:
-        # One host read at start-up (not per step).
         with torch.no_grad():  # step-size heuristics are not differentiated
-            h0 = initial_step_size(f, y0, t_vec, k1, direction, tab.order, rtol, atol, per_sample=False, span=span)
-            # One host read at start-up (not per step): the first step and whether f(y0) is finite.
-            h, k1_ok = torch.stack([h0.to(k1.dtype), torch.isfinite(k1).all().to(k1.dtype)]).tolist()
-        if not (k1_ok and math.isfinite(h)):
+            h = initial_step_size(f, y0, t_vec, k1, direction, tab.order, rtol, atol, per_sample=per_sample, span=span)
+    if per_sample:
+        if first_step is not None:
+            h = torch.full((B,), float(first_step), device=y0.device, dtype=y0.dtype)
+        h = h.detach().clamp_max(span)
+        # One host read at start-up (not per step): the first steps (a stat) and whether they and f(y0)
+        # are finite. A NaN step would make NaN stage times, which the score would report as an
+        # out-of-range t.
+        first = torch.stack([h, torch.isfinite(k1.detach().reshape(B, -1)).all(1).to(h.dtype)]).to("cpu")
+        stats["first_step"] = first[0]
+        if not bool((first[1] > 0).all() and torch.isfinite(first[0]).all()):
             raise _nonfinite_start("rk45", k1, y0, t0)
     else:
-        h = float(first_step)
-    h = min(h, span)
-    stats["first_step"] = h
-    differentiable = torch.is_grad_enabled() and (y0.requires_grad or k1.requires_grad)
-    stepper = (_ListStepper if differentiable else _BufferStepper)(f, tab, y0, k1, rtol, atol)
-    root_n = math.sqrt(y0.numel())
-    prev_err = 1.0
-    bar = _progress_bar(progress, t0, t1)
-    attempts = 0
-    nonfinite_rejection = False
-    times = [t0]
-    try:
-        while direction * (t1 - t) > 0:
-            if attempts >= max_steps:
-                raise StepSizeError(f"rk45: max_steps={max_steps} exceeded at t={t:.6g} with dt={direction * h:.3g}",
-                                    t=t, dt=direction * h, x=stepper.state().clone(), steps=attempts)
-            remaining = abs(t1 - t)
-            last = h >= remaining * (1 - 1e-12)
-            if last:
-                h = remaining
-            if h <= 16 * math.ulp(max(abs(t), abs(t1), 1e-300)):
-                if nonfinite_rejection:
-                    i = stepper.bad_sample()
-                    raise NonFiniteError(f"rk45: fn returned non-finite values for sample {i} just after t={t:.6g} "
-                                         f"(step {stats['accepted']}; the step size shrank to {direction * h:.3g} "
-                                         "without avoiding them)", step=stats["accepted"], t=t,
-                                         x=stepper.state().clone(), sample=i, x_t=t)
-                raise StepSizeError(f"rk45: step size underflow at t={t:.6g} (dt={direction * h:.3g}); the ODE is too "
-                                    f"stiff for the tolerances rtol={rtol}, atol={atol}", t=t, dt=direction * h,
-                                    x=stepper.state().clone(), steps=attempts)
-            attempts += 1
-            dt = direction * h
-            # The single device-to-host transfer of this step: the accept/reject decision needs the
-            # error norm on the host (it decides whether and how far the loop continues).
-            err_norm = float(stepper.attempt(t, dt)) * h / root_n
-            if not math.isfinite(err_norm) and not stepper.k1_finite():
-                i = stepper.bad_sample()
-                raise NonFiniteError(f"rk45: fn returned non-finite values for sample {i} at t={t:.6g} (step "
-                                     f"{stats['accepted']})", step=stats["accepted"], t=t, x=stepper.state().clone(),
-                                     sample=i, x_t=t)
-            accepted = err_norm <= 1.0
-            nonfinite_rejection = not math.isfinite(err_norm)
-            fac = ctrl.factor(err_norm, prev_err, q, accepted)
-            if accepted:
-                stats["accepted"] += 1
-                t = t1 if last else t + dt
-                stepper.accept(t)
-                times.append(t)
-                prev_err = err_norm
-                if traj is not None and (stats["accepted"] % record_every == 0 or t == t1):
-                    traj.append((t, stepper.state().detach().clone()))
-                if bar is not None:
-                    bar.update(h)
-                    bar.set_postfix(t=f"{t:.4g}", dt=f"{dt:.2e}", refresh=False)
-            else:
-                stats["rejected"] += 1
-            h = h * fac
-    finally:
-        if bar is not None:
-            bar.close()
-    stats["times"] = torch.tensor(times, dtype=torch.float64)
-    return stepper.state()
-
-
-def _integrate_per_sample(f, y0, t0, t1, rtol, atol, first_step, max_steps, ctrl, tab, progress, record_every,
-                          stats, traj):
-    B = y0.shape[0]
-    dev, dt_ = y0.device, y0.dtype
-    direction = 1.0 if t1 > t0 else -1.0
-    q = tab.error_order + 1
-    y = y0
-    t = torch.full((B,), t0, device=dev, dtype=dt_)
-    t_end = torch.full((B,), t1, device=dev, dtype=dt_)
-    k1 = f(y, t)
-    root_n = math.sqrt(y0[0].numel())
-    if first_step is None:
-        with torch.no_grad():  # step-size heuristics are not differentiated
-            h = initial_step_size(f, y, t, k1, direction, tab.order, rtol, atol, per_sample=True, span=abs(t1 - t0))
+        if first_step is None:
+            # One host read at start-up (not per step): the first step and whether f(y0) is finite.
+            h, k1_ok = torch.stack([h.detach().to(k1.dtype), torch.isfinite(k1.detach()).all().to(k1.dtype)]).tolist()
+            if not (k1_ok and math.isfinite(h)):
+                raise _nonfinite_start("rk45", k1, y0, t0)
+        else:
+            h = float(first_step)
+        h = min(h, span)
+        stats["first_step"] = h
+    step = (Dopri5 if tab is DOPRI5 else functools.partial(TableauRK, tab))(rtol=rtol, atol=atol, per_sample=per_sample)
+    # Per sample, finished samples stay in every call with a zero step: fn sees the full batch (a
+    # likelihood's divergence estimator holds one probe per row).
+    run = AdaptiveRun(controller=ctrl, q=tab.error_order + 1, max_steps=max_steps, compact=False, name="rk45")
+    y, out, traj_run = integrate_adaptive(step, ODETerm(f), y0, t0, t1, h, run, state=k1,
+                                          progress=progress, record_every=record_every)
+    if traj is not None:
+        traj[1:] = traj_run[1:]
+    stats.update(accepted=out["accepted"], rejected=out["rejected"])
+    if per_sample:
+        stats.update(steps=out["attempts"], accepted_per_sample=out["accepted_per_sample"],
+                     rejected_per_sample=out["rejected_per_sample"])
     else:
-        h = torch.full((B,), float(first_step), device=dev, dtype=dt_)
-    h = h.clamp_max(abs(t1 - t0))
-    # One host read at start-up: the first steps (a stat) and whether they and f(y0) are finite. A NaN
-    # step would make NaN stage times, which the score would report as an out-of-range t.
-    first = torch.stack([h.detach(), torch.isfinite(k1.detach().reshape(B, -1)).all(1).to(dt_)]).to("cpu")
-    stats["first_step"] = first[0]
-    if not bool((first[1] > 0).all() and torch.isfinite(first[0]).all()):
-        raise _nonfinite_start("rk45", k1, y0, t0)
-    prev_err = torch.ones(B, device=dev, dtype=dt_)
-    n_acc = torch.zeros(B, device=dev, dtype=torch.long)
-    n_rej = torch.zeros(B, device=dev, dtype=torch.long)
-    active = torch.ones(B, device=dev, dtype=torch.bool)
-    nonfinite_rej = torch.zeros(B, device=dev, dtype=torch.bool)
-    tiny = 16 * torch.finfo(dt_).eps
-    bar = _progress_bar(progress, t0, t1)
-    done_span = 0.0
-    it = 0
-    try:
-        while True:
-            remaining = direction * (t_end - t)
-            last = h >= remaining * (1 - 1e-12)
-            h_step = torch.where(active, torch.where(last, remaining, h), torch.zeros_like(h))
-            underflow = active & (h_step <= tiny * torch.maximum(t.abs(), t_end.abs()).clamp_min(1.0))
-            dt = direction * h_step
-            y_new, err_sum, k_last = _rk_step(f, tab, y, k1, t, dt, append_dims(dt, y.ndim))
-            err_norm = torch.linalg.vector_norm(_scaled(err_sum, y, y_new, rtol, atol).reshape(B, -1), dim=1).detach()
-            err_norm = err_norm * h_step / root_n
-            finite_err = torch.isfinite(err_norm)
-            # Non-finite values at an accepted state, or a step size that shrank to nothing while
-            # the error estimate stayed non-finite: fn returns NaN/inf there, not a stiffness problem.
-            bad = active & ((~finite_err & ~torch.isfinite(k1.reshape(B, -1)).all(1)) | (underflow & nonfinite_rej))
-            nonfinite_rej = torch.where(active, ~finite_err, nonfinite_rej)
-            accept = active & (err_norm <= 1.0) & ~underflow
-            reject = active & ~accept
-            fac = ctrl.factor(err_norm, prev_err, q, accept)
-            ab = append_dims(accept, y.ndim)
-            y = torch.where(ab, y_new, y)
-            t = torch.where(accept, torch.where(last, t_end, t + dt), t)
-            k1 = torch.where(ab, k_last, k1) if tab.fsal else torch.where(ab, f(y, t), k1)
-            prev_err = torch.where(accept, err_norm, prev_err)
-            h = torch.where(active, h_step * fac, h)
-            n_acc += accept.long()
-            n_rej += reject.long()
-            active = active & ~(accept & last)
-            it += 1
-            # The single device-to-host transfer of this iteration: whether any sample is still
-            # running and whether an error must be raised (both decide the control flow), plus the
-            # progress figures, read in the same transfer.
-            covered = (direction * (t - t0)).min()
-            flags = torch.stack([active.any().to(dt_), underflow.any().to(dt_), bad.any().to(dt_), covered,
-                                 h.min()]).tolist()
-            if flags[2] or flags[1]:
-                i = int(torch.nonzero(bad if flags[2] else underflow)[0])  # error path only
-                ti, dti = float(t[i]), float(dt[i])
-                if flags[2]:
-                    raise NonFiniteError(f"rk45: fn returned non-finite values for sample {i} at t={ti:.6g} "
-                                         f"(its step {int(n_acc[i])})", step=int(n_acc[i]), t=ti, x=y, sample=i)
-                raise StepSizeError(f"rk45: step size underflow for sample {i} at t={ti:.6g} (dt={dti:.3g}); the "
-                                    f"ODE is too stiff for rtol={rtol}, atol={atol}", t=t.detach().clone(),
-                                    dt=dt.detach().clone(), x=y, steps=it)
-            t_min = t1 if not flags[0] else t0 + direction * flags[3]
-            if traj is not None and (it % record_every == 0 or not flags[0]):
-                traj.append((t_min, y.detach().clone()))
-            if bar is not None:
-                bar.update(flags[3] - done_span)
-                done_span = flags[3]
-                bar.set_postfix(t=f"{t_min:.4g}", dt=f"{flags[4]:.2e}", refresh=False)
-            if not flags[0]:
-                break
-            if it >= max_steps:
-                raise StepSizeError(f"rk45: max_steps={max_steps} exceeded; {int(active.sum())} samples unfinished",
-                                    t=t.detach().clone(), dt=(direction * h).detach().clone(), x=y, steps=it)
-    finally:
-        if bar is not None:
-            bar.close()
-    stats["accepted"] = int(n_acc.sum())
-    stats["rejected"] = int(n_rej.sum())
-    stats["steps"] = it
-    stats["accepted_per_sample"] = n_acc.to("cpu")
-    stats["rejected_per_sample"] = n_rej.to("cpu")
+        stats["times"] = out["times"]
     return y
