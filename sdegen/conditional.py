@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -47,6 +47,7 @@ from .solvers.base import AbstractFixedGridSolver, CountingScore, Dynamics, NonF
     integrate_fixed_grid
 from .sampling import METHODS, RunContext
 from .solvers.correctors import LangevinCorrector, PredictorCorrector
+from .solvers.marginal_rows import GridCoefficients
 from .solvers.ode_steps import ODEEuler, ODEHeun
 from .solvers.sde_steps import Ancestral, EulerMaruyama, ReverseDiffusion, ancestral_table
 
@@ -76,6 +77,11 @@ class _Replacement(AbstractFixedGridSolver):
     @property
     def evals_per_step(self) -> int:  # type: ignore[override]
         return self.inner.evals_per_step
+
+    def prepare(self, coefs: GridCoefficients) -> "_Replacement":
+        """The wrapper around the inner rule prepared for the grid of ``coefs`` (the loop prepares only the wrapper)."""
+        inner = self.inner.prepare(coefs)
+        return self if inner is self.inner else replace(self, inner=inner)
 
     def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
         return self.inner.init_state(dyn, x, t0)

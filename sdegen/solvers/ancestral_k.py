@@ -20,6 +20,7 @@ Notation map (k-diffusion → sdegen): ``sigma`` → $\sigma = s/m$; ``x`` → $
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -29,7 +30,8 @@ from torch import Tensor
 
 from ..sdes import AffineSDE
 from .base import AbstractFixedGridSolver, Dynamics
-from .marginal_rows import marginal_rows, sigma_to_time
+from .marginal_rows import GridCoefficients, sigma_to_time
+from .sde_dpm import check_table_grid
 from .sde_steps import linear_update
 
 __all__ = ["EulerAncestral", "DPM2", "ancestral_split", "build_euler_ancestral", "build_dpm2",
@@ -49,16 +51,10 @@ def _check_eta(eta) -> None:
         raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")
 
 
-def _grid(times: Tensor) -> list[float]:
-    return torch.as_tensor(times).detach().to("cpu", torch.float64).reshape(-1).tolist()
-
-
-def _split_grid(sde: AffineSDE, times: Tensor, eta: float) -> tuple[list[float], list, list[tuple[float, float]]]:
+def _split_grid(coefs: GridCoefficients, eta: float) -> tuple[list[float], list, list[tuple[float, float]]]:
     r"""The grid as host floats, its marginal rows $(m, s)$ and each step's ancestral split
-    $(\sigma_\downarrow, \sigma_\uparrow)$ with ``eta`` (checked), computed once per grid in float64."""
-    _check_eta(eta)
-    t = _grid(times)
-    ms = marginal_rows(sde, t)
+    $(\sigma_\downarrow, \sigma_\uparrow)$ with ``eta``, read from the grid's coefficients (float64)."""
+    t, ms = coefs.t, list(zip(coefs.m, coefs.s))
     return t, ms, [ancestral_split(ms[k][1] / ms[k][0], ms[k + 1][1] / ms[k + 1][0], eta) for k in range(len(t) - 1)]
 
 
@@ -75,11 +71,15 @@ class EulerAncestral(AbstractFixedGridSolver):
 
     Args:
         eta: $\eta \ge 0$.
-        table: per-step ``(a, b, c)`` host floats, ``x_1 = a x + b score + c dw`` (see `tabulated`); required.
+        table: per-step ``(a, b, c)`` host floats, ``x_1 = a x + b score + c dw``, built by `prepare` from the
+            grid's [`GridCoefficients`][sdegen.solvers.marginal_rows.GridCoefficients] (the loop prepares
+            a solver constructed without it).
+        table_times: the grid ``table`` was built for (set by `prepare`; a run on another grid is a ``ValueError``).
     """
 
     eta: float = 1.0
     table: tuple | None = field(default=None, repr=False)
+    table_times: tuple | None = field(default=None, repr=False)
 
     order: ClassVar[float] = 1.0
     stochastic: ClassVar[bool] = True
@@ -90,17 +90,27 @@ class EulerAncestral(AbstractFixedGridSolver):
 
     @classmethod
     def tabulated(cls, sde: AffineSDE, times: Tensor, eta: float = 1.0) -> "EulerAncestral":
-        """The solver for ``times`` (decreasing), coefficients computed once in float64."""
-        t, ms, split = _split_grid(sde, times, eta)
+        """The solver for ``times`` (decreasing), coefficients computed once in float64 (`prepare` on the grid's
+        [`GridCoefficients`][sdegen.solvers.marginal_rows.GridCoefficients])."""
+        return cls(eta=eta).prepare(GridCoefficients(sde, times))
+
+    def prepare(self, coefs: GridCoefficients) -> "EulerAncestral":
+        """The solver with its table for the grid of ``coefs``; a solver that has one already is checked
+        against that grid (``ValueError`` if it was built for another)."""
+        if self.table is not None:
+            check_table_grid(self, coefs)
+            return self
+        t, ms, split = _split_grid(coefs, self.eta)
         rows = []
         for k, (down, up) in enumerate(split):
             (m0, s0), (m1, s1) = ms[k], ms[k + 1]
             rows.append((m1 / m0, m1 * (s0 / m0 - down) * s0, m1 * up / math.sqrt(abs(t[k] - t[k + 1]))))
-        return cls(eta=eta, table=tuple(rows))
+        return dataclasses.replace(self, table=tuple(rows), table_times=tuple(t))
 
     def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
         if self.table is None:
-            raise ValueError("EulerAncestral needs its per-step table: build it with EulerAncestral.tabulated(sde, times)")
+            raise ValueError("EulerAncestral needs its per-step table: run it through integrate_fixed_grid (which "
+                             "prepares it) or build it with EulerAncestral.tabulated(sde, times)")
         return 0
 
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
@@ -126,12 +136,16 @@ class DPM2(AbstractFixedGridSolver):
     Args:
         ancestral: add the ancestral noise ($\sigma_\uparrow$ with ``eta``).
         eta: $\eta \ge 0$ for the ancestral split (ignored without ``ancestral``).
-        table: per-step host floats (see `tabulated`); required.
+        table: per-step host floats, built by `prepare` from the grid's and the midpoints'
+            [`GridCoefficients`][sdegen.solvers.marginal_rows.GridCoefficients] (the loop prepares a
+            solver constructed without it).
+        table_times: the grid ``table`` was built for (set by `prepare`; a run on another grid is a ``ValueError``).
     """
 
     ancestral: bool = False
     eta: float = 1.0
     table: tuple | None = field(default=None, repr=False)
+    table_times: tuple | None = field(default=None, repr=False)
 
     order: ClassVar[float] = 2.0
     evals_per_step: ClassVar[int] = 2
@@ -147,13 +161,24 @@ class DPM2(AbstractFixedGridSolver):
 
     @classmethod
     def tabulated(cls, sde: AffineSDE, times: Tensor, ancestral: bool = False, eta: float = 1.0) -> "DPM2":
-        """The solver for ``times`` (decreasing): the midpoint times are found once, by the SDE's inverse."""
-        _check_eta(eta)     # checked even where it is unused (ancestral=False)
-        t, ms, split = _split_grid(sde, times, eta if ancestral else 0.0)
+        """The solver for ``times`` (decreasing): `prepare` on the grid's
+        [`GridCoefficients`][sdegen.solvers.marginal_rows.GridCoefficients]."""
+        return cls(ancestral=ancestral, eta=eta).prepare(GridCoefficients(sde, times))
+
+    def prepare(self, coefs: GridCoefficients) -> "DPM2":
+        """The solver with its table for the grid of ``coefs``: the midpoint times are found once, by the SDE's
+        inverse, and their $(m, s)$ read from one `GridCoefficients` on them. A solver that has a table
+        already is checked against the grid (``ValueError`` if it was built for another)."""
+        if self.table is not None:
+            check_table_grid(self, coefs)
+            return self
+        sde = coefs.sde
+        t, ms, split = _split_grid(coefs, self.eta if self.ancestral else 0.0)
         mids = [math.sqrt((ms[k][1] / ms[k][0]) * split[k][0]) for k in range(len(split))]
         pos = [k for k, sm in enumerate(mids) if sm > 0.0]
         t_mid = dict(zip(pos, sigma_to_time(sde, [mids[k] for k in pos]))) if pos else {}
-        m_mid = dict(zip(pos, marginal_rows(sde, torch.tensor([t_mid[k] for k in pos], dtype=torch.float64))))
+        mid = GridCoefficients(sde, [t_mid[k] for k in pos])
+        m_mid = dict(zip(pos, zip(mid.m, mid.s))) if pos else {}
         rows = []
         for k in range(len(t) - 1):
             (m0, s0), (m1, s1) = ms[k], ms[k + 1]
@@ -169,11 +194,12 @@ class DPM2(AbstractFixedGridSolver):
             first = (mm / m0, -mm * (sig_m - sig0) * s0)          # x_m = a x + b score(x, t0)
             second = (m1 / m0, -m1 * (down - sig0) * sm, c)       # x_1 = a x + b score(x_m, t_m) + c dw
             rows.append(((t_mid[k], *first), second))
-        return cls(ancestral=ancestral, eta=eta, table=tuple(rows))
+        return dataclasses.replace(self, table=tuple(rows), table_times=tuple(t))
 
     def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
         if self.table is None:
-            raise ValueError("DPM2 needs its per-step table: build it with DPM2.tabulated(sde, times)")
+            raise ValueError("DPM2 needs its per-step table: run it through integrate_fixed_grid (which "
+                             "prepares it) or build it with DPM2.tabulated(sde, times)")
         # The midpoint time vectors, made once on the state's device (not one allocation per step).
         t_mid = torch.tensor([row[0][0] if row[0] is not None else 0.0 for row in self.table],
                              dtype=t0.dtype, device=t0.device)
@@ -191,15 +217,17 @@ class DPM2(AbstractFixedGridSolver):
 
 
 def build_euler_ancestral(ctx, opts: dict) -> EulerAncestral:
-    """``sdegen.sample`` builder (the runner has set ``ctx.times`` from ``grid=``)."""
-    return EulerAncestral.tabulated(ctx.dyn.affine, ctx.times, eta=opts["eta"])
+    """``sdegen.sample`` builder (the runner has set ``ctx.times`` from ``grid=``; the loop prepares the table)."""
+    ctx.dyn.affine      # TypeError for a non-affine SDE here, before the run
+    return EulerAncestral(eta=opts["eta"])
 
 
 def build_dpm2(ancestral: bool):
-    """``sdegen.sample`` builder of DPM-2 or DPM-2 ancestral."""
+    """``sdegen.sample`` builder of DPM-2 or DPM-2 ancestral (the loop prepares the table)."""
 
     def build(ctx, opts: dict) -> DPM2:
-        return DPM2.tabulated(ctx.dyn.affine, ctx.times, ancestral=ancestral, eta=opts.get("eta", 1.0))
+        ctx.dyn.affine  # TypeError for a non-affine SDE here, before the run
+        return DPM2(ancestral=ancestral, eta=opts.get("eta", 1.0))
 
     return build
 

@@ -34,7 +34,7 @@ Notation: $m(t)$ = ``mean_coef``, $s(t)$ = ``std`` of $x_t \mid x_0 \sim \mathca
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -43,6 +43,7 @@ from torch import Tensor
 from .._utils import append_dims
 from ..sdes import SDE, AffineSDE
 from .base import AbstractFixedGridSolver, Dynamics
+from .marginal_rows import GridCoefficients
 
 __all__ = ["AbstractCorrector", "LangevinCorrector", "BatchLangevinCorrector", "AnnealedLangevinCorrector",
            "PredictorCorrector", "langevin_alpha"]
@@ -266,6 +267,11 @@ class PredictorCorrector(AbstractFixedGridSolver):
     def evals_per_step(self) -> int:  # type: ignore[override]
         extra = self.corrector_steps if self.corrector is not None else 0
         return self.predictor.evals_per_step + extra
+
+    def prepare(self, coefs: GridCoefficients) -> "PredictorCorrector":
+        """The wrapper around the predictor prepared for the grid of ``coefs`` (the loop prepares only the wrapper)."""
+        predictor = self.predictor.prepare(coefs)
+        return self if predictor is self.predictor else replace(self, predictor=predictor)
 
     def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
         return self.predictor.init_state(dyn, x, t0), 0, 0

@@ -40,7 +40,8 @@ from torch import Tensor
 from .._utils import check_bool, check_number
 from ..sdes import AffineSDE
 from .base import AbstractFixedGridSolver, Dynamics
-from .marginal_rows import lambda_of, marginal_rows
+from .marginal_rows import GridCoefficients
+from .sde_dpm import check_table_grid
 
 __all__ = ["DPMSolverSinglestep", "singlestep_orders", "fast_orders", "build_dpm_singlestep", "build_dpm_fast",
            "DPM_SINGLESTEP_OPTIONS", "DPM_FAST_OPTIONS", "SINGLESTEP_TYPES"]
@@ -92,6 +93,9 @@ def _noise_coefs(h: float) -> tuple[float, float, float]:
 class DPMSolverSinglestep(AbstractFixedGridSolver):
     r"""Single-step DPM-Solver(++) of order 1-3 per step (see the module docstring for the updates).
 
+    The loop's grid is the steps' boundaries; ``fine`` adds each step's stage times (its inner points),
+    and ``orders`` says how many fine intervals each step spans (`group_times` gives the loop's grid).
+
     Step $t_a \to t_b$ of order $k$ (from ``table``): evaluate the prediction at $x_a$; for each stage
     $j < k$ compute $x_{s_j}$ by the order-$j$ update from $x_a$ and evaluate there; then the order-$k$
     update to $t_b$. $k$ score evaluations per step; order $k$ for the probability flow ($\eta = 0$).
@@ -108,7 +112,13 @@ class DPMSolverSinglestep(AbstractFixedGridSolver):
             draw per update, diffusers' ``sde-dpmsolver++`` single-step (biased: variance errors of 10-20 %
             at 60-100 steps on the oracle problems, where ``"brownian"`` passes the distribution check).
         draw: ``draw(k) -> Tensor`` unit Gaussian like ``x`` for the stages' noise (needed when ``eta > 0``).
-        table: per-step rows (see `tabulated`); required.
+        orders: the order (1, 2 or 3) of each loop step; needed to prepare the table.
+        fine: the fine grid, decreasing floats with ``sum(orders) + 1`` entries: the loop's grid and, inside
+            each step, its stage times; needed to prepare the table.
+        table: per-step rows, built by `prepare` from the fine grid's
+            [`GridCoefficients`][sdegen.solvers.marginal_rows.GridCoefficients] (the loop prepares a
+            solver constructed without it).
+        table_times: the loop grid ``table`` was built for (set by `prepare`; a run on another grid is a ``ValueError``).
     """
 
     prediction: str = "data"
@@ -116,7 +126,10 @@ class DPMSolverSinglestep(AbstractFixedGridSolver):
     eta: float = 0.0
     noise: str = "brownian"
     draw: Callable[[int], Tensor] | None = field(default=None, repr=False)
+    orders: tuple | None = field(default=None, repr=False)
+    fine: tuple | None = field(default=None, repr=False)
     table: tuple | None = field(default=None, repr=False)
+    table_times: tuple | None = field(default=None, repr=False)
 
     order: ClassVar[float] = 3.0
     evals_per_step: ClassVar[int] = 3
@@ -136,22 +149,49 @@ class DPMSolverSinglestep(AbstractFixedGridSolver):
             raise ValueError(f"noise must be 'brownian' or 'independent', got {self.noise!r}")
         if self.eta > 0.0 and self.prediction != "data":
             raise ValueError(f"eta > 0 needs prediction='data' (SDE-DPM-Solver++), got prediction={self.prediction!r}")
+        # one normal form (tuples of ints / host floats), so that a list or a tensor works and the solver stays hashable
+        if self.orders is not None:
+            orders = tuple(self.orders)
+            if not orders or any(isinstance(k, bool) or k not in (1, 2, 3) for k in orders):
+                raise ValueError(f"orders must be a non-empty sequence of 1, 2 or 3, got {self.orders!r}")
+            object.__setattr__(self, "orders", orders)
+        if self.fine is not None:
+            fine = tuple(torch.as_tensor(self.fine, dtype=torch.float64).detach().to("cpu").reshape(-1).tolist())
+            object.__setattr__(self, "fine", fine)
+            n = len(fine) - 1
+            if self.orders is None or sum(self.orders) != n:
+                raise ValueError(f"orders must be 1, 2 or 3 and sum to the number of grid steps {n}, got {self.orders}")
 
     @classmethod
     def tabulated(cls, sde: AffineSDE, times: Tensor, orders: list[int], **options) -> "DPMSolverSinglestep":
         r"""The solver on the fine grid ``times`` grouped by ``orders`` (``sum(orders) = len(times) - 1``):
-        each group's inner grid points are its stages. Returns the solver; its loop grid is `group_times`."""
-        t = torch.as_tensor(times, dtype=torch.float64).detach().to("cpu").reshape(-1)
-        if sum(orders) != t.numel() - 1 or any(k not in (1, 2, 3) for k in orders):
-            raise ValueError(f"orders must be 1, 2 or 3 and sum to the number of grid steps {t.numel() - 1}, got {orders}")
-        solver = cls(**options)
-        ms = marginal_rows(sde, t)
-        tl = t.tolist()
-        rows, a = [], 0
-        for k in orders:
-            rows.append(solver._row(ms, tl, list(range(a, a + k + 1))))
-            a += k
-        return dataclasses.replace(solver, table=tuple(rows))
+        each group's inner grid points are its stages. Returns the solver, prepared; its loop grid is `group_times`."""
+        solver = cls(orders=orders, fine=times, **options)
+        return solver.prepare(GridCoefficients(sde, cls.group_times(torch.tensor(solver.fine, dtype=torch.float64), orders)))
+
+    def prepare(self, coefs: GridCoefficients) -> "DPMSolverSinglestep":
+        """The solver with its table for the loop grid of ``coefs``, which must be `group_times` of ``fine``
+        (``ValueError`` otherwise): the coefficients are read from one `GridCoefficients` on ``fine``. A
+        solver that has a table already is checked against the grid instead."""
+        if self.table is not None:
+            check_table_grid(self, coefs)
+            return self
+        if self.orders is None or self.fine is None:
+            raise ValueError("DPMSolverSinglestep needs orders= and fine= (the fine grid with its stage times) to "
+                             "prepare its table")
+        bounds = [0]
+        for k in self.orders:
+            bounds.append(bounds[-1] + k)
+        loop = [self.fine[j] for j in bounds]
+        if len(loop) != len(coefs.t) or not all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
+                                                for a, b in zip(loop, coefs.t)):
+            raise ValueError(f"DPMSolverSinglestep runs on the group boundaries of its fine grid ({len(loop) - 1} steps, "
+                             f"from {loop[0]!r} to {loop[-1]!r}), got a grid of {coefs.n} steps from {coefs.t[0]!r} to "
+                             f"{coefs.t[-1]!r}; run it on DPMSolverSinglestep.group_times(fine, orders)")
+        fc = coefs if list(self.fine) == coefs.t else GridCoefficients(coefs.sde, list(self.fine))   # all order 1: one grid
+        ms, lams, tl = list(zip(fc.m, fc.s)), fc.lam, fc.t
+        rows = [self._row(ms, lams, tl, list(range(a, b + 1))) for a, b in zip(bounds[:-1], bounds[1:])]
+        return dataclasses.replace(self, table=tuple(rows), table_times=tuple(coefs.t))
 
     @staticmethod
     def group_times(times: Tensor, orders: list[int]) -> Tensor:
@@ -211,8 +251,7 @@ class DPMSolverSinglestep(AbstractFixedGridSolver):
             prev = rows[-1]
         return rows
 
-    def _row(self, ms, tl, idx: list[int]):
-        lams = {j: lambda_of(*ms[j]) for j in idx}
+    def _row(self, ms, lams, tl, idx: list[int]):
         k = len(idx) - 1
         a, b = idx[0], idx[-1]
         final_form = self.solver_type if self.solver_type != "paper" else "midpoint"
@@ -244,7 +283,8 @@ class DPMSolverSinglestep(AbstractFixedGridSolver):
     # -------------------------------------------------------------------------------- stepping
     def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
         if self.table is None:
-            raise ValueError("DPMSolverSinglestep needs its table: build it with DPMSolverSinglestep.tabulated(...)")
+            raise ValueError("DPMSolverSinglestep needs its table: run it through integrate_fixed_grid (which "
+                             "prepares it) or build it with DPMSolverSinglestep.tabulated(sde, fine, orders)")
         if self.eta > 0.0 and self.draw is None and any(row[0] for row in self.table):
             raise ValueError("DPMSolverSinglestep with eta > 0 and stages needs draw= for the stages' noise")
         # stage time vectors, made once on the state's device (one allocation, then views)
@@ -261,6 +301,8 @@ class DPMSolverSinglestep(AbstractFixedGridSolver):
 
     def nfe(self, steps: int) -> int:
         """One evaluation per step plus one per stage: the sum of the steps' orders."""
+        if self.orders is not None:
+            return sum(self.orders[:steps])
         return sum(1 + len(row[0]) for row in self.table[:steps])
 
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
@@ -291,7 +333,8 @@ class DPMSolverSinglestep(AbstractFixedGridSolver):
 
 def build_dpm_singlestep(ctx, opts: dict) -> DPMSolverSinglestep:
     r"""``sdegen.sample`` builder: ``steps`` grid intervals (grid from ``grid=``/``rho=``) grouped into
-    single-step updates by `singlestep_orders`; one evaluation per grid interval."""
+    single-step updates by `singlestep_orders`; one evaluation per grid interval. Sets ``ctx.times`` to the
+    groups' boundaries and returns the solver with ``fine`` and ``orders`` (the loop prepares its table)."""
     from ..grids import get_grid
 
     order = opts["order"]
@@ -302,10 +345,11 @@ def build_dpm_singlestep(ctx, opts: dict) -> DPMSolverSinglestep:
     orders = singlestep_orders(fine.numel() - 1, order, check_bool(opts["lower_order_final"], "lower_order_final"))
     if sum(orders) != fine.numel() - 1:        # without lower_order_final a remainder is one last group
         orders = orders + [fine.numel() - 1 - sum(orders)]
+    ctx.dyn.affine      # TypeError for a non-affine SDE here, before the run
     ctx.times = DPMSolverSinglestep.group_times(fine, orders)
-    return DPMSolverSinglestep.tabulated(ctx.dyn.affine, fine, orders, prediction=opts["prediction"],
-                                         solver_type=opts["solver_type"], eta=check_number(opts["eta"], "eta", low=0.0),
-                                         noise=opts["noise"], draw=ctx.unit_draw())
+    return DPMSolverSinglestep(prediction=opts["prediction"], solver_type=opts["solver_type"],
+                               eta=check_number(opts["eta"], "eta", low=0.0), noise=opts["noise"],
+                               draw=ctx.unit_draw(), orders=orders, fine=fine)
 
 
 def build_dpm_fast(ctx, opts: dict) -> DPMSolverSinglestep:
@@ -329,8 +373,7 @@ def build_dpm_fast(ctx, opts: dict) -> DPMSolverSinglestep:
         fine += [next(t_inner) for _ in range(k - 1)] + [tc[j + 1]]
     fine_t = torch.tensor(fine, dtype=torch.float64)
     ctx.times = DPMSolverSinglestep.group_times(fine_t, orders)
-    return DPMSolverSinglestep.tabulated(sde, fine_t, orders, prediction=opts["prediction"],
-                                         solver_type=opts["solver_type"])
+    return DPMSolverSinglestep(prediction=opts["prediction"], solver_type=opts["solver_type"], orders=orders, fine=fine_t)
 
 
 #: ``sdegen.sample(method="dpm_solver_singlestep")`` options.

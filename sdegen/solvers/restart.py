@@ -24,6 +24,7 @@ $N_\text{Restart}$ → ``restart_steps``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -33,7 +34,8 @@ from torch import Tensor
 
 from ..sdes import AffineSDE
 from .base import AbstractFixedGridSolver, Dynamics
-from .marginal_rows import marginal_rows, sigma_to_time
+from .marginal_rows import GridCoefficients, sigma_to_time
+from .sde_dpm import check_table_grid
 
 __all__ = ["Restart", "restart_times", "default_interval", "build_restart", "RESTART_OPTIONS"]
 
@@ -80,14 +82,20 @@ class Restart(AbstractFixedGridSolver):
     $x = m\hat x$ (2 evaluations). Upward step $t_0 \to t_1 > t_0$: $x_1 = r x_0 + q z$ (no evaluation).
     Order 2 on the ODE segments; the restarts make it a stochastic sampler.
 
+    The time list (from `restart_times`) is the grid the loop runs on; `prepare` reads every time's
+    $(m, s)$ from its [`GridCoefficients`][sdegen.solvers.marginal_rows.GridCoefficients] and each
+    distinct jump's $(r, q)$ from one `GridCoefficients` on $[t_\text{max}, t_\text{min}]$.
+
     Args:
-        table: per-step rows (see `tabulated`); required.
+        table: per-step rows, built by `prepare` (the loop prepares a solver constructed without it).
         draw: ``draw(k) -> Tensor``, the k-th unit Gaussian shaped like ``x`` (one per restart); required
             when the time list jumps up.
+        table_times: the time list ``table`` was built for (set by `prepare`; a run on another is a ``ValueError``).
     """
 
     table: tuple | None = field(default=None, repr=False)
     draw: Callable[[int], Tensor] | None = field(default=None, repr=False)
+    table_times: tuple | None = field(default=None, repr=False)
 
     order: ClassVar[float] = 2.0
     stochastic: ClassVar[bool] = False      # the loop's Brownian path is unused: restarts draw from `draw`
@@ -95,28 +103,44 @@ class Restart(AbstractFixedGridSolver):
 
     @classmethod
     def tabulated(cls, sde: AffineSDE, times: Tensor, draw: Callable[[int], Tensor] | None = None) -> "Restart":
-        """Per-step coefficients for the (non-monotone) time list ``times`` from `restart_times`."""
-        t = torch.as_tensor(times).detach().to("cpu", torch.float64).reshape(-1).tolist()
-        ms = marginal_rows(sde, t)
+        """Per-step coefficients for the (non-monotone) time list ``times`` from `restart_times` (`prepare` on
+        its [`GridCoefficients`][sdegen.solvers.marginal_rows.GridCoefficients])."""
+        return cls(draw=draw).prepare(GridCoefficients(sde, times))
+
+    def prepare(self, coefs: GridCoefficients) -> "Restart":
+        """The solver with its table for the time list of ``coefs``; a solver that has one already is checked
+        against that list (``ValueError`` if it was built for another)."""
+        if self.table is not None:
+            check_table_grid(self, coefs)
+            return self
+        t, ms = coefs.t, list(zip(coefs.m, coefs.s))
+        jumps: dict[tuple[float, float], tuple[float, float]] = {}
         rows = []
         for k in range(len(t) - 1):
             (m0, s0), (m1, s1) = ms[k], ms[k + 1]
             if t[k + 1] > t[k]:
-                r, q = sde.transition(torch.tensor([t[k]], dtype=torch.float64), torch.tensor([t[k + 1]], dtype=torch.float64))
-                rows.append(("up", float(r), float(q)))
+                if (t[k], t[k + 1]) not in jumps:
+                    # the kernel x_{t_max} | x_{t_min}: the one step of the decreasing grid [t_max, t_min]
+                    up = GridCoefficients(coefs.sde, [t[k + 1], t[k]])
+                    jumps[t[k], t[k + 1]] = up.r[0], up.q[0]
+                rows.append(("up", *jumps[t[k], t[k + 1]]))
             else:
                 dsig = s1 / m1 - s0 / m0
                 # x_e = (m1/m0) x - m1 dsig s0 score0;  x_1 = (m1/m0) x - m1 dsig (s0 score0 + s1 score1)/2
                 rows.append(("down", m1 / m0, -m1 * dsig * s0, -0.5 * m1 * dsig * s0, -0.5 * m1 * dsig * s1))
-        return cls(table=tuple(rows), draw=draw)
+        return dataclasses.replace(self, table=tuple(rows), table_times=tuple(t))
 
     def nfe(self, steps: int) -> int:
-        """Two evaluations per downward step of the time list, none per restart (upward jump)."""
+        """Two evaluations per downward step of the time list, none per restart (upward jump); needs the
+        table, which knows the list (`prepare`)."""
+        if self.table is None:
+            raise ValueError("Restart.nfe needs the table of its time list: prepare it first (Restart.tabulated)")
         return 2 * sum(row[0] == "down" for row in self.table[:steps])
 
     def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
         if self.table is None:
-            raise ValueError("Restart needs its per-step table: build it with Restart.tabulated(sde, times)")
+            raise ValueError("Restart needs its per-step table: run it through integrate_fixed_grid (which "
+                             "prepares it) or build it with Restart.tabulated(sde, times)")
         if self.draw is None and any(row[0] == "up" for row in self.table):
             raise ValueError("Restart with restarts needs draw= (unit Gaussian draws for the re-noising)")
         return 0, 0
@@ -144,7 +168,10 @@ def default_interval(sde: AffineSDE, main: Tensor) -> tuple[float, float]:
 
 
 def build_restart(ctx, opts: dict) -> Restart:
-    r"""``sdegen.sample`` builder: main grid from ``grid=``/``rho=``, restarts inserted, table computed."""
+    r"""``sdegen.sample`` builder: main grid from ``grid=``/``rho=``, restarts inserted, table computed.
+
+    The table is prepared here, not by the loop: the runner reads ``solver.nfe(n)``, which depends on where
+    the time list jumps up, from the solver it built (the loop's prepare then only checks the list)."""
     from ..grids import get_grid
 
     sde = ctx.dyn.affine

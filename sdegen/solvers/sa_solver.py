@@ -34,6 +34,7 @@ $x_\theta$ → $D$ (Tweedie); $\tau(t)$ → ``tau``, ``tau_sigma``; $s_p, s_c$ �
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -44,7 +45,8 @@ from torch import Tensor
 from .._utils import check_bool
 from ..sdes import AffineSDE
 from .base import AbstractFixedGridSolver, Dynamics
-from .marginal_rows import lambda_of, marginal_rows
+from .marginal_rows import GridCoefficients
+from .sde_dpm import check_table_grid
 
 __all__ = ["SASolver", "build_sa_solver", "SA_SOLVER_OPTIONS"]
 
@@ -92,9 +94,12 @@ class SASolver(AbstractFixedGridSolver):
         tau: $\tau \ge 0$ inside the window.
         tau_sigma: ``(sigma_lo, sigma_hi)``: $\tau$ applies to steps starting at $\sigma \in$ that window;
             ``None``: every step.
-        n_steps: number of grid steps $N$ (for ``lower_order_final``).
+        n_steps: number of grid steps $N$ (for ``lower_order_final``); ``None``: the grid's (set by `prepare`).
         lower_order_final: lower the orders on the last steps.
-        table: per-step host-float weights (see `tabulated`); required.
+        table: per-step host-float weights, built by `prepare` from the grid's
+            [`GridCoefficients`][sdegen.solvers.marginal_rows.GridCoefficients] (the loop prepares a
+            solver constructed without it).
+        table_times: the grid ``table`` was built for (set by `prepare`; a run on another grid is a ``ValueError``).
     """
 
     predictor_order: int = 2
@@ -104,6 +109,7 @@ class SASolver(AbstractFixedGridSolver):
     n_steps: int | None = None
     lower_order_final: bool = True
     table: tuple | None = field(default=None, repr=False)
+    table_times: tuple | None = field(default=None, repr=False)
 
     stochastic: ClassVar[bool] = True
     evals_per_step: ClassVar[int] = 1
@@ -134,13 +140,19 @@ class SASolver(AbstractFixedGridSolver):
 
     @classmethod
     def tabulated(cls, sde: AffineSDE, times: Tensor, **options) -> "SASolver":
-        """The solver for ``times`` (decreasing), every weight computed once in float64 on the host."""
-        import dataclasses
+        """The solver for ``times`` (decreasing), every weight computed once in float64 on the host:
+        ``cls(**options)`` prepared on the grid's [`GridCoefficients`][sdegen.solvers.marginal_rows.GridCoefficients]."""
+        return cls(**options).prepare(GridCoefficients(sde, times))
 
-        t = torch.as_tensor(times, dtype=torch.float64).detach().to("cpu").reshape(-1)
-        options.setdefault("n_steps", t.numel() - 1)
-        solver = cls(**options)
-        return dataclasses.replace(solver, table=solver._weights(marginal_rows(sde, t), t.tolist()))
+    def prepare(self, coefs: GridCoefficients) -> "SASolver":
+        """The solver with its table for the grid of ``coefs`` (``n_steps`` defaults to the grid's); a solver
+        that has one already is checked against that grid (``ValueError`` if it was built for another)."""
+        if self.table is not None:
+            check_table_grid(self, coefs)
+            return self
+        solver = self if self.n_steps is not None else dataclasses.replace(self, n_steps=coefs.n)
+        ms = list(zip(coefs.m, coefs.s))
+        return dataclasses.replace(solver, table=solver._weights(ms, coefs.lam, coefs.t), table_times=tuple(coefs.t))
 
     def _update(self, ms, lams, a: int, b: int, nodes: list[int], tau: float, kind: str, scale: float):
         """``(lin, weights over nodes, noise coef)`` of one predictor/corrector update from grid point a to b."""
@@ -160,9 +172,8 @@ class SASolver(AbstractFixedGridSolver):
         # the stored predictions are m_j * D_j (one kernel fewer per step): fold 1/m_j into the weights
         return lin, tuple(m1 * wj / ms[j][0] for wj, j in zip(w, nodes)), noise
 
-    def _weights(self, ms: list, tl: list) -> tuple:
+    def _weights(self, ms: list, lams: list, tl: list) -> tuple:
         n = len(tl) - 1
-        lams = [lambda_of(m, s) for m, s in ms]
         rows, prev_corr, done = [], 0, 0
         for i in range(n):
             tau_i = self._tau_at(ms[i][1] / ms[i][0])
@@ -184,7 +195,8 @@ class SASolver(AbstractFixedGridSolver):
 
     def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
         if self.table is None:
-            raise ValueError("SASolver needs its per-step table: build it with SASolver.tabulated(sde, times)")
+            raise ValueError("SASolver needs its per-step table: run it through integrate_fixed_grid (which "
+                             "prepares it) or build it with SASolver.tabulated(sde, times)")
         return 0, (), None, None
 
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
@@ -210,16 +222,17 @@ def _update(coefs: tuple, x: Tensor, hist: tuple, dw: Tensor | None) -> Tensor:
 
 
 def build_sa_solver(ctx, opts: dict) -> SASolver:
-    r"""``sdegen.sample`` builder: the grid from ``grid=`` (and ``rho=``), then the table."""
+    r"""``sdegen.sample`` builder: the grid from ``grid=`` (and ``rho=``) and the solver's options; the loop
+    prepares its table on that grid."""
     from ..grids import get_grid
 
+    ctx.dyn.affine      # TypeError for a non-affine SDE here, before the run
     grid_opts = {"rho": opts["rho"]} if isinstance(opts["grid"], str) and opts["grid"] == "karras" else {}
     ctx.times = get_grid(opts["grid"], ctx.sde, ctx.steps, ctx.eps, **grid_opts)
     win = opts["tau_sigma"]
-    return SASolver.tabulated(ctx.dyn.affine, ctx.times, predictor_order=opts["predictor_order"],
-                              corrector_order=opts["corrector_order"], tau=opts["tau"],
-                              tau_sigma=tuple(win) if isinstance(win, list) else win,
-                              lower_order_final=check_bool(opts["lower_order_final"], "lower_order_final"))
+    return SASolver(predictor_order=opts["predictor_order"], corrector_order=opts["corrector_order"], tau=opts["tau"],
+                    tau_sigma=tuple(win) if isinstance(win, list) else win,
+                    lower_order_final=check_bool(opts["lower_order_final"], "lower_order_final"))
 
 
 #: ``sdegen.sample(method="sa_solver")`` options (diffusers' ``SASolverScheduler`` orders; $\tau = 1$ on

@@ -40,7 +40,7 @@ from torch import Tensor
 from .._utils import check_bool
 from ..sdes import AffineSDE
 from .base import AbstractFixedGridSolver, Dynamics
-from .marginal_rows import lambda_of, marginal_rows
+from .marginal_rows import GridCoefficients
 
 __all__ = ["SDEDPMSolverPP", "build_sde_dpm_solver", "SDE_DPM_OPTIONS", "SOLVER_TYPES"]
 
@@ -56,6 +56,23 @@ def _integrals(h: float, eta: float) -> tuple[float, float, float]:
         return 1.0, math.inf, math.inf
     i0 = -math.expm1(-H)
     return i0, h * (1.0 - i0 / H), h * h * (0.5 - 1.0 / H + i0 / (H * H))
+
+
+def check_table_grid(solver: AbstractFixedGridSolver, coefs: GridCoefficients) -> None:
+    r"""``ValueError`` unless ``solver.table`` (one row per loop step) was built for the grid of ``coefs``.
+
+    Checks the row count against the loop's steps and, where the solver recorded it (``table_times``),
+    every grid time (relative $10^{-6}$: a float32 copy of the same grid still matches). A table of
+    another grid would otherwise be applied silently with the wrong weights."""
+    name, table, times = type(solver).__name__, solver.table, solver.table_times
+    if len(table) != coefs.n:
+        raise ValueError(f"{name}'s table has {len(table)} steps but the grid it runs on has {coefs.n}: it was "
+                         f"prepared for another grid; construct {name} without table= and let the loop prepare it")
+    if times is not None:
+        for k, (a, b) in enumerate(zip(times, coefs.t)):
+            if not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12):
+                raise ValueError(f"{name}'s table was prepared for another grid: time {k} is {a!r} there and {b!r} "
+                                 f"in the grid it runs on; construct {name} without table= and let the loop prepare it")
 
 
 @dataclass(frozen=True)
@@ -83,9 +100,12 @@ class SDEDPMSolverPP(AbstractFixedGridSolver):
         order: 1, 2 or 3.
         eta: $\eta \ge 0$, the noise level (1: the reverse SDE; 0: the probability-flow ODE).
         solver_type: ``"exact"`` (the exact integral; diffusers' ``"heun"``) or ``"midpoint"`` (diffusers' default), for order 2.
-        n_steps: number of grid steps $N$, needed for ``lower_order_final``.
+        n_steps: number of grid steps $N$ for ``lower_order_final``; ``None``: the grid's (set by `prepare`).
         lower_order_final: lower the order on the last steps.
-        table: per-step host-float weights (see `tabulated`); required.
+        table: per-step host-float weights, built by `prepare` from the grid's
+            [`GridCoefficients`][sdegen.solvers.marginal_rows.GridCoefficients] (the loop prepares a
+            solver constructed without it).
+        table_times: the grid ``table`` was built for (set by `prepare`; a run on another grid is a ``ValueError``).
     """
 
     order: int = 2  # type: ignore[misc]  # an option here
@@ -94,6 +114,7 @@ class SDEDPMSolverPP(AbstractFixedGridSolver):
     n_steps: int | None = None
     lower_order_final: bool = True
     table: tuple | None = field(default=None, repr=False)
+    table_times: tuple | None = field(default=None, repr=False)
 
     stochastic: ClassVar[bool] = True
     evals_per_step: ClassVar[int] = 1
@@ -108,23 +129,28 @@ class SDEDPMSolverPP(AbstractFixedGridSolver):
 
     @classmethod
     def tabulated(cls, sde: AffineSDE, times: Tensor, **options) -> "SDEDPMSolverPP":
-        """The solver for ``times`` (decreasing), every step's weights computed once in float64 on the host."""
-        t = torch.as_tensor(times, dtype=torch.float64).detach().to("cpu").reshape(-1)
-        ms = marginal_rows(sde, t)
-        tl = t.tolist()
-        options.setdefault("n_steps", len(tl) - 1)
-        solver = cls(**options)
-        return dataclasses.replace(solver, table=solver._weights(ms, tl))
+        """The solver for ``times`` (decreasing), every step's weights computed once in float64 on the host:
+        ``cls(**options)`` prepared on the grid's [`GridCoefficients`][sdegen.solvers.marginal_rows.GridCoefficients]."""
+        return cls(**options).prepare(GridCoefficients(sde, times))
 
-    def _weights(self, ms: list, tl: list) -> tuple:
+    def prepare(self, coefs: GridCoefficients) -> "SDEDPMSolverPP":
+        """The solver with its table for the grid of ``coefs`` (``n_steps`` defaults to the grid's); a solver
+        that has one already is checked against that grid (``ValueError`` if it was built for another)."""
+        if self.table is not None:
+            check_table_grid(self, coefs)
+            return self
+        solver = self if self.n_steps is not None else dataclasses.replace(self, n_steps=coefs.n)
+        return dataclasses.replace(solver, table=solver._weights(coefs), table_times=tuple(coefs.t))
+
+    def _weights(self, coefs: GridCoefficients) -> tuple:
         r"""Per step ``(s0^2, lin, (w_0, w_1, ...), c)``: the update is
         $x_1 = \text{lin}\,x + \sum_j w_j\,\tilde D_j + c\,\Delta w$ with the stored $\tilde D_j = x_j + s_j^2 s_\theta(x_j)$
         (Tweedie's $\hat x_0 = \tilde D/m$: the $1/m_j$ is folded into $w_j$), newest first."""
         rows, lams, inv_m = [], [], []
-        n = len(tl) - 1
-        for i in range(n):
-            (m0, s0), (m1, s1) = ms[i], ms[i + 1]
-            lam0, lam1 = lambda_of(m0, s0), lambda_of(m1, s1)
+        m, s, lam, tl = coefs.m, coefs.s, coefs.lam, coefs.t
+        for i in range(coefs.n):
+            m0, s0, m1, s1 = m[i], s[i], m[i + 1], s[i + 1]
+            lam0, lam1 = lam[i], lam[i + 1]
             lams, inv_m = (lams + [lam0])[-self.order:], (inv_m + [1.0 / m0])[-self.order:]
             k = len(lams)
             if self.lower_order_final and self.n_steps is not None:
@@ -157,7 +183,8 @@ class SDEDPMSolverPP(AbstractFixedGridSolver):
 
     def init_state(self, dyn: Dynamics, x: Tensor, t0: Tensor) -> Any:
         if self.table is None:
-            raise ValueError("SDEDPMSolverPP needs its per-step table: build it with SDEDPMSolverPP.tabulated(sde, times)")
+            raise ValueError("SDEDPMSolverPP needs its per-step table: run it through integrate_fixed_grid (which "
+                             "prepares it) or build it with SDEDPMSolverPP.tabulated(sde, times)")
         return 0, ()
 
     def step(self, dyn: Dynamics, x: Tensor, t0: Tensor, t1: Tensor, state: Any, dw: Tensor | None):
@@ -174,14 +201,15 @@ class SDEDPMSolverPP(AbstractFixedGridSolver):
 
 
 def build_sde_dpm_solver(ctx, opts: dict) -> SDEDPMSolverPP:
-    r"""``sdegen.sample`` builder: the grid from ``grid=`` (and ``rho=`` for ``"karras"``), then the table."""
+    r"""``sdegen.sample`` builder: the grid from ``grid=`` (and ``rho=`` for ``"karras"``) and the solver's
+    options; the loop prepares its table on that grid."""
     from ..grids import get_grid
 
+    ctx.dyn.affine      # TypeError for a non-affine SDE here, before the run
     grid_opts = {"rho": opts["rho"]} if isinstance(opts["grid"], str) and opts["grid"] == "karras" else {}
     ctx.times = get_grid(opts["grid"], ctx.sde, ctx.steps, ctx.eps, **grid_opts)
-    return SDEDPMSolverPP.tabulated(ctx.dyn.affine, ctx.times, order=opts["order"], eta=opts["eta"],
-                                    solver_type=opts["solver_type"],
-                                    lower_order_final=check_bool(opts["lower_order_final"], "lower_order_final"))
+    return SDEDPMSolverPP(order=opts["order"], eta=opts["eta"], solver_type=opts["solver_type"],
+                          lower_order_final=check_bool(opts["lower_order_final"], "lower_order_final"))
 
 
 #: ``sdegen.sample(method="sde_dpm_solver")`` options and defaults (k-diffusion's ``dpmpp_2m_sde``
