@@ -60,8 +60,8 @@ class AdaptiveRun:
         compact: call the term on the running samples only (``False``: the full batch, with zero
             steps for the finished samples).
         nonfinite_streak: raise `NonFiniteError` after this many consecutive attempts with a non-finite
-            error (``None``: when the error and the derivative at the state are non-finite). Either
-            way a step size that underflows while the error stays non-finite raises it.
+            error (``None``: when the error and the derivative at the state are non-finite, or when
+            the step size underflows while the error stays non-finite).
         count_per_sample: keep each sample's accepted and rejected counts (statistics, messages).
         name: the solver's name in messages and on the progress bar.
     """
@@ -285,21 +285,25 @@ class DeviceSteps:
         okb = append_dims(ok, nd)
         x_new = torch.where(okb, x_prop, xa)
         st_new = None if st is None else torch.where(okb, st, sa)
-        nf_new = ~finite
         if run.nonfinite_streak is None:
+            nf_new = ~finite
             bad = nf_new & ~torch.isfinite(sa.reshape(sa.shape[0], -1)).all(1)
         else:  # the streak rule alone decides
-            bad = None
+            nf_new = bad = None
         if live is not None:
             h_new = torch.where(live, h_new, ha)
-            nf_new = torch.where(live, nf_new, sel(self.nonfinite_rej))
-            bad = None if bad is None else bad & live
+            if nf_new is not None:
+                nf_new = torch.where(live, nf_new, sel(self.nonfinite_rej))
+                bad = bad & live
         if idx is None:
-            self.x, self.t, self.h, self.state_k, self.nonfinite_rej = x_new, t_new, h_new, st_new, nf_new
+            self.x, self.t, self.h, self.state_k = x_new, t_new, h_new, st_new
+            if run.nonfinite_streak is None:
+                self.nonfinite_rej = nf_new
         else:
             self.x, self.t, self.h = x.index_copy(0, idx, x_new), self.t.index_copy(0, idx, t_new), \
                 self.h.index_copy(0, idx, h_new)
-            self.nonfinite_rej = self.nonfinite_rej.index_copy(0, idx, nf_new)
+            if run.nonfinite_streak is None:
+                self.nonfinite_rej = self.nonfinite_rej.index_copy(0, idx, nf_new)
             if st_new is not None:
                 self.state_k = self.state_k.index_copy(0, idx, st_new)
         if self.pi:
