@@ -30,8 +30,7 @@ from torch import Tensor
 
 from ..sdes import AffineSDE
 from .base import AbstractFixedGridSolver, Dynamics
-from .marginal_rows import GridCoefficients, sigma_to_time
-from .sde_dpm import check_table_grid
+from .marginal_rows import GridCoefficients, sigma_to_time, check_table_grid
 from .sde_steps import linear_update
 
 __all__ = ["EulerAncestral", "DPM2", "ancestral_split", "build_euler_ancestral", "build_dpm2",

@@ -16,7 +16,6 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor
 
-from .._utils import append_dims
 from ..sdes import ReverseSDE
 from .brownian import BrownianPath
 from .controllers import FixedGrid
@@ -143,7 +142,7 @@ class CountingScore:
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         self.nfe += 1
-        versions = x._version, t._version
+        x_version, t_version = x._version, t._version
         out = self.score_fn(x, t, **self.model_kwargs)
         if not isinstance(out, Tensor) or out.shape != x.shape:
             raise ValueError(f"score_fn must return a tensor shaped like x {tuple(x.shape)}, "
@@ -152,7 +151,8 @@ class CountingScore:
             raise TypeError(f"score_fn must return a tensor with x's dtype and device ({x.dtype} on {x.device}), "
                             f"got {out.dtype} on {out.device}; cast inside the score function "
                             "(e.g. return s.to(x.dtype)) or sample in the model's dtype")
-        self._check_inputs_unchanged(x, t, versions)
+        if x._version != x_version or t._version != t_version:  # inline: this runs once per evaluation
+            self._check_inputs_unchanged(x, t, (x_version, t_version))
         return out
 
     @staticmethod

@@ -40,8 +40,7 @@ from torch import Tensor
 from .._utils import check_bool, check_number
 from ..sdes import AffineSDE
 from .base import AbstractFixedGridSolver, Dynamics
-from .marginal_rows import GridCoefficients
-from .sde_dpm import check_table_grid
+from .marginal_rows import GridCoefficients, check_table_grid
 
 __all__ = ["DPMSolverSinglestep", "singlestep_orders", "fast_orders", "build_dpm_singlestep", "build_dpm_fast",
            "DPM_SINGLESTEP_OPTIONS", "DPM_FAST_OPTIONS", "SINGLESTEP_TYPES"]

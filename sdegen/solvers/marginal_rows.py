@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..sdes import SDE, AffineSDE
 
-__all__ = ["GridCoefficients", "marginal_rows", "grid_marginals", "sigma_to_time", "lambda_of"]
+__all__ = ["GridCoefficients", "check_table_grid", "sigma_to_time", "lambda_of"]
 
 
 
@@ -107,16 +107,21 @@ class GridCoefficients:
         return torch.tensor(self._get(key), dtype=torch.float64)
 
 
-def marginal_rows(sde: AffineSDE, times: Tensor) -> list[tuple[float, float]]:
-    r"""``[(m(t_k), s(t_k)), ...]`` for every time of ``times`` (float64 host floats; see `GridCoefficients`)."""
-    c = GridCoefficients(sde, times)
-    return list(zip(c.m, c.s))
+def check_table_grid(solver, coefs: GridCoefficients) -> None:
+    r"""``ValueError`` unless ``solver.table`` (one row per loop step) was built for the grid of ``coefs``.
 
-
-def grid_marginals(sde: AffineSDE, times: Tensor) -> tuple[list[float], list[float]]:
-    r"""``(m, s)``: the lists $m(t_k)$ and $s(t_k)$ over ``times`` (float64 host floats; see `GridCoefficients`)."""
-    c = GridCoefficients(sde, times)
-    return c.m, c.s
+    Checks the row count against the loop's steps and, where the solver recorded it (``table_times``),
+    every grid time (relative $10^{-6}$: a float32 copy of the same grid still matches). A table of
+    another grid would otherwise be applied silently with the wrong weights."""
+    name, table, times = type(solver).__name__, solver.table, solver.table_times
+    if len(table) != coefs.n:
+        raise ValueError(f"{name}'s table has {len(table)} steps but the grid it runs on has {coefs.n}: it was "
+                         f"prepared for another grid; construct {name} without table= and let the loop prepare it")
+    if times is not None:
+        for k, (a, b) in enumerate(zip(times, coefs.t)):
+            if not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12):
+                raise ValueError(f"{name}'s table was prepared for another grid: time {k} is {a!r} there and {b!r} "
+                                 f"in the grid it runs on; construct {name} without table= and let the loop prepare it")
 
 
 def lambda_of(m: float, s: float) -> float:

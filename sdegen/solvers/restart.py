@@ -34,8 +34,7 @@ from torch import Tensor
 
 from ..sdes import AffineSDE
 from .base import AbstractFixedGridSolver, Dynamics
-from .marginal_rows import GridCoefficients, sigma_to_time
-from .sde_dpm import check_table_grid
+from .marginal_rows import GridCoefficients, sigma_to_time, check_table_grid
 
 __all__ = ["Restart", "restart_times", "default_interval", "build_restart", "RESTART_OPTIONS"]
 

@@ -45,8 +45,7 @@ from torch import Tensor
 from .._utils import check_bool
 from ..sdes import AffineSDE
 from .base import AbstractFixedGridSolver, Dynamics
-from .marginal_rows import GridCoefficients
-from .sde_dpm import check_table_grid
+from .marginal_rows import GridCoefficients, check_table_grid
 
 __all__ = ["SASolver", "build_sa_solver", "SA_SOLVER_OPTIONS"]
 

@@ -40,7 +40,7 @@ from torch import Tensor
 from .._utils import check_bool
 from ..sdes import AffineSDE
 from .base import AbstractFixedGridSolver, Dynamics
-from .marginal_rows import GridCoefficients
+from .marginal_rows import GridCoefficients, check_table_grid
 
 __all__ = ["SDEDPMSolverPP", "build_sde_dpm_solver", "SDE_DPM_OPTIONS", "SOLVER_TYPES"]
 
@@ -56,23 +56,6 @@ def _integrals(h: float, eta: float) -> tuple[float, float, float]:
         return 1.0, math.inf, math.inf
     i0 = -math.expm1(-H)
     return i0, h * (1.0 - i0 / H), h * h * (0.5 - 1.0 / H + i0 / (H * H))
-
-
-def check_table_grid(solver: AbstractFixedGridSolver, coefs: GridCoefficients) -> None:
-    r"""``ValueError`` unless ``solver.table`` (one row per loop step) was built for the grid of ``coefs``.
-
-    Checks the row count against the loop's steps and, where the solver recorded it (``table_times``),
-    every grid time (relative $10^{-6}$: a float32 copy of the same grid still matches). A table of
-    another grid would otherwise be applied silently with the wrong weights."""
-    name, table, times = type(solver).__name__, solver.table, solver.table_times
-    if len(table) != coefs.n:
-        raise ValueError(f"{name}'s table has {len(table)} steps but the grid it runs on has {coefs.n}: it was "
-                         f"prepared for another grid; construct {name} without table= and let the loop prepare it")
-    if times is not None:
-        for k, (a, b) in enumerate(zip(times, coefs.t)):
-            if not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12):
-                raise ValueError(f"{name}'s table was prepared for another grid: time {k} is {a!r} there and {b!r} "
-                                 f"in the grid it runs on; construct {name} without table= and let the loop prepare it")
 
 
 @dataclass(frozen=True)
