@@ -167,6 +167,7 @@ class HostSteps:
         self.run, self.step = run, step
         self.root_n = math.sqrt(x.numel())
         self.prev_err = 1.0
+        self.rejected_last = False
         self.nonfinite_rejection = False
         self.n_acc = 0
 
@@ -190,7 +191,8 @@ class HostSteps:
                                  x_t=t)
         ok = err <= 1.0
         self.nonfinite_rejection = not math.isfinite(err)
-        fac = run.controller.factor(err, self.prev_err, run.q, ok, alpha=run.alpha)
+        fac = run.controller.factor(err, self.prev_err, run.q, ok, alpha=run.alpha, after_reject=self.rejected_last)
+        self.rejected_last = not ok
         if ok:
             self.n_acc += 1
             self.t = t = t_end if last else t + dt
@@ -251,6 +253,8 @@ class DeviceSteps:
         self.show = False  # whether the loop shows a progress bar (it then wants the smallest step size)
         self.counts = run.count_per_sample
         self.pi = run.controller.beta != 0  # only a PI controller reads the previous error
+        self.hold = run.controller.hold_after_reject  # per-sample "previous attempt rejected" flags
+        self.rejected_last = torch.zeros(B, device=dev, dtype=torch.bool)
         # remaining time t_end - t, signed so that it is positive, in one operation
         self.toward = torch.sub if direction_is_up(t_start, t_end) else torch.rsub
 
@@ -279,7 +283,8 @@ class DeviceSteps:
         if live is not None:
             ok = ok & live
         prev = sel(self.prev_err) if self.pi else None
-        fac = run.controller.factor(err, prev, run.q, ok, alpha=run.alpha)
+        held = sel(self.rejected_last) if self.hold else False
+        fac = run.controller.factor(err, prev, run.q, ok, alpha=run.alpha, after_reject=held)
         t_new = torch.where(ok, t1, ta)
         h_new = torch.minimum(ha * fac, self.toward(fa, t_new))
         okb = append_dims(ok, nd)
@@ -306,6 +311,9 @@ class DeviceSteps:
                 self.nonfinite_rej = self.nonfinite_rej.index_copy(0, idx, nf_new)
             if st_new is not None:
                 self.state_k = self.state_k.index_copy(0, idx, st_new)
+        if self.hold:
+            rej_new = ~ok if live is None else torch.where(live, ~ok, held)
+            self.rejected_last = rej_new if idx is None else self.rejected_last.index_copy(0, idx, rej_new)
         if self.pi:
             err_new = torch.where(ok, err, prev)
             self.prev_err = err_new if idx is None else self.prev_err.index_copy(0, idx, err_new)

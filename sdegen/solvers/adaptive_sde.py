@@ -89,7 +89,8 @@ class AdaptiveSDE:
     def controller(self) -> PIController:
         r"""The step-size controller: an I controller ($\beta = 0$) capped at ``safety`` after a rejection."""
         return PIController(safety=min(self.safety, 1.0), min_factor=self.min_factor, max_factor=self.max_factor,
-                            beta=0.0, reject_max=max(min(self.safety, 1.0), self.min_factor))
+                            beta=0.0, reject_max=max(min(self.safety, 1.0), self.min_factor),
+                            hold_after_reject=False)  # Alg. 1 of the paper has no such rule
 
     def __post_init__(self):
         for name in ("rtol", "atol", "h_init", "safety", "exponent", "min_factor", "max_factor", "h_min"):

@@ -37,6 +37,9 @@ class PIController:
         max_factor: upper bound on the step ratio.
         beta: PI exponent on the previous error (0: I controller).
         reject_max: upper bound on the step ratio after a rejected step.
+        hold_after_reject: the first accepted step after a rejection does not grow the step (ratio at
+            most 1), as in Hairer's ``dopri5`` (``REJECT`` flag) and scipy's ``RK45``: the step that just
+            failed was too large, so growing right after the retry invites another rejection.
     """
 
     safety: float = 0.9
@@ -44,6 +47,7 @@ class PIController:
     max_factor: float = 10.0
     beta: float = 0.04
     reject_max: float = 1.0
+    hold_after_reject: bool = True
 
     def __post_init__(self):
         if not 0 < self.safety <= 1:
@@ -52,10 +56,12 @@ class PIController:
             raise ValueError(f"need 0 < min_factor < 1 < max_factor, got {self.min_factor!r}, {self.max_factor!r}")
         if not 0 <= self.beta < 0.2:
             raise ValueError(f"beta must lie in [0, 0.2), got {self.beta!r}")
+        if not isinstance(self.hold_after_reject, bool):
+            raise TypeError(f"hold_after_reject must be a bool, got {self.hold_after_reject!r}")
         if not self.min_factor <= self.reject_max <= 1:
             raise ValueError(f"reject_max must lie in [min_factor, 1], got {self.reject_max!r}")
 
-    def factor(self, err, prev_err, q: int, accepted, *, alpha: float | None = None):
+    def factor(self, err, prev_err, q: int, accepted, *, alpha: float | None = None, after_reject=False):
         r"""Step ratio from the error norm ``err`` (float or ``(B,)``), ``q`` = error order + 1.
 
         Args:
@@ -64,6 +70,8 @@ class PIController:
             q: error order + 1; the exponent is $\alpha = 1/q - 0.75\beta$.
             accepted (bool | Tensor): whether the step was accepted (bool, or ``(B,)`` bool tensor).
             alpha: the exponent $\alpha$ itself, overriding ``q`` (a solver with a tuned exponent).
+            after_reject (bool | Tensor): whether the previous attempt (of this sample) was rejected; with
+                ``hold_after_reject`` an accepted step's ratio is then capped at 1.
         """
         if alpha is None:
             alpha = 1.0 / q - 0.75 * self.beta
@@ -74,11 +82,16 @@ class PIController:
                 fac = fac * prev_err.clamp_min(1e-4).pow(self.beta)
             fac = torch.where(torch.isfinite(fac), fac, torch.full_like(fac, self.min_factor))
             fac = fac.clamp(self.min_factor, self.max_factor)
-            return torch.where(accepted, fac, fac.clamp_max(self.reject_max))
+            capped = ~accepted
+            if self.hold_after_reject and isinstance(after_reject, Tensor):
+                capped = capped | after_reject
+                return torch.where(capped, fac.clamp_max(torch.where(accepted, 1.0, self.reject_max)), fac)
+            return torch.where(capped, fac.clamp_max(self.reject_max), fac)
         if not math.isfinite(err):
             return self.min_factor
         fac = self.safety * max(err, 1e-10) ** (-alpha) * max(prev_err, 1e-4) ** self.beta
-        return min(max(fac, self.min_factor), self.max_factor if accepted else self.reject_max)
+        top = (1.0 if self.hold_after_reject and after_reject else self.max_factor) if accepted else self.reject_max
+        return min(max(fac, self.min_factor), top)
 
 
 class FixedGrid:
