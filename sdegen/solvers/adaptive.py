@@ -44,7 +44,7 @@ from .brownian import BrownianBridgeStack
 from .controllers import PIController
 from .explicit_rk import AbstractExplicitRK, BufferStepper, ListStepper, first_bad_sample
 
-__all__ = ["AdaptiveRun", "integrate_adaptive", "HostSteps", "DeviceSteps"]
+__all__ = ["AdaptiveRun", "integrate_adaptive", "drive", "HostSteps", "DeviceSteps"]
 
 
 @dataclass(frozen=True)
@@ -114,41 +114,71 @@ def integrate_adaptive(step: AbstractExplicitRK, term: Any, x: Tensor, t_start: 
     """
     host = not (step.per_sample or draw is not None)
     steps = (HostSteps if host else DeviceSteps)(step, term, x, float(t_start), float(t_end), h, run, state, draw)
-    times = [float(t_start)]
-    traj = [(float(t_start), x.detach().clone())] if record_every else None
-    bar = progress_bar(progress, abs(t_end - t_start), run.name, time_bar=True)
+    return drive(steps, float(t_start), float(t_end), x, name=run.name, max_steps=run.max_steps, progress=progress,
+                 record_every=record_every, per_sample=step.per_sample)
+
+
+def drive(steps: Any, t_start: float, t_end: float, x: Tensor, *, name: str, max_steps: int, progress: bool = False,
+          record_every: int | None = None, per_sample: bool = False,
+          time_bar: bool = True, keep_times: bool = True) -> tuple[Tensor, dict, list[tuple[float, Tensor]] | None]:
+    r"""The one integration loop: attempts of ``steps`` from ``t_start`` until no sample runs.
+
+    ``steps`` is the mode's attempt-and-state object: [`HostSteps`][sdegen.solvers.adaptive.HostSteps],
+    [`DeviceSteps`][sdegen.solvers.adaptive.DeviceSteps] (adaptive) or
+    [`GridSteps`][sdegen.solvers.base.GridSteps] (a fixed grid: every attempt is accepted, its controller
+    is the grid). ``steps.attempt(k)`` returns ``(accepted, rejected, running, t_least, h_show, t_first)``
+    as host values (one host read per attempt in the adaptive modes, none in the grid mode); the loop
+    owns the counts, ``max_steps``, the trajectory (every ``record_every`` advancing attempts, and the
+    last), the progress bar and the accepted times. Returns ``(state, stats, trajectory)``.
+
+    Args:
+        steps: the attempt-and-state object.
+        t_start (float): start time.
+        t_end (float): end time.
+        x: ``(B, *D)`` start state (recorded first in the trajectory).
+        name: label of the progress bar.
+        max_steps: most attempts before ``steps.max_steps_error``.
+        progress: show a tqdm bar.
+        record_every: trajectory stride in advancing attempts (``None``: no trajectory).
+        per_sample: per-sample times (``stats["times"]`` is then ``[t_start, t_end]``).
+        time_bar: the bar advances by time (adaptive) or by one per attempt (a grid).
+        keep_times: collect the accepted times (a grid knows them: ``stats["times"]`` is then the ends).
+    """
+    times = [t_start]
+    traj = [(t_start, x.detach().clone())] if record_every else None
+    bar = progress_bar(progress, abs(t_end - t_start) if time_bar else max_steps, name, time_bar=time_bar)
     steps.show = bar is not None
     accepted = rejected = advanced = 0
     done_span = 0.0
+    attempt, keep_times = steps.attempt, keep_times and not per_sample
     try:
-        for k in range(run.max_steps):
+        for k in range(max_steps):
             # One attempt and its one host read: (accepted, rejected) counts, whether any sample still
             # runs, the least advanced time, the smallest running step size, the time of sample 0.
-            n_ok, n_rej, running, t_least, h_show, t_first = steps.attempt(k)
+            n_ok, n_rej, running, t_least, h_show, t_first = attempt(k)
             accepted += n_ok
             rejected += n_rej
             if n_ok:
                 advanced += 1
-                if not step.per_sample:
+                if keep_times:
                     times.append(t_first)
                 if traj is not None and (advanced % record_every == 0 or not running):
                     traj.append((t_least, steps.state().detach().clone()))
             if bar is not None:
-                span = abs(t_least - t_start)
+                span = abs(t_least - t_start) if time_bar else k + 1
                 bar.update(span - done_span)
                 done_span = span
                 bar.set_postfix(t=f"{t_least:.4g}", h=f"{h_show:.2e}", refresh=False)
             if not running:
                 break
         else:
-            raise steps.max_steps_error(run.max_steps)
+            raise steps.max_steps_error(max_steps)
     finally:
         if bar is not None:
             bar.close()
     stats = {"accepted": accepted, "rejected": rejected, "attempts": k + 1}
     stats.update(steps.per_sample_stats())
-    stats["times"] = torch.tensor(times if not step.per_sample else [float(t_start), float(t_end)],
-                                  dtype=torch.float64)
+    stats["times"] = torch.tensor(times if keep_times else [t_start, t_end], dtype=torch.float64)
     return steps.state(), stats, traj
 
 

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import sdegen
-from sdegen.solvers.base import CountingScore, Dynamics, integrate_fixed_grid
+from sdegen.solvers.base import AbstractFixedGridSolver, CountingScore, Dynamics, NonFiniteError, integrate_fixed_grid
 from sdegen.solvers.brownian import BrownianBridgeStack, BrownianPath
 from sdegen.solvers.controllers import FixedGrid, PIController
+from sdegen.solvers.ode_steps import ODEEuler
 from sdegen.solvers.sde_steps import EulerMaruyama
 
 MU, V = 0.5, 0.25
@@ -130,3 +131,40 @@ def test_bridge_stack_fresh_draw_when_empty():
     h = torch.tensor([0.04, 0.01, 0.09], dtype=torch.float64)
     h2, dw = stack.take(torch.arange(3), h, z)
     assert torch.equal(h2, h) and torch.allclose(dw, z * h.sqrt()[:, None])
+
+
+class _Identity(AbstractFixedGridSolver):
+    """x unchanged, with one score call per step (exercises the loop's checks only)."""
+
+    order = 1.0
+    stochastic = False
+
+    def step(self, dyn, x, t0, t1, state, dw):
+        dyn.score(x, t0)
+        return x, None, state
+
+
+@pytest.mark.parametrize("value,dtype", [(3e38, torch.float32), (1e4, torch.float16)])
+def test_finite_state_with_an_overflowing_sum_is_not_an_error(value, dtype):
+    """The loop's per-step finiteness flag is the state's sum: huge but finite entries must not raise."""
+    sde = sdegen.VPSDE()
+    x = torch.full((64, 8), value, dtype=dtype)
+    times = torch.linspace(1.0, 0.5, 5)
+    out, _, _ = integrate_fixed_grid(_Identity(), Dynamics(sde, CountingScore(lambda x, t: torch.zeros_like(x))),
+                                     x, times)
+    assert torch.equal(out, x)
+
+
+def test_first_non_finite_step_is_named():
+    sde = sdegen.VPSDE()
+    times = torch.linspace(1.0, 0.5, 11)
+
+    def score(x, t):  # NaN in sample 3 from t < 0.72 on (the 7th grid time, step index 6 starts there)
+        s = torch.zeros_like(x)
+        if float(t[0]) < 0.72:
+            s[3] = float("nan")
+        return s
+
+    with pytest.raises(NonFiniteError) as err:
+        integrate_fixed_grid(ODEEuler(), Dynamics(sde, CountingScore(score)), torch.ones(5, 2), times)
+    assert (err.value.step, err.value.sample) == (6, 3)
