@@ -30,7 +30,7 @@ $a_{21} = 1$, $b = (\tfrac12, \tfrac12)$, $\hat b = (1, 0)$) run by the explicit
 noise (`sdegen.solvers.explicit_rk.EulerHeun`: with the signed step $\Delta t = -h$ its stage-2 input
 is $x'$, its solution $x''$, its error $x'' - x'$ and its declared norm the mixed max above), and the
 accept/reject loop, the I controller and the bridge stack are the one adaptive loop's
-(`sdegen.solvers.adaptive.integrate_adaptive`), shared with ``rk45``.
+(`sdegen.solvers.loop.integrate_adaptive`), shared with ``rk45``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from .._utils import check_positive
-from .adaptive import AdaptiveRun, integrate_adaptive
+from .loop import AdaptiveRun, integrate_adaptive
 from .base import Dynamics, StepSizeError, check_finite_state  # noqa: F401 (StepSizeError: documented here)
 from .controllers import PIController
 from .explicit_rk import EulerHeun

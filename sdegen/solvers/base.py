@@ -253,7 +253,7 @@ def integrate_fixed_grid(
 ) -> tuple[Tensor, list[tuple[float, Tensor]] | None, Any]:
     r"""Run ``solver`` over the decreasing grid ``times`` (``(n+1,)``, ``times[0]`` = start).
 
-    The fixed-grid entry of the one loop, [`drive`][sdegen.solvers.adaptive.drive], in its grid mode
+    The fixed-grid entry of the one loop, [`drive`][sdegen.solvers.loop.drive], in its grid mode
     ([`GridSteps`][sdegen.solvers.base.GridSteps]: the grid is the controller, every step accepted): it
     prepares the solver for the grid once ([`AbstractFixedGridSolver.prepare`][sdegen.solvers.base.AbstractFixedGridSolver.prepare])
     and owns the Brownian path, the non-finite checks, the progress bar, the trajectory and the
@@ -280,7 +280,7 @@ def integrate_fixed_grid(
         brownian = BrownianPath(grid.t_list, x, generator=generator, noise=noise)
     elif brownian.steps() not in (None, grid.n):
         raise ValueError(f"brownian covers {brownian.steps()} steps, the grid has {grid.n}")
-    from .adaptive import drive  # the one loop (adaptive.py imports this module)
+    from .loop import drive  # the one loop (adaptive.py imports this module)
 
     steps = GridSteps(solver, dyn, x, grid, brownian, check_every, callback)
     t_list = grid.t_list
@@ -291,7 +291,7 @@ def integrate_fixed_grid(
 
 
 class GridSteps:
-    r"""The fixed-grid mode of the one loop ([`drive`][sdegen.solvers.adaptive.drive]): the grid is the controller.
+    r"""The fixed-grid mode of the one loop ([`drive`][sdegen.solvers.loop.drive]): the grid is the controller.
 
     Attempt $i$ is step $i$ of the grid, always accepted, with ``dw`` from the Brownian path. Every
     value the loop needs (counts, whether it runs, the time) is known on the host, so an attempt makes

@@ -21,7 +21,7 @@ otherwise, with $\alpha = 1/q - 0.75\beta$, $q = 5$).
 
 Implementation: the tableau is data (`sdegen.solvers.tableaus.DOPRI5`, or any ``tableau=``) over the
 explicit-RK core (`sdegen.solvers.explicit_rk`; its declared norm is the one above), driven by the one
-adaptive loop (`sdegen.solvers.adaptive.integrate_adaptive`, shared with ``adaptive_sde``); ``fn`` is
+adaptive loop (`sdegen.solvers.loop.integrate_adaptive`, shared with ``adaptive_sde``); ``fn`` is
 called through [`CountingScore`][sdegen.solvers.base.CountingScore], the one evaluation counter.
 
 Device discipline: the state, stages and (in ``per_sample`` mode) times and step sizes live on
@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .._utils import append_dims, check_floating, check_positive
-from .adaptive import AdaptiveRun, integrate_adaptive
+from .loop import AdaptiveRun, integrate_adaptive
 from .base import CountingScore, NonFiniteError, check_finite_state
 from .controllers import PIController
 from .explicit_rk import Dopri5, ODETerm, TableauRK, first_bad_sample

@@ -1,4 +1,4 @@
-r"""The one adaptive loop: accept/reject by a controller, batched or per sample, one host read per attempt.
+r"""The one integration loop, [`drive`][sdegen.solvers.loop.drive], and its adaptive entry: accept/reject by a controller.
 
 Given an adaptive step with an error slot ([`AbstractExplicitRK`][sdegen.solvers.explicit_rk.AbstractExplicitRK]:
 ``step(term, x, t0, t1, state, dw) -> (x_new, error_norm, state)``) the loop attempts steps from
@@ -8,9 +8,13 @@ $h \leftarrow h \cdot \mathrm{clip}(\text{safety}\,\|e_n\|^{-\alpha}\|e_{n-1}\|^
 ([`PIController`][sdegen.solvers.controllers.PIController]; Hairer–Wanner, "Solving ODEs II", eq. IV.2.43c),
 and a step that would end within a rounding gap of ``t_end`` lands on it.
 
-[`integrate_adaptive`][sdegen.solvers.adaptive.integrate_adaptive] is the loop: iterations, ``max_steps``,
-statistics, trajectory, progress. What one attempt costs depends on the mode, so the attempt and
-the step-size state live in one of two objects with the same interface:
+Every integration in sdegen runs through [`drive`][sdegen.solvers.loop.drive]: it owns the iterations,
+``max_steps``, the counts, the trajectory and the progress bar, and asks a mode object for each
+attempt. The fixed grid is one mode ([`GridSteps`][sdegen.solvers.base.GridSteps], through
+[`integrate_fixed_grid`][sdegen.solvers.base.integrate_fixed_grid]: the grid is the controller, every
+step is accepted, and no attempt reads from the device). For adaptive steps
+([`integrate_adaptive`][sdegen.solvers.loop.integrate_adaptive]) what one attempt costs depends on the
+mode, so the attempt and the step-size state live in one of two objects with the same interface:
 
 - `HostSteps` (batched ODE steps): one time and step size for the batch as Python floats, the stages
   in preallocated buffers (`sdegen.solvers.explicit_rk.BufferStepper`; the list implementation when
@@ -49,7 +53,7 @@ __all__ = ["AdaptiveRun", "integrate_adaptive", "drive", "HostSteps", "DeviceSte
 
 @dataclass(frozen=True)
 class AdaptiveRun:
-    r"""How [`integrate_adaptive`][sdegen.solvers.adaptive.integrate_adaptive] runs a step (final class).
+    r"""How [`integrate_adaptive`][sdegen.solvers.loop.integrate_adaptive] runs a step (final class).
 
     Attributes:
         controller: the step-size controller.
@@ -95,7 +99,7 @@ def integrate_adaptive(step: AbstractExplicitRK, term: Any, x: Tensor, t_start: 
         t_start (float): start time.
         t_end (float): end time (``t_end < t_start`` when sampling).
         h: the first step size ``|h|``: a float, or ``(B,)`` per sample.
-        run: loop options ([`AdaptiveRun`][sdegen.solvers.adaptive.AdaptiveRun]).
+        run: loop options ([`AdaptiveRun`][sdegen.solvers.loop.AdaptiveRun]).
         state: $v(x, t_\text{start})$ if already evaluated, or ``None``.
         draw: ``draw(k)``: the ``x``-shaped unit Gaussian draw of attempt ``k`` (stochastic steps).
         progress: a tqdm bar over time.
@@ -123,8 +127,8 @@ def drive(steps: Any, t_start: float, t_end: float, x: Tensor, *, name: str, max
           time_bar: bool = True, keep_times: bool = True) -> tuple[Tensor, dict, list[tuple[float, Tensor]] | None]:
     r"""The one integration loop: attempts of ``steps`` from ``t_start`` until no sample runs.
 
-    ``steps`` is the mode's attempt-and-state object: [`HostSteps`][sdegen.solvers.adaptive.HostSteps],
-    [`DeviceSteps`][sdegen.solvers.adaptive.DeviceSteps] (adaptive) or
+    ``steps`` is the mode's attempt-and-state object: [`HostSteps`][sdegen.solvers.loop.HostSteps],
+    [`DeviceSteps`][sdegen.solvers.loop.DeviceSteps] (adaptive) or
     [`GridSteps`][sdegen.solvers.base.GridSteps] (a fixed grid: every attempt is accepted, its controller
     is the grid). ``steps.attempt(k)`` returns ``(accepted, rejected, running, t_least, h_show, t_first)``
     as host values (one host read per attempt in the adaptive modes, none in the grid mode); the loop
