@@ -33,6 +33,7 @@ from torch import Tensor
 from ._rng import PerSampleNoise, splitmix64
 from .sampling import sample
 from .sdes import SDE
+from .solvers.base import progress_bar
 
 __all__ = ["sample_chunked", "ChunkedResult", "ChunkPlan", "NpyStreamWriter", "NOISE_PLANS"]
 
@@ -231,11 +232,7 @@ def sample_chunked(sde: SDE, score_fn: Callable, n_samples: int, sample_shape, *
     writer = NpyStreamWriter(out, (rows, *sample_shape), np_dtype) if out is not None else None
     held: list[Tensor] = []
     nfe = 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(chunk_list), desc="chunks", leave=False)
+    bar = progress_bar(progress, len(chunk_list), "chunks")
     try:
         for _, x, k in iter_chunks(plan, sde, score_fn, sample_shape, chunk_list, method=method, device=device,
                                    dtype=dtype, model_kwargs=model_kwargs, **sample_options):
