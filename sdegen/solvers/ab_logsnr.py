@@ -33,7 +33,7 @@ an inpainting predictor, a row of the contract test and of the benchmarks.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .._utils import check_int
 from .marginal_rows import GridCoefficients
@@ -55,7 +55,6 @@ class ABLogSNR(ScoreHistoryMultistep):
     """
 
     ab_order: int = 2
-    table: tuple | None = field(default=None, repr=False)
 
     def __post_init__(self):
         check_int(self.ab_order, "ab_order", low=2, high=3)

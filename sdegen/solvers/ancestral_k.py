@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ..sdes import AffineSDE
-from .base import AbstractFixedGridSolver, Dynamics
-from .marginal_rows import GridCoefficients, sigma_to_time, check_table_grid
+from .base import TabulatedSolver, Dynamics
+from .marginal_rows import GridCoefficients, sigma_to_time
 from .sde_steps import linear_update
 
 __all__ = ["EulerAncestral", "DPM2", "ancestral_split", "build_euler_ancestral", "build_dpm2",
@@ -58,7 +58,7 @@ def _split_grid(coefs: GridCoefficients, eta: float) -> tuple[list[float], list,
 
 
 @dataclass(frozen=True)
-class EulerAncestral(AbstractFixedGridSolver):
+class EulerAncestral(TabulatedSolver):
     r"""Euler ancestral sampling in $(\hat x, \sigma)$ with noise level $\eta$.
 
     $$\hat x_1 = \hat x_0 + (\sigma_\downarrow - \sigma_0)\,\frac{\hat x_0 - D(\hat x_0; \sigma_0)}{\sigma_0}
@@ -77,8 +77,6 @@ class EulerAncestral(AbstractFixedGridSolver):
     """
 
     eta: float = 1.0
-    table: tuple | None = field(default=None, repr=False)
-    table_times: tuple | None = field(default=None, repr=False)
 
     order: ClassVar[float] = 1.0
     stochastic: ClassVar[bool] = True
@@ -87,18 +85,9 @@ class EulerAncestral(AbstractFixedGridSolver):
     def __post_init__(self):
         _check_eta(self.eta)
 
-    @classmethod
-    def tabulated(cls, sde: AffineSDE, times: Tensor, eta: float = 1.0) -> "EulerAncestral":
-        """The solver for ``times`` (decreasing), coefficients computed once in float64 (`prepare` on the grid's
-        [`GridCoefficients`][sdegen.solvers.marginal_rows.GridCoefficients])."""
-        return cls(eta=eta).prepare(GridCoefficients(sde, times))
-
-    def prepare(self, coefs: GridCoefficients) -> "EulerAncestral":
+    def build_table(self, coefs: GridCoefficients) -> "EulerAncestral":
         """The solver with its table for the grid of ``coefs``; a solver that has one already is checked
         against that grid (``ValueError`` if it was built for another)."""
-        if self.table is not None:
-            check_table_grid(self, coefs)
-            return self
         t, ms, split = _split_grid(coefs, self.eta)
         rows = []
         for k, (down, up) in enumerate(split):
@@ -117,7 +106,7 @@ class EulerAncestral(AbstractFixedGridSolver):
 
 
 @dataclass(frozen=True)
-class DPM2(AbstractFixedGridSolver):
+class DPM2(TabulatedSolver):
     r"""k-diffusion's DPM-2 (a midpoint step in $\log\sigma$) and, with ``ancestral``, DPM-2 ancestral.
 
     Step $\sigma_0 \to \sigma_1$ (target $\sigma_\star = \sigma_\downarrow$ when ancestral, else $\sigma_1$),
@@ -143,8 +132,6 @@ class DPM2(AbstractFixedGridSolver):
 
     ancestral: bool = False
     eta: float = 1.0
-    table: tuple | None = field(default=None, repr=False)
-    table_times: tuple | None = field(default=None, repr=False)
 
     order: ClassVar[float] = 2.0
     evals_per_step: ClassVar[int] = 2
@@ -158,19 +145,10 @@ class DPM2(AbstractFixedGridSolver):
         if not isinstance(self.ancestral, bool):
             raise TypeError(f"ancestral must be a bool, got {self.ancestral!r}")
 
-    @classmethod
-    def tabulated(cls, sde: AffineSDE, times: Tensor, ancestral: bool = False, eta: float = 1.0) -> "DPM2":
-        """The solver for ``times`` (decreasing): `prepare` on the grid's
-        [`GridCoefficients`][sdegen.solvers.marginal_rows.GridCoefficients]."""
-        return cls(ancestral=ancestral, eta=eta).prepare(GridCoefficients(sde, times))
-
-    def prepare(self, coefs: GridCoefficients) -> "DPM2":
+    def build_table(self, coefs: GridCoefficients) -> "DPM2":
         """The solver with its table for the grid of ``coefs``: the midpoint times are found once, by the SDE's
         inverse, and their $(m, s)$ read from one `GridCoefficients` on them. A solver that has a table
         already is checked against the grid (``ValueError`` if it was built for another)."""
-        if self.table is not None:
-            check_table_grid(self, coefs)
-            return self
         sde = coefs.sde
         t, ms, split = _split_grid(coefs, self.eta if self.ancestral else 0.0)
         mids = [math.sqrt((ms[k][1] / ms[k][0]) * split[k][0]) for k in range(len(split))]

@@ -16,10 +16,10 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor
 
-from ..sdes import ReverseSDE
+from ..sdes import SDE, ReverseSDE
 from .brownian import BrownianPath
 from .controllers import FixedGrid
-from .marginal_rows import GridCoefficients
+from .marginal_rows import GridCoefficients, check_table_grid
 
 __all__ = [
     "SampleResult",
@@ -29,6 +29,7 @@ __all__ = [
     "check_finite_state",
     "Dynamics",
     "AbstractFixedGridSolver",
+    "TabulatedSolver",
     "integrate_fixed_grid",
     "GridSteps",
     "progress_bar",
@@ -215,6 +216,42 @@ class AbstractFixedGridSolver(abc.ABC):
         solvers). Returns ``(x, error, state)``: ``error`` is the step's local error estimate for a
         step-size controller (an embedded pair's difference, ``(B, *D)``) or ``None`` for a rule without
         one; a fixed grid ignores it."""
+
+
+@dataclass(frozen=True)
+class TabulatedSolver(AbstractFixedGridSolver):
+    """A solver whose steps read a per-step table built for one grid (dataclass fields ``table`` and
+    ``table_times``, ``None`` until prepared).
+
+    [`prepare`][sdegen.solvers.base.TabulatedSolver.prepare] builds the table from the grid's
+    [`GridCoefficients`][sdegen.solvers.marginal_rows.GridCoefficients] (`build_table`, the subclass's
+    job) or, for a solver that has one already, checks that it was built for that grid (``ValueError``
+    otherwise, [`check_table_grid`][sdegen.solvers.marginal_rows.check_table_grid]): a table is never
+    applied to another grid's steps.
+    """
+
+    #: Per-step host-float weights for the grid (built by `prepare`; leave ``None``). Keyword-only, so
+    #: subclasses list their options first.
+    table: tuple | None = field(default=None, repr=False, kw_only=True)
+    #: The grid ``table`` was built for (set by `prepare`).
+    table_times: tuple | None = field(default=None, repr=False, kw_only=True)
+
+    def build_table(self, coefs: GridCoefficients) -> "TabulatedSolver":
+        """This solver with its table for the grid of ``coefs`` (float64 host weights)."""
+        raise NotImplementedError
+
+    def prepare(self, coefs: GridCoefficients) -> "TabulatedSolver":
+        """The solver with its table for the grid of ``coefs``; one that has a table is checked against it."""
+        if self.table is not None:
+            check_table_grid(self, coefs)
+            return self
+        return self.build_table(coefs)
+
+    @classmethod
+    def tabulated(cls, sde: SDE, times: Tensor, **options) -> "TabulatedSolver":
+        """``cls(**options)`` prepared for ``times`` (decreasing): every weight computed once in float64 on
+        the host from the grid's `GridCoefficients`."""
+        return cls(**options).prepare(GridCoefficients(sde, times))
 
 
 def progress_bar(progress: bool, total: float, desc: str, *, time_bar: bool = False):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .._utils import check_bool, check_int
 from .marginal_rows import GridCoefficients
@@ -72,7 +72,6 @@ class DEIS(ScoreHistoryMultistep):
     order: int = 2  # type: ignore[misc]
     n_steps: int | None = None
     lower_order_final: bool = True
-    table: tuple | None = field(default=None, repr=False)
 
     def __post_init__(self):
         check_int(self.order, "order", low=1, high=3)

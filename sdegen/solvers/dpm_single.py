@@ -39,8 +39,8 @@ from torch import Tensor
 
 from .._utils import check_bool, check_number
 from ..sdes import AffineSDE
-from .base import AbstractFixedGridSolver, Dynamics
-from .marginal_rows import GridCoefficients, check_table_grid
+from .base import TabulatedSolver, Dynamics
+from .marginal_rows import GridCoefficients
 
 __all__ = ["DPMSolverSinglestep", "singlestep_orders", "fast_orders", "build_dpm_singlestep", "build_dpm_fast",
            "DPM_SINGLESTEP_OPTIONS", "DPM_FAST_OPTIONS", "SINGLESTEP_TYPES"]
@@ -89,7 +89,7 @@ def _noise_coefs(h: float) -> tuple[float, float, float]:
 
 
 @dataclass(frozen=True)
-class DPMSolverSinglestep(AbstractFixedGridSolver):
+class DPMSolverSinglestep(TabulatedSolver):
     r"""Single-step DPM-Solver(++) of order 1-3 per step (see the module docstring for the updates).
 
     The loop's grid is the steps' boundaries; ``fine`` adds each step's stage times (its inner points),
@@ -127,8 +127,6 @@ class DPMSolverSinglestep(AbstractFixedGridSolver):
     draw: Callable[[int], Tensor] | None = field(default=None, repr=False)
     orders: tuple | None = field(default=None, repr=False)
     fine: tuple | None = field(default=None, repr=False)
-    table: tuple | None = field(default=None, repr=False)
-    table_times: tuple | None = field(default=None, repr=False)
 
     order: ClassVar[float] = 3.0
     evals_per_step: ClassVar[int] = 3
@@ -168,13 +166,10 @@ class DPMSolverSinglestep(AbstractFixedGridSolver):
         solver = cls(orders=orders, fine=times, **options)
         return solver.prepare(GridCoefficients(sde, cls.group_times(torch.tensor(solver.fine, dtype=torch.float64), orders)))
 
-    def prepare(self, coefs: GridCoefficients) -> "DPMSolverSinglestep":
+    def build_table(self, coefs: GridCoefficients) -> "DPMSolverSinglestep":
         """The solver with its table for the loop grid of ``coefs``, which must be `group_times` of ``fine``
         (``ValueError`` otherwise): the coefficients are read from one `GridCoefficients` on ``fine``. A
         solver that has a table already is checked against the grid instead."""
-        if self.table is not None:
-            check_table_grid(self, coefs)
-            return self
         if self.orders is None or self.fine is None:
             raise ValueError("DPMSolverSinglestep needs orders= and fine= (the fine grid with its stage times) to "
                              "prepare its table")

@@ -96,7 +96,6 @@ class DPMSolver(ScoreHistoryMultistep):
     lower_order_final: bool = False
     solver_type: str = "exact"
     #: Per-step ``(lin, weights)`` for the grid this solver runs on (built by ``prepare``; leave ``None``).
-    table: tuple | None = field(default=None, repr=False)
     #: Per grid point the factors of the prediction: ``(s^2, 1/m)`` (data, $y = (x + s^2 S)/m$) or
     #: ``(None, -s)`` (noise, $y = -s S$), built by ``prepare``.
     table_y: tuple | None = field(default=None, repr=False)

@@ -71,6 +71,7 @@ def check_n_steps(solver: AbstractFixedGridSolver, coefs: GridCoefficients) -> i
     return coefs.n
 
 
+@dataclass(frozen=True)
 class ScoreHistoryMultistep(AbstractFixedGridSolver):
     r"""A linear multistep rule on stored evaluations with per-step rows ``(lin, weights)``:
     $x_{i+1} = \text{lin}_i\,x_i + \sum_j w_{ij}\,z_{i-j}$ (weights newest first, host floats, any per-point
@@ -79,6 +80,10 @@ class ScoreHistoryMultistep(AbstractFixedGridSolver):
     ``history`` length; their ``prepare`` builds the rows from the grid's
     [`GridCoefficients`][sdegen.solvers.marginal_rows.GridCoefficients] (the fixed-grid loop calls it once
     per run, so every run takes this one step path)."""
+
+    #: Per-step ``(lin, weights)`` rows for the grid (built by ``prepare``; leave ``None``). Keyword-only,
+    #: so subclasses list their options first.
+    table: tuple | None = field(default=None, repr=False, kw_only=True)
 
     stochastic: ClassVar[bool] = False
     evals_per_step: ClassVar[int] = 1
@@ -140,7 +145,6 @@ class PNDM(ScoreHistoryMultistep):
     """
 
     warmup: str = "prk"
-    table: tuple | None = field(default=None, repr=False)
 
     evals_per_step: ClassVar[int] = 1  # after the warm-up; see the class docstring for the total
 
@@ -231,7 +235,6 @@ class LMS(ScoreHistoryMultistep):
     """
 
     lms_order: int = 4
-    table: tuple | None = field(default=None, repr=False)
 
     def __post_init__(self):
         check_int(self.lms_order, "order", low=1, high=4)

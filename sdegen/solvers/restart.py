@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from ..sdes import AffineSDE
-from .base import AbstractFixedGridSolver, Dynamics
-from .marginal_rows import GridCoefficients, sigma_to_time, check_table_grid
+from .base import TabulatedSolver, Dynamics
+from .marginal_rows import GridCoefficients, sigma_to_time
 
 __all__ = ["Restart", "restart_times", "default_interval", "build_restart", "RESTART_OPTIONS"]
 
@@ -73,7 +73,7 @@ def restart_times(sde: AffineSDE, main: Tensor, sigma_min: float, sigma_max: flo
 
 
 @dataclass(frozen=True)
-class Restart(AbstractFixedGridSolver):
+class Restart(TabulatedSolver):
     r"""Restart sampling: Heun ODE steps down, exact forward-kernel jumps up (see the module docstring).
 
     Downward step $t_0 \to t_1$ (EDM Heun, $d = (\hat x - D)/\sigma = -s\nabla\log p_t$):
@@ -92,26 +92,15 @@ class Restart(AbstractFixedGridSolver):
         table_times: the time list ``table`` was built for (set by `prepare`; a run on another is a ``ValueError``).
     """
 
-    table: tuple | None = field(default=None, repr=False)
     draw: Callable[[int], Tensor] | None = field(default=None, repr=False)
-    table_times: tuple | None = field(default=None, repr=False)
 
     order: ClassVar[float] = 2.0
     stochastic: ClassVar[bool] = False      # the loop's Brownian path is unused: restarts draw from `draw`
     evals_per_step: ClassVar[int] = 2
 
-    @classmethod
-    def tabulated(cls, sde: AffineSDE, times: Tensor, draw: Callable[[int], Tensor] | None = None) -> "Restart":
-        """Per-step coefficients for the (non-monotone) time list ``times`` from `restart_times` (`prepare` on
-        its [`GridCoefficients`][sdegen.solvers.marginal_rows.GridCoefficients])."""
-        return cls(draw=draw).prepare(GridCoefficients(sde, times))
-
-    def prepare(self, coefs: GridCoefficients) -> "Restart":
+    def build_table(self, coefs: GridCoefficients) -> "Restart":
         """The solver with its table for the time list of ``coefs``; a solver that has one already is checked
         against that list (``ValueError`` if it was built for another)."""
-        if self.table is not None:
-            check_table_grid(self, coefs)
-            return self
         t, ms = coefs.t, list(zip(coefs.m, coefs.s))
         jumps: dict[tuple[float, float], tuple[float, float]] = {}
         rows = []

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -44,8 +44,8 @@ from torch import Tensor
 
 from .._utils import check_bool
 from ..sdes import AffineSDE
-from .base import AbstractFixedGridSolver, Dynamics
-from .marginal_rows import GridCoefficients, check_table_grid
+from .base import TabulatedSolver, Dynamics
+from .marginal_rows import GridCoefficients
 
 __all__ = ["SASolver", "build_sa_solver", "SA_SOLVER_OPTIONS"]
 
@@ -78,7 +78,7 @@ def _adams_weights(nodes: list[float], h: float, c: float) -> list[float]:
 
 
 @dataclass(frozen=True)
-class SASolver(AbstractFixedGridSolver):
+class SASolver(TabulatedSolver):
     r"""SA-Solver: stochastic Adams-Bashforth predictor and Adams-Moulton corrector (see the module docstring).
 
     Step $i$ ($t_i \to t_{i+1}$): evaluate $D_i = \hat x_0(x_i^\text{pred}, t_i)$; if $i > 0$, correct
@@ -107,8 +107,6 @@ class SASolver(AbstractFixedGridSolver):
     tau_sigma: tuple | None = None
     n_steps: int | None = None
     lower_order_final: bool = True
-    table: tuple | None = field(default=None, repr=False)
-    table_times: tuple | None = field(default=None, repr=False)
 
     stochastic: ClassVar[bool] = True
     evals_per_step: ClassVar[int] = 1
@@ -137,18 +135,9 @@ class SASolver(AbstractFixedGridSolver):
         inside = win[0] * (1 - 1e-9) <= sigma <= win[1] * (1 + 1e-9)
         return float(self.tau) if inside else 0.0
 
-    @classmethod
-    def tabulated(cls, sde: AffineSDE, times: Tensor, **options) -> "SASolver":
-        """The solver for ``times`` (decreasing), every weight computed once in float64 on the host:
-        ``cls(**options)`` prepared on the grid's [`GridCoefficients`][sdegen.solvers.marginal_rows.GridCoefficients]."""
-        return cls(**options).prepare(GridCoefficients(sde, times))
-
-    def prepare(self, coefs: GridCoefficients) -> "SASolver":
+    def build_table(self, coefs: GridCoefficients) -> "SASolver":
         """The solver with its table for the grid of ``coefs`` (``n_steps`` defaults to the grid's); a solver
         that has one already is checked against that grid (``ValueError`` if it was built for another)."""
-        if self.table is not None:
-            check_table_grid(self, coefs)
-            return self
         solver = self if self.n_steps is not None else dataclasses.replace(self, n_steps=coefs.n)
         ms = list(zip(coefs.m, coefs.s))
         return dataclasses.replace(solver, table=solver._weights(ms, coefs.lam, coefs.t), table_times=tuple(coefs.t))

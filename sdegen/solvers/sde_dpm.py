@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -39,8 +39,8 @@ from torch import Tensor
 
 from .._utils import check_bool
 from ..sdes import AffineSDE
-from .base import AbstractFixedGridSolver, Dynamics
-from .marginal_rows import GridCoefficients, check_table_grid
+from .base import TabulatedSolver, Dynamics
+from .marginal_rows import GridCoefficients
 
 __all__ = ["SDEDPMSolverPP", "build_sde_dpm_solver", "SDE_DPM_OPTIONS", "SOLVER_TYPES"]
 
@@ -59,7 +59,7 @@ def _integrals(h: float, eta: float) -> tuple[float, float, float]:
 
 
 @dataclass(frozen=True)
-class SDEDPMSolverPP(AbstractFixedGridSolver):
+class SDEDPMSolverPP(TabulatedSolver):
     r"""SDE-DPM-Solver++ of order 1, 2 (2M-SDE) or 3 (3M-SDE) with noise level $\eta$.
 
     Step $t_i \to t_{i+1}$ with $D_i = \hat x_0(x_i, t_i)$ (Tweedie) and history $D_{i-1}, D_{i-2}$ (the state):
@@ -96,8 +96,6 @@ class SDEDPMSolverPP(AbstractFixedGridSolver):
     solver_type: str = "exact"
     n_steps: int | None = None
     lower_order_final: bool = True
-    table: tuple | None = field(default=None, repr=False)
-    table_times: tuple | None = field(default=None, repr=False)
 
     stochastic: ClassVar[bool] = True
     evals_per_step: ClassVar[int] = 1
@@ -110,18 +108,9 @@ class SDEDPMSolverPP(AbstractFixedGridSolver):
         if self.solver_type not in SOLVER_TYPES:
             raise ValueError(f"solver_type must be one of {', '.join(SOLVER_TYPES)}, got {self.solver_type!r}")
 
-    @classmethod
-    def tabulated(cls, sde: AffineSDE, times: Tensor, **options) -> "SDEDPMSolverPP":
-        """The solver for ``times`` (decreasing), every step's weights computed once in float64 on the host:
-        ``cls(**options)`` prepared on the grid's [`GridCoefficients`][sdegen.solvers.marginal_rows.GridCoefficients]."""
-        return cls(**options).prepare(GridCoefficients(sde, times))
-
-    def prepare(self, coefs: GridCoefficients) -> "SDEDPMSolverPP":
+    def build_table(self, coefs: GridCoefficients) -> "SDEDPMSolverPP":
         """The solver with its table for the grid of ``coefs`` (``n_steps`` defaults to the grid's); a solver
         that has one already is checked against that grid (``ValueError`` if it was built for another)."""
-        if self.table is not None:
-            check_table_grid(self, coefs)
-            return self
         solver = self if self.n_steps is not None else dataclasses.replace(self, n_steps=coefs.n)
         return dataclasses.replace(solver, table=solver._weights(coefs), table_times=tuple(coefs.t))
 

@@ -154,7 +154,6 @@ class UniPC(ScoreHistoryMultistep):
     corrector: bool = True
     n_steps: int | None = None
     lower_order_final: bool = True
-    table: tuple | None = field(default=None, repr=False)
     #: $s_i^2$ per grid point for the data prediction (``None``: noise prediction), built by ``prepare``.
     table_y: tuple | None = field(default=None, repr=False)
 
