@@ -13,28 +13,19 @@ import torch
 import sdegen
 from sdegen.adapters import from_denoiser, from_discrete_eps, from_diffusers, from_v, from_x0
 
+from schedules import cosine_betas, linear_betas
+
 F64 = torch.float64
-
-
-def _linear_betas(n, lo=1e-4, hi=0.02):
-    return torch.linspace(lo, hi, n, dtype=F64)
-
-
-def _cosine_betas(n, s=0.008):
-    # Nichol & Dhariwal 2021, eq. 17: a schedule very unlike a linear beta(t).
-    f = torch.cos((torch.arange(n + 1, dtype=F64) / n + s) / (1 + s) * math.pi / 2) ** 2
-    ab = f / f[0]
-    return (1 - ab[1:] / ab[:-1]).clamp(max=0.999)
 
 
 def test_adapter_errors():
     # DiscreteVPSDE's own errors: tests/sdes/test_discrete.py (the class lives in sdegen/sdes/discrete.py).
     with pytest.raises(ValueError, match="timesteps"):
-        from_discrete_eps(lambda x, i: x, _linear_betas(5), timesteps="floor")
+        from_discrete_eps(lambda x, i: x, linear_betas(5), timesteps="floor")
     with pytest.raises(ValueError, match="prediction"):
-        from_discrete_eps(lambda x, i: x, _linear_betas(5), prediction="score")
+        from_discrete_eps(lambda x, i: x, linear_betas(5), prediction="score")
     with pytest.raises(TypeError, match="eps_model"):
-        from_discrete_eps(3, _linear_betas(5))
+        from_discrete_eps(3, linear_betas(5))
     with pytest.raises(TypeError, match="AffineSDE"):
         from_x0(lambda x, t: x, sdegen.CustomSDE(lambda x, t: -x, lambda t: 1.0))
 
@@ -55,7 +46,7 @@ def _exact_eps_model(gm, sde, first_step, received):
 @pytest.mark.parametrize("first_step", [0, 1])
 def test_from_discrete_eps_matches_oracle_score(first_step, generator):
     gm = sdegen.named_mixture("anisotropic")
-    betas = _cosine_betas(40)
+    betas = cosine_betas(40)
     received = []
     sde, score_fn = from_discrete_eps(lambda x, u, **kw: eps(x, u, **kw), betas, first_step=first_step)
     eps = _exact_eps_model(gm, sde, first_step, received)
@@ -74,7 +65,7 @@ def test_from_discrete_eps_matches_oracle_score(first_step, generator):
 def test_from_discrete_eps_round_mode(generator):
     gm = sdegen.named_mixture("gaussian")
     received = []
-    sde, score_fn = from_discrete_eps(lambda x, u: eps(x, u), _linear_betas(10), timesteps="round", first_step=0)
+    sde, score_fn = from_discrete_eps(lambda x, u: eps(x, u), linear_betas(10), timesteps="round", first_step=0)
     eps = _exact_eps_model(gm, sde, 0, received)
     t = torch.tensor([0.001, 0.1, 0.149, 0.151, 1.0], dtype=F64)
     score_fn(torch.zeros(5, 2, dtype=F64), t)
@@ -135,7 +126,7 @@ def test_adapter_sampling_matches_oracle_moments():
     """An exact eps-model through from_discrete_eps samples the data distribution (ancestral, DDPM grid)."""
     gm = sdegen.named_mixture("gaussian")            # N(0.5, 0.25 I) in 2-D
     received = []
-    sde, score_fn = from_discrete_eps(lambda x, u: eps(x, u), _linear_betas(100, 1e-4, 0.1))
+    sde, score_fn = from_discrete_eps(lambda x, u: eps(x, u), linear_betas(100, 1e-4, 0.1))
     eps = _exact_eps_model(gm, sde, 1, received)
     n = 2000
     res = sdegen.sample(sde, score_fn, (n, 2), method="ancestral", steps=99, eps=1 / 100,
@@ -219,7 +210,7 @@ def test_diffusers_adapter_runs_other_samplers():
 def test_adapters_on_cuda(generator):
     gm = sdegen.named_mixture("anisotropic")
     received = []
-    sde, score_fn = from_discrete_eps(lambda x, u: eps(x, u), _cosine_betas(40))
+    sde, score_fn = from_discrete_eps(lambda x, u: eps(x, u), cosine_betas(40))
     eps = _exact_eps_model(gm.to("cuda"), sde, 1, received)
     x = torch.randn(64, 2, generator=generator, dtype=F64)
     t = torch.rand(64, generator=generator, dtype=F64) * 0.98 + 0.01
@@ -238,7 +229,7 @@ def test_discrete_step_score_fast_path_equals_the_table(prediction):
         received.append(u)
         return torch.sin(3 * x) + 0.01 * u[:, None]
 
-    sde, score_fn = from_discrete_eps(model, _cosine_betas(40), first_step=0, prediction=prediction)
+    sde, score_fn = from_discrete_eps(model, cosine_betas(40), first_step=0, prediction=prediction)
     x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
     for tv in (1.0, 0.4125, 0.0251):
         t_view = torch.full((1,), tv, dtype=F64).expand(5)          # stride 0: the fast path
@@ -259,7 +250,7 @@ def test_discrete_step_score_reused_steps_survive_an_in_place_edit():
         u.add_(100.0)                       # a hostile model
         return torch.zeros_like(x)
 
-    sde, score_fn = from_discrete_eps(model, _cosine_betas(40), first_step=0)
+    sde, score_fn = from_discrete_eps(model, cosine_betas(40), first_step=0)
     x = torch.zeros(3, 2, dtype=F64)
     t = torch.full((1,), 0.5, dtype=F64).expand(3)
     score_fn(x, t)

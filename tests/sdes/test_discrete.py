@@ -4,33 +4,22 @@ Moved from ``tests/test_adapters.py`` with the class (issue 15, item 8); ``sdege
 stays the same class.
 """
 
-import math
-
 import pytest
 import torch
 
 import sdegen
 from sdegen.sdes.discrete import DiscreteVPSDE
 
+from schedules import cosine_betas, linear_betas
+
 F64 = torch.float64
-
-
-def _linear_betas(n, lo=1e-4, hi=0.02):
-    return torch.linspace(lo, hi, n, dtype=F64)
-
-
-def _cosine_betas(n, s=0.008):
-    # Nichol & Dhariwal 2021, eq. 17: a schedule very unlike a linear beta(t).
-    f = torch.cos((torch.arange(n + 1, dtype=F64) / n + s) / (1 + s) * math.pi / 2) ** 2
-    ab = f / f[0]
-    return (1 - ab[1:] / ab[:-1]).clamp(max=0.999)
 
 
 def test_adapters_and_sdes_name_the_same_class():
     assert sdegen.adapters.DiscreteVPSDE is DiscreteVPSDE is sdegen.sdes.DiscreteVPSDE
 
 
-@pytest.mark.parametrize("betas", [_linear_betas(50), _cosine_betas(30)])
+@pytest.mark.parametrize("betas", [linear_betas(50), cosine_betas(30)])
 def test_discrete_vp_exact_at_training_steps(betas):
     sde = DiscreteVPSDE(betas)
     n = betas.numel()
@@ -47,7 +36,7 @@ def test_discrete_vp_exact_at_training_steps(betas):
 
 
 def test_discrete_vp_interpolation_and_sde_consistency():
-    betas = _cosine_betas(20)
+    betas = cosine_betas(20)
     sde = DiscreteVPSDE(betas)
     n = 20
     # Midpoints: log abar is the mean of its neighbours (linear interpolation).

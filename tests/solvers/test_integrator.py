@@ -19,20 +19,7 @@ from sdegen.solvers.controllers import FixedGrid, PIController
 from sdegen.solvers.ode_steps import ODEEuler
 from sdegen.solvers.sde_steps import EulerMaruyama
 
-MU, V = 0.5, 0.25
-
-
-def gaussian_score(sde):
-    def score(x, t):
-        m, s = sde.marginal(t)
-        var = m.square() * V + s.square()
-        return -(x - m[:, None] * MU) / var[:, None]
-    return score
-
-
-def fitted_slope(hs, errs):
-    lh, le = torch.tensor(hs).log(), torch.tensor(errs).log()
-    return float(((lh - lh.mean()) * (le - le.mean())).sum() / (lh - lh.mean()).square().sum())
+from test_steps import fitted_slope, gaussian_score
 
 
 @pytest.mark.parametrize("tabulated", [False, True], ids=["generic", "tabulated"])
