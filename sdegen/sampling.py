@@ -208,12 +208,10 @@ def _fixed_grid_runner(build: Callable[[RunContext, dict], AbstractFixedGridSolv
 
 
 def _rule(cls):
-    """Builder for a step rule: the tabulated form (coefficients precomputed on the grid) for affine SDEs,
-    the generic form, which calls ``drift`` and ``diffusion`` each step, otherwise."""
+    """Builder for a step rule without options: the plain rule, which the loop prepares for the grid (its
+    coefficient table for an affine SDE; ``drift`` and ``diffusion`` each step otherwise)."""
 
     def build(ctx: RunContext, opts: dict) -> AbstractFixedGridSolver:
-        if isinstance(ctx.sde, AffineSDE):
-            return cls.tabulated(ctx.sde, ctx.times)
         return cls()
 
     return build
